@@ -1,0 +1,233 @@
+"""A TLS-only `redis-server` for the local stack, with one ACL user per role.
+
+The ACL file is rendered from `policies/redis-acl.json`. Each role gets a random password kept in
+`<state>/secrets/redis-<role>.pass` (0600); the ACL file holds only its SHA-256, and the `default`
+user is off. Plaintext connections are impossible (`--port 0`) and every client must present a
+certificate from the stack's CA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from .pki import Pki, write_private
+from .procs import StackError, read_pid_file, start_detached, stop_by_pid_file, wait_for_port
+
+HOST = "127.0.0.1"
+
+#: Where the role definitions live in a source checkout (and, installed, next to the package).
+DEFAULT_ACL_POLICY = Path(__file__).resolve().parents[2] / "policies" / "redis-acl.json"
+
+_TOKEN_PREFIXES = {
+    "keys": ("~", "%R~", "%W~", "%RW~"),
+    "channels": ("&",),
+    "commands": ("+", "-"),
+}
+_ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class RedisHandle:
+    """A running stack Redis: where it listens and how each role connects to it."""
+
+    host: str
+    port: int
+    pid: int
+    state_dir: Path
+    pki: Pki
+
+    def password_file(self, role: str) -> Path:
+        """The file holding `role`'s Redis password."""
+        return password_file(self.state_dir, role)
+
+    def client(self, role: str, **kwargs: Any) -> redis.Redis:
+        """A redis-py client logged in as `role`, over TLS with `role`'s client certificate."""
+        cert, key = self.pki.client(role)
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            username=role,
+            password=self.password_file(role).read_text().strip(),
+            ssl=True,
+            ssl_ca_certs=str(self.pki.ca),
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+            ssl_cert_reqs="required",
+            ssl_check_hostname=True,
+            **kwargs,
+        )
+
+    def url(self, role: str, db: int = 0) -> str:
+        """A `rediss://` URL for `role` (it embeds the password: never log it)."""
+        password = self.password_file(role).read_text().strip()
+        return f"rediss://{role}:{password}@{self.host}:{self.port}/{db}"
+
+    def stop(self) -> bool:
+        """Stop this Redis; True when it was running."""
+        return stop_redis(self.state_dir)
+
+
+def redis_dir(state_dir: Path) -> Path:
+    """Redis's working directory (ACL file, log, pid file) inside the stack state."""
+    return state_dir / "redis"
+
+
+def password_file(state_dir: Path, role: str) -> Path:
+    """Where `role`'s Redis password is kept."""
+    return state_dir / "secrets" / f"redis-{role}.pass"
+
+
+def start_redis(
+    state_dir: Path, port: int, pki: Pki, *, acl_policy: Path = DEFAULT_ACL_POLICY
+) -> RedisHandle:
+    """Start the stack's Redis on `127.0.0.1:port` (TLS only) and wait until it accepts connections.
+
+    Idempotent: when this state's Redis already runs, its handle is returned and `port` is ignored.
+    """
+    running = _running_handle(state_dir, pki)
+    if running is not None:
+        return running
+    binary = _redis_binary()
+    workdir = redis_dir(state_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)
+    write_private(workdir / "users.acl", render_acl(state_dir, load_acl_policy(acl_policy)).encode())
+    pid = start_detached(
+        _argv(binary, workdir, port, pki),
+        log_file=workdir / "redis.log",
+        pid_file=workdir / "redis.pid",
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        cwd=workdir,
+    )
+    (workdir / "endpoint.json").write_text(json.dumps({"host": HOST, "port": port}))
+    try:
+        wait_for_port(HOST, port, pid=pid)
+    except StackError as exc:
+        stop_redis(state_dir)
+        raise StackError(f"{exc}; see {workdir / 'redis.log'}") from exc
+    return RedisHandle(HOST, port, pid, state_dir, pki)
+
+
+def stop_redis(state_dir: Path) -> bool:
+    """Stop this state's Redis if it runs; True when it was running."""
+    return stop_by_pid_file(redis_dir(state_dir) / "redis.pid")
+
+
+def load_acl_policy(path: Path = DEFAULT_ACL_POLICY) -> dict[str, dict[str, list[str]]]:
+    """Read and validate the role definitions; raise `ValueError` on anything unexpected.
+
+    Returns, per role, its `keys`, `channels` and `commands` rules, with `$set` references in
+    `commands` expanded from the file's `command_sets`.
+    """
+    raw = json.loads(path.read_text())
+    roles = raw.get("roles")
+    if not isinstance(roles, dict) or not roles:
+        raise ValueError(f"{path}: 'roles' must be a non-empty object")
+    if "default" in roles:
+        raise ValueError(f"{path}: the 'default' user is always off and cannot be defined")
+    command_sets = raw.get("command_sets", {})
+    return {name: _validated_role(name, spec, command_sets) for name, spec in roles.items()}
+
+
+def render_acl(state_dir: Path, roles: dict[str, dict[str, list[str]]]) -> str:
+    """The ACL file: `default` off, then one user per role with its password's SHA-256.
+
+    A role's password is created on first use and kept afterwards, so a restart keeps credentials.
+    """
+    lines = ["user default off resetkeys resetchannels -@all"]
+    for role, spec in roles.items():
+        digest = hashlib.sha256(_ensure_password(state_dir, role).encode()).hexdigest()
+        rules = ["on", f"#{digest}", "resetkeys", "resetchannels", "-@all"]
+        rules += spec["keys"] + spec["channels"] + spec["commands"]
+        lines.append(f"user {role} " + " ".join(rules))
+    return "\n".join(lines) + "\n"
+
+
+def _validated_role(name: str, spec: Any, command_sets: Any) -> dict[str, list[str]]:
+    if not _ROLE_NAME.match(name) or not isinstance(spec, dict):
+        raise ValueError(f"bad Redis role {name!r}")
+    role: dict[str, list[str]] = {}
+    for field, prefixes in _TOKEN_PREFIXES.items():
+        tokens = _expand(_string_list(spec.get(field, []), f"role {name!r} {field}"), command_sets)
+        for token in tokens:
+            if not token.startswith(prefixes) or any(c.isspace() for c in token):
+                raise ValueError(f"role {name!r}: bad {field} rule {token!r}")
+        role[field] = tokens
+    return role
+
+
+def _expand(tokens: list[str], command_sets: Any) -> list[str]:
+    expanded: list[str] = []
+    for token in tokens:
+        if token.startswith("$"):
+            if not isinstance(command_sets, dict) or token[1:] not in command_sets:
+                raise ValueError(f"unknown command set {token!r}")
+            expanded += _string_list(command_sets[token[1:]], f"command set {token!r}")
+        else:
+            expanded.append(token)
+    return expanded
+
+
+def _string_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of strings")
+    return value
+
+
+def _ensure_password(state_dir: Path, role: str) -> str:
+    path = password_file(state_dir, role)
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    password = secrets.token_urlsafe(32)
+    write_private(path, password.encode() + b"\n")
+    return password
+
+
+def _redis_binary() -> str:
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if binary is None:
+        raise StackError(
+            "redis-server not found: run `apt-get install -y redis-server` as root"
+        )
+    return binary
+
+
+def _argv(binary: str, workdir: Path, port: int, pki: Pki) -> list[str]:
+    return [
+        binary,
+        "--port", "0",
+        "--tls-port", str(port),
+        "--tls-cert-file", str(pki.server_cert),
+        "--tls-key-file", str(pki.server_key),
+        "--tls-ca-cert-file", str(pki.ca),
+        "--tls-auth-clients", "yes",
+        "--bind", HOST,
+        "--protected-mode", "yes",
+        "--save", "",
+        "--appendonly", "no",
+        "--daemonize", "no",
+        "--dir", str(workdir),
+        "--aclfile", str(workdir / "users.acl"),
+        "--logfile", "",
+    ]  # fmt: skip
+
+
+def _running_handle(state_dir: Path, pki: Pki) -> RedisHandle | None:
+    pid = read_pid_file(redis_dir(state_dir) / "redis.pid")
+    if pid is None:
+        return None
+    endpoint = json.loads((redis_dir(state_dir) / "endpoint.json").read_text())
+    return RedisHandle(endpoint["host"], int(endpoint["port"]), pid, state_dir, pki)

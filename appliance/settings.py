@@ -1,0 +1,65 @@
+"""The one reader of the environment: every service builds a frozen `Settings` at start-up.
+
+Services started by `appliance up` (or by the test fixtures) receive these variables; secrets are never
+passed inline, only paths to files readable by the service alone.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of one appliance process (API, worker, Flower or CLI)."""
+
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", frozen=True, extra="ignore")
+
+    state_dir: Path = Path(".appliance")
+
+    # Redis: TLS only, one ACL user per role.
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_ca: Path | None = None
+    redis_cert: Path | None = None
+    redis_key: Path | None = None
+    redis_username: str = "default"
+    redis_password_file: Path | None = None
+    redis_db: int = 0
+
+    # OpenBao (Vault API). The service logs in with its own AppRole: role_id in a file, and a
+    # response-wrapped, single-use secret_id whose wrapping token is in another file.
+    vault_addr: str = "http://127.0.0.1:8200"
+    vault_role_id_file: Path | None = None
+    vault_secret_id_wrap_file: Path | None = None
+    # Only for the operator's CLI (`appliance clients add`, `keys rotate`): a token file.
+    vault_token_file: Path | None = None
+    transit_mount: str = "transit"
+    kv_mount: str = "kv"
+
+    result_ttl_seconds: int = Field(default=300, ge=1, le=86400)
+    result_prefix: str = "result:"
+    queue_name: str = "appliance"
+    max_body_bytes: int = 256 * 1024
+    signature_window_seconds: int = 300
+    signature_future_skew_seconds: int = 30
+
+    audit_log: Path | None = None
+
+    flower_user: str = "operator"
+    flower_password: SecretStr | None = None
+
+    def redis_password(self) -> str | None:
+        """Read the Redis password from its file, if one is configured."""
+        if self.redis_password_file is None:
+            return None
+        return self.redis_password_file.read_text().strip()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built once."""
+    return Settings()

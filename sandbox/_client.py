@@ -1,0 +1,132 @@
+"""`Sandbox`: the handle a credential-holding process uses to run code through a fork server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ._errors import InvalidRequest, IsolationUnavailable, SandboxError
+from ._limits import Limits
+from ._outcome import Outcome, outcome_from_dict
+from ._policy import Policy, _default_policy_path
+from ._request import prepare
+from ._server import read_frame, write_frame
+
+_ERRORS: dict[str, type[SandboxError]] = {
+    "invalid_request": InvalidRequest,
+    "isolation_unavailable": IsolationUnavailable,
+}
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+# The fork server's whole command line: an isolated interpreter (-I: no environment variables,
+# no user site) that imports only this package.
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
+    "from sandbox._server import main; main()"
+)
+
+
+class Sandbox:
+    """A fork server and its policy. Start it before loading any secret; thread-safe.
+
+    The server is a fresh interpreter (`python -I`) spawned with an empty environment and no
+    inherited descriptors, so the children it forks can never see what this process holds.
+    """
+
+    def __init__(self, policy_path: Path | None = None) -> None:
+        self.policy_path = Path(policy_path or _default_policy_path())
+        self.policy = Policy.load(self.policy_path)
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.layers: dict[str, str] = {}
+
+    def start(self) -> Sandbox:
+        """Spawn the fork server now (idempotent)."""
+        with self._lock:
+            self._ensure_started()
+        return self
+
+    def _ensure_started(self) -> subprocess.Popen[bytes]:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _BOOT, _PROJECT_ROOT, str(self.policy_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={},
+            close_fds=True,
+            cwd="/",
+        )
+        assert proc.stdout is not None
+        hello = read_frame(proc.stdout.fileno())
+        if hello is None:
+            proc.kill()
+            raise IsolationUnavailable("the sandbox fork server failed to start")
+        self.layers = json.loads(hello)["layers"]
+        self._proc = proc
+        return proc
+
+    def close(self) -> None:
+        """Stop the fork server."""
+        with self._lock:
+            if self._proc is not None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                self._proc = None
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            proc = self._ensure_started()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                write_frame(proc.stdin.fileno(), json.dumps(request).encode())
+                frame = read_frame(proc.stdout.fileno())
+            except (OSError, EOFError) as exc:
+                proc.kill()
+                self._proc = None
+                raise SandboxError("the sandbox fork server failed") from exc
+            if frame is None:
+                self._proc = None
+                raise SandboxError("the sandbox fork server exited")
+        reply: dict[str, Any] = json.loads(frame)
+        if "error" in reply:
+            cls = _ERRORS.get(reply["error"]["code"], SandboxError)
+            raise cls(reply["error"]["message"])
+        return reply
+
+    def run(
+        self,
+        source: str,
+        entry: str,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        limits: Mapping[str, Any] | Limits | None = None,
+        allow_imports: Iterable[str] = (),
+    ) -> Outcome:
+        """Run `entry(*args, **kwargs)` from `source` in an isolated child; return its outcome.
+
+        Raises InvalidRequest (and runs nothing) for a bad request, IsolationUnavailable when a
+        required layer is missing on this host.
+        """
+        run = prepare(self.policy, source, entry, list(args), dict(kwargs or {}), limits,
+                      allow_imports)
+        return outcome_from_dict(self._call(run.to_wire())["outcome"])
+
+    def doctor(self) -> dict[str, str]:
+        """Each isolation layer: "" when active here, else why it is missing."""
+        return dict(self._call({"op": "doctor"})["layers"])
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,111 @@
+"""The sandbox policy: which modules may be allowed, limit defaults and maxima, isolation layers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._errors import ImportNotAllowed, PolicyError
+from ._limits import Limits
+
+#: Every isolation layer the runner knows, in the order the child applies them.
+LAYERS: tuple[str, ...] = (
+    "restricted_python",
+    "session",
+    "fds",
+    "environment",
+    "netns",
+    "workdir",
+    "rlimits",
+    "uid",
+    "no_new_privs",
+    "seccomp",
+)
+
+
+def _default_policy_path() -> Path:
+    env = os.environ.get("SANDBOX_POLICY")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (
+        here.parent / "policies" / "sandbox.json",  # source checkout or editable install
+        here.parent / "appliance_policies" / "sandbox.json",  # wheel
+    ):
+        if candidate.is_file():
+            return candidate
+    raise PolicyError("no sandbox policy found: set SANDBOX_POLICY to the policy file")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded policy. Anything not explicitly importable is refused (default deny)."""
+
+    importable: frozenset[str]
+    never: frozenset[str]
+    defaults: Limits
+    maxima: Limits
+    required_layers: frozenset[str]
+    degraded_layers: frozenset[str]
+    uid: int
+    gid: int
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Policy:
+        """Load and validate a policy file (the bundled one by default); raises PolicyError."""
+        path = path or _default_policy_path()
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise PolicyError(f"cannot read sandbox policy {path}: {exc}") from exc
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Policy:
+        """Validate a policy given as a JSON object; raises PolicyError."""
+        try:
+            importable = frozenset(raw["importable"])
+            never = frozenset(raw["never"])
+            limits = raw["limits"]
+            defaults = Limits.from_mapping(limits["defaults"])
+            maxima = Limits.from_mapping(limits["maxima"])
+            iso = raw["isolation"]
+            required = frozenset(iso["required_layers"])
+            degraded = frozenset(iso.get("degraded_layers", ()))
+            uid, gid = int(iso["uid"]), int(iso["gid"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PolicyError(f"malformed sandbox policy: {exc}") from exc
+        if importable & never:
+            raise PolicyError(f"modules both importable and never: {sorted(importable & never)}")
+        unknown = (required | degraded) - set(LAYERS)
+        if unknown:
+            raise PolicyError(f"unknown isolation layers: {sorted(unknown)}")
+        if "restricted_python" in degraded:
+            raise PolicyError("the restricted_python layer cannot be degraded")
+        defaults.check_within(maxima)
+        return cls(importable, never, defaults, maxima, required, degraded, uid, gid)
+
+    def check_imports(self, modules: Iterable[str]) -> tuple[str, ...]:
+        """Return the modules if every one may be allowed; raise ImportNotAllowed naming the rest."""
+        wanted = tuple(dict.fromkeys(modules))
+        never = [m for m in wanted if m in self.never or m.split(".")[0] in self.never]
+        if never:
+            raise ImportNotAllowed(never, never=True)
+        unlisted = [m for m in wanted if m not in self.importable]
+        if unlisted:
+            raise ImportNotAllowed(unlisted, never=False)
+        return wanted
+
+    def limits(self, raw: dict[str, Any] | None) -> Limits:
+        """Validate requested limits against this policy (defaults fill gaps, maxima cap)."""
+        limits = Limits.from_mapping(raw or {}, defaults=self.defaults)
+        limits.check_within(self.maxima)
+        return limits
+
+    def may_skip(self, layer: str) -> bool:
+        """Whether the operator configured this layer as allowed to be missing."""
+        return layer in self.degraded_layers or layer not in self.required_layers

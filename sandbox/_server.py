@@ -1,0 +1,92 @@
+"""The fork server: a fresh interpreter, started with an empty environment, that forks children.
+
+It is spawned by `Sandbox` (see `_client.py`) from whatever process wants to run code, so that
+the process that forks user code has never held a credential, even when its caller has. It reads
+length-prefixed JSON requests on stdin and answers on stdout, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from ._errors import SandboxError
+from ._policy import Policy
+from ._request import from_wire
+from ._supervisor import Supervisor
+
+MAX_FRAME = 32 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+
+
+def read_frame(fd: int) -> bytes | None:
+    """Read one length-prefixed frame; None at end of stream."""
+    header = _read_exact(fd, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ValueError("frame too large")
+    body = _read_exact(fd, size)
+    if body is None:
+        raise EOFError("stream ended inside a frame")
+    return body
+
+
+def write_frame(fd: int, body: bytes) -> None:
+    """Write one length-prefixed frame."""
+    data = memoryview(_HEADER.pack(len(body)) + body)
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            return None if remaining == size else b"".join(chunks)
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _handle(supervisor: Supervisor, frame: bytes) -> dict[str, Any]:
+    try:
+        wire = json.loads(frame)
+        if wire.get("op") == "doctor":
+            return {"layers": supervisor.layers}
+        outcome = supervisor.run(from_wire(supervisor.policy, wire))
+        return {"outcome": outcome.to_dict()}
+    except SandboxError as exc:
+        return {"error": {"code": exc.code, "message": str(exc)}}
+    except (ValueError, TypeError, AttributeError) as exc:
+        return {"error": {"code": "invalid_request", "message": f"bad request: {exc}"}}
+
+
+def main() -> None:
+    """Serve requests until stdin closes."""
+    policy = Policy.load(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
+    # Keep the protocol on private descriptors so nothing else can write into it.
+    req_fd, resp_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    supervisor = Supervisor(policy)
+    try:
+        write_frame(resp_fd, json.dumps({"ready": True, "layers": supervisor.layers}).encode())
+        while True:
+            frame = read_frame(req_fd)
+            if frame is None:
+                return
+            write_frame(resp_fd, json.dumps(_handle(supervisor, frame)).encode())
+    finally:
+        supervisor.close()
+
+
+if __name__ == "__main__":
+    main()
