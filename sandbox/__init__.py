@@ -26,8 +26,10 @@ from ._errors import (
 from ._limits import Limits
 from ._outcome import Outcome, Usage
 from ._policy import LAYERS, Policy
+from ._request import ENTRY_PATTERN
 
 __all__ = [
+    "ENTRY_PATTERN",
     "LAYERS",
     "ImportNotAllowed",
     "InvalidRequest",

@@ -1,0 +1,63 @@
+"""The local stack's moving parts: private PKI, TLS-only Redis with ACL roles, OpenBao.
+
+Used by `appliance up`/`down` and by the integration-test fixtures. Every service listens on a
+loopback port chosen by the caller, keeps its files under one state directory, and is stopped
+through its pid file.
+"""
+
+from __future__ import annotations
+
+from .openbao import (
+    BaoHandle,
+    Bootstrap,
+    audit_log_path,
+    bootstrap,
+    root_token_file,
+    start_openbao,
+    stop_openbao,
+)
+from .pki import CLIENT_ROLES, Pki, ensure_pki, write_private
+from .procs import (
+    StackError,
+    free_port,
+    pid_alive,
+    read_pid_file,
+    start_detached,
+    stop_by_pid_file,
+    wait_for_port,
+)
+from .redis_server import (
+    RedisHandle,
+    load_acl_policy,
+    password_file,
+    render_acl,
+    start_redis,
+    stop_redis,
+)
+
+__all__ = [
+    "CLIENT_ROLES",
+    "BaoHandle",
+    "Bootstrap",
+    "Pki",
+    "RedisHandle",
+    "StackError",
+    "audit_log_path",
+    "bootstrap",
+    "ensure_pki",
+    "free_port",
+    "load_acl_policy",
+    "password_file",
+    "pid_alive",
+    "read_pid_file",
+    "render_acl",
+    "root_token_file",
+    "start_detached",
+    "start_openbao",
+    "start_redis",
+    "stop_by_pid_file",
+    "stop_openbao",
+    "stop_redis",
+    "wait_for_port",
+    "write_private",
+]

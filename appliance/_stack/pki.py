@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -153,7 +154,7 @@ def _needs_issue(cert_path: Path, ca_cert: x509.Certificate) -> bool:
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     try:
         cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, x509.InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature):
         return True
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if key.public_key() != cert.public_key():
@@ -212,7 +213,7 @@ def _now() -> dt.datetime:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically, readable by the owner only from the first byte (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _atomic_write(path, data, 0o600)
 
 

@@ -43,7 +43,7 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
 
 
 def wait_for_port(host: str, port: int, *, pid: int | None = None, timeout: float = 15.0) -> None:
-    """Wait until `host:port` accepts connections; raise `StackError` on timeout or if `pid` dies."""
+    """Wait until `host:port` accepts connections; raise `StackError` on timeout or `pid` exit."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if port_open(host, port):
@@ -65,11 +65,12 @@ def start_detached(
     """Start `argv` in its own session with output appended to `log_file`; record it in `pid_file`.
 
     `env` is the child's whole environment: nothing of ours is inherited unless passed explicitly.
+    The log is created 0600: a service may print secrets at start-up (OpenBao's dev mode does).
     Returns the pid.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
+    with os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,

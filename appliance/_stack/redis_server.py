@@ -71,6 +71,20 @@ class RedisHandle:
         password = self.password_file(role).read_text().strip()
         return f"rediss://{role}:{password}@{self.host}:{self.port}/{db}"
 
+    def operator_access(self) -> dict[str, Any]:
+        """How the operator reaches this Redis as administrator: paths only, never a secret.
+
+        The shape of `redis` in `appliance status --json` (CONTRACT.md, section 3).
+        """
+        cert, key = self.pki.client("admin")
+        return {
+            "host": self.host,
+            "port": self.port,
+            "tls": {"ca": str(self.pki.ca), "cert": str(cert), "key": str(key)},
+            "username": "admin",
+            "password_file": str(self.password_file("admin")),
+        }
+
     def stop(self) -> bool:
         """Stop this Redis; True when it was running."""
         return stop_redis(self.state_dir)
@@ -100,7 +114,8 @@ def start_redis(
     workdir = redis_dir(state_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)
-    write_private(workdir / "users.acl", render_acl(state_dir, load_acl_policy(acl_policy)).encode())
+    acl = render_acl(state_dir, load_acl_policy(acl_policy))
+    write_private(workdir / "users.acl", acl.encode())
     pid = start_detached(
         _argv(binary, workdir, port, pki),
         log_file=workdir / "redis.log",
@@ -109,12 +124,14 @@ def start_redis(
         cwd=workdir,
     )
     (workdir / "endpoint.json").write_text(json.dumps({"host": HOST, "port": port}))
+    handle = RedisHandle(HOST, port, pid, state_dir, pki)
     try:
         wait_for_port(HOST, port, pid=pid)
+        _check_admin_login(handle)
     except StackError as exc:
         stop_redis(state_dir)
         raise StackError(f"{exc}; see {workdir / 'redis.log'}") from exc
-    return RedisHandle(HOST, port, pid, state_dir, pki)
+    return handle
 
 
 def stop_redis(state_dir: Path) -> bool:
@@ -199,9 +216,7 @@ def _redis_binary() -> str:
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
     )
     if binary is None:
-        raise StackError(
-            "redis-server not found: run `apt-get install -y redis-server` as root"
-        )
+        raise StackError("redis-server not found: run `apt-get install -y redis-server` as root")
     return binary
 
 
@@ -223,6 +238,15 @@ def _argv(binary: str, workdir: Path, port: int, pki: Pki) -> list[str]:
         "--aclfile", str(workdir / "users.acl"),
         "--logfile", "",
     ]  # fmt: skip
+
+
+def _check_admin_login(handle: RedisHandle) -> None:
+    """A TLS login as `admin` proves the certificates and the ACL file were both accepted."""
+    try:
+        with handle.client("admin", socket_timeout=5) as admin:
+            admin.ping()
+    except redis.RedisError as exc:
+        raise StackError(f"Redis on port {handle.port} refused the admin login: {exc}") from exc
 
 
 def _running_handle(state_dir: Path, pki: Pki) -> RedisHandle | None:

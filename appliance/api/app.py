@@ -1,0 +1,344 @@
+"""The HTTP API (CONTRACT.md §2): signed submissions in, sealed results out.
+
+Every handler reads as the steps it takes: read the body under a cap, verify the signature,
+parse and check against the client's policy, then act. Blocking calls (Redis, OpenBao) run in
+the thread pool. Any `ApplianceError` becomes one problem+json response in `_problem`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import sandbox
+
+from ..errors import (
+    ApplianceError,
+    BadRequest,
+    DependencyUnavailable,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    SealBroken,
+    UnsupportedMediaType,
+)
+from ..jobs import JobMessage, open_result, seal_job
+from ..registry import Client, Registry
+from ..results import ResultStore, check_result_key, new_result_key
+from ..settings import Settings
+from ..signatures import UnverifiedRequest, verify_request
+from ..vault import Transit, VaultSession
+from ..worker.celery_config import TASK_NAME, make_celery
+
+HEARTBEAT_KEY = "heartbeat:workers"
+WORKER_FRESH_SECONDS = 20
+
+
+class TaskIn(BaseModel):
+    """A task submission (CONTRACT.md §2)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    module: str = Field(max_length=256 * 1024)
+    function: str = Field(max_length=100)
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list, max_length=32)
+    imports: list[str] = Field(default_factory=list, max_length=32)
+
+
+class RedisNonces:
+    """Nonces per key id in Redis, kept for the signature window."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def claim(self, keyid: str, nonce: str, ttl_seconds: int) -> bool:
+        digest = hashlib.sha256(nonce.encode()).hexdigest()
+        try:
+            return bool(self.redis.set(f"nonce:{keyid}:{digest}", "1", nx=True, ex=ttl_seconds))
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("Redis is unreachable") from exc
+
+
+@dataclass
+class Services:
+    """What the API talks to; built once at start-up."""
+
+    settings: Settings
+    registry: Registry
+    transit: Transit
+    store: ResultStore
+    nonces: RedisNonces
+    celery: Celery
+    vault: VaultSession
+    policy: sandbox.Policy
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        """Log in with the API's AppRole and connect to Redis as the `api` user."""
+        from ..redis_conn import connect
+
+        assert settings.vault_role_id_file and settings.vault_secret_id_wrap_file
+        session = VaultSession.from_approle(
+            settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
+        )
+        client = connect(settings)
+        return cls(
+            settings=settings,
+            registry=Registry(session, settings.kv_mount),
+            transit=Transit(session, settings.transit_mount),
+            store=ResultStore(client, settings.result_prefix, settings.result_ttl_seconds),
+            nonces=RedisNonces(client),
+            celery=make_celery(settings, "appliance-api"),
+            vault=session,
+            policy=sandbox.Policy.load(),
+        )
+
+
+# ---- steps -------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length", code="bad_content_length")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def authenticate(services: Services, request: Request, body: bytes) -> Client:
+    """Verify the signature and return the signing client (or raise)."""
+    unverified = UnverifiedRequest(request.method, str(request.url), dict(request.headers))
+    keyid = verify_request(unverified, body, services.registry, services.nonces, services.clock)
+    client = services.registry.get(keyid)
+    if client is None:  # Disabled between the key lookup and now.
+        raise Forbidden("client is disabled", code="client_disabled")
+    return client
+
+
+def parse_task(request: Request, body: bytes) -> TaskIn:
+    """Parse a JSON body into a task; 415 when not JSON, 400 when malformed."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType("the body must be application/json")
+    try:
+        raw = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="malformed_json") from exc
+    if not isinstance(raw, dict):
+        raise BadRequest("body must be a JSON object", code="malformed_json")
+    try:
+        return TaskIn.model_validate(raw)
+    except ValidationError as exc:
+        raise BadRequest(_first_error(exc), code="invalid_field") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def authorize(services: Services, client: Client, task: TaskIn) -> dict[str, Any]:
+    """Check the task against the sandbox policy and the client's; return the job spec."""
+    if not sandbox.ENTRY_PATTERN.fullmatch(task.function):
+        raise BadRequest("function must be a plain function name", code="invalid_function")
+    if not client.may_call(task.function):
+        raise Forbidden(f"client may not call {task.function!r}", code="function_not_allowed")
+    try:
+        limits = services.policy.limits(task.limits)
+    except sandbox.LimitNotAllowed as exc:
+        raise Forbidden(str(exc), code="limits_not_allowed") from exc
+    except sandbox.InvalidRequest as exc:
+        raise BadRequest(str(exc), code="invalid_limits") from exc
+    if client.limits:
+        for name, cap in client.limits.items():
+            if getattr(limits, name, 0) > cap:
+                raise Forbidden(f"limit {name} above the client's maximum {cap}",
+                                code="limits_not_allowed")
+    try:
+        imports = services.policy.check_imports(task.imports)
+    except sandbox.ImportNotAllowed as exc:
+        raise Forbidden(str(exc), code="import_not_allowed") from exc
+    refused = [m for m in imports if m not in client.allowed_imports]
+    if refused:
+        raise Forbidden(f"client may not import {', '.join(refused)}", code="import_not_allowed")
+    refused = [s for s in task.secrets if not client.may_read_secret(s)]
+    if refused:
+        raise Forbidden(f"client may not read secret {refused[0]!r}", code="secret_not_allowed")
+    return {
+        "module": task.module,
+        "function": task.function,
+        "args": task.args,
+        "kwargs": task.kwargs,
+        "limits": limits.to_dict(),
+        "imports": list(imports),
+        "secrets": list(task.secrets),
+    }
+
+
+def enqueue(services: Services, client: Client, spec: dict[str, Any]) -> dict[str, str]:
+    """Seal the job, record it as queued, and hand it to the broker."""
+    task_id = str(uuid.uuid4())
+    result_key = new_result_key(spec["function"], int(services.clock() * 1000))
+    sealed = seal_job(services.transit, spec, task_id, result_key, client.keyid)
+    message = JobMessage(task_id, result_key, client.keyid, sealed)
+    services.store.mark(result_key, client.keyid, "queued", task_id)
+    try:
+        services.celery.send_task(
+            TASK_NAME, args=[message.to_wire()], task_id=task_id,
+            queue=services.settings.queue_name, argsrepr="[sealed job]", kwargsrepr="{}",
+        )
+    except Exception as exc:  # kombu raises many types; the job was not accepted.
+        raise DependencyUnavailable("the broker is unreachable") from exc
+    return {"task_id": task_id, "result_key": result_key, "status": "queued"}
+
+
+def read_result(services: Services, client: Client, untrusted_key: str) -> tuple[int, dict[str, Any]]:
+    """The status and body for a result read by `client`."""
+    key = check_result_key(untrusted_key)
+    stored = services.store.get(key)
+    if stored is None:
+        raise NotFound("no such result, or it has expired", code="result_not_found")
+    if stored.client != client.keyid:
+        raise Forbidden("this result belongs to another client", code="not_your_result")
+    if stored.sealed is None:
+        return 202, {"key": key, "status": stored.state}
+    try:
+        body = open_result(services.transit, stored.sealed, key, client.keyid)
+    except SealBroken as exc:
+        raise NotFound("the result cannot be opened", code="result_unavailable") from exc
+    expires_at = services.clock() + stored.ttl_ms / 1000
+    return 200, {
+        "key": key,
+        "status": body["status"],
+        "result": body["result"],
+        "error": body["error"],
+        "stdout": body.get("stdout", ""),
+        "usage": body.get("usage"),
+        "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
+    }
+
+
+# ---- the application ------------------------------------------------------------------------
+
+
+def _problem(status: int, code: str, title: str, detail: str,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"type": f"urn:appliance:problem:{code}", "title": title, "status": status,
+         "detail": detail, "code": code},
+        status_code=status, media_type="application/problem+json", headers=headers,
+    )
+
+
+def create_app(build: Callable[[], Services]) -> FastAPI:
+    """The FastAPI app; `build` makes the services at start-up (tests pass their own)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = await run_in_threadpool(build)
+        yield
+
+    app = FastAPI(title="Sandboxed execution appliance", version="0.1.0", lifespan=lifespan)
+
+    def services(request: Request) -> Services:
+        svc: Services = request.app.state.services
+        return svc
+
+    @app.exception_handler(ApplianceError)
+    async def _appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
+        headers = None
+        if getattr(exc, "retry_after", None):
+            headers = {"Retry-After": str(exc.retry_after)}  # type: ignore[attr-defined]
+        return _problem(exc.status, exc.code, exc.title, exc.detail, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _problem(400, "invalid_field", "Bad request", str(exc.errors()[0].get("msg")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _problem(exc.status_code, f"http_{exc.status_code}", str(exc.detail),
+                        str(exc.detail))
+
+    @app.post("/v1/tasks", status_code=202)
+    async def submit_task(request: Request) -> JSONResponse:
+        svc = services(request)
+        body = await read_body(request, svc.settings.max_body_bytes)
+        client = await run_in_threadpool(authenticate, svc, request, body)
+        task = parse_task(request, body)
+        spec = authorize(svc, client, task)
+        accepted = await run_in_threadpool(enqueue, svc, client, spec)
+        return JSONResponse(accepted, status_code=202)
+
+    async def _result(request: Request, key: str) -> JSONResponse:
+        svc = services(request)
+        body = await read_body(request, svc.settings.max_body_bytes)
+        client = await run_in_threadpool(authenticate, svc, request, body)
+        status, payload = await run_in_threadpool(read_result, svc, client, key)
+        return JSONResponse(payload, status_code=status)
+
+    @app.get("/get-result")
+    async def get_result(request: Request, key: str = "") -> JSONResponse:
+        return await _result(request, key)
+
+    @app.get("/v1/results/{key}")
+    async def get_result_by_path(request: Request, key: str) -> JSONResponse:
+        return await _result(request, key)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        checks = await run_in_threadpool(readiness, services(request))
+        ready = all(checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503,
+                            headers=None if ready else {"Retry-After": "5"})
+
+    return app
+
+
+def readiness(svc: Services) -> dict[str, bool]:
+    """Redis, OpenBao and at least one live worker."""
+    checks = {"redis": False, "vault": svc.vault.healthy(), "worker": False}
+    try:
+        checks["redis"] = bool(svc.store.redis.ping())
+        fresh = svc.store.redis.zcount(HEARTBEAT_KEY, svc.clock() - WORKER_FRESH_SECONDS, "+inf")
+        checks["worker"] = int(fresh) > 0
+    except redis.RedisError:
+        pass
+    return checks

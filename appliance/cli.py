@@ -1,0 +1,273 @@
+"""The `appliance` command (CONTRACT.md §3). Usage errors exit 2 with a message; nothing runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import stack
+from ._stack import StackError
+from .errors import ApplianceError
+from .signatures import sign_request
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"appliance: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _state(ctx: click.Context) -> Path:
+    return Path(ctx.obj["state"]).resolve()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state", "state", type=click.Path(file_okay=False),
+              default=lambda: os.environ.get("APPLIANCE_STATE", ".appliance"),
+              show_default=".appliance or $APPLIANCE_STATE", help="the stack's state directory")
+@click.pass_context
+def main(ctx: click.Context, state: str) -> None:
+    """Run signed Python jobs in a hardened sandbox."""
+    ctx.ensure_object(dict)
+    ctx.obj.setdefault("state", state)
+
+
+def _state_option(fn: Any) -> Any:
+    """Let every subcommand take --state too (`appliance up --state DIR`)."""
+    def remember(ctx: click.Context, _param: Any, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(dict)["state"] = value
+    return click.option("--state", type=click.Path(file_okay=False), expose_value=False,
+                        callback=remember, help="the stack's state directory")(fn)
+
+
+@main.command()
+@_state_option
+@click.option("--api-port", type=int, default=None, help="API port (0: any free port)")
+@click.option("--flower-port", type=int, default=None, help="Flower port (0: any free port)")
+@click.option("--redis-port", type=int, default=None, help="Redis port (0: any free port)")
+@click.option("--bao-port", type=int, default=None, help="OpenBao port (0: any free port)")
+@click.pass_context
+def up(ctx: click.Context, **ports: int | None) -> None:
+    """Start the whole local stack (idempotent) and print its URLs."""
+    requested = {k.removesuffix("_port"): v for k, v in ports.items() if v is not None}
+    try:
+        st = stack.up(_state(ctx), requested)
+    except StackError as exc:
+        _fail(str(exc), 1)
+    click.echo(f"API     {st['api_url']}")
+    click.echo(f"Flower  {st['flower_url']}  (user operator, password in "
+               f"{_state(ctx) / 'secrets' / 'flower.pass'})")
+    click.echo(f"Audit   {st['audit_log']}")
+    click.echo(f"Client  key id {st['client']['key_id']}, key {st['client']['private_key']}")
+
+
+@main.command()
+@_state_option
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the stack's services and URLs."""
+    if not (_state(ctx) / "stack.json").is_file():
+        _fail(f"no stack in {_state(ctx)}: run `appliance up` first")
+    st = stack.status(_state(ctx))
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    for name, svc in st["services"].items():
+        click.echo(f"{name:<8} {svc['state']:<8} {svc['pid'] or ''}")
+    click.echo(f"API {st['api_url']}  Flower {st['flower_url']}")
+
+
+@main.command()
+@_state_option
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop every service of the stack."""
+    for name, was_running in stack.down(_state(ctx)).items():
+        click.echo(f"{name:<8} {'stopped' if was_running else 'not running'}")
+
+
+@main.command()
+@click.argument("keyid")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True)
+def keygen(keyid: str, out: str) -> None:
+    """Write an Ed25519 client key pair (PEM): KEYID.key and KEYID.pub."""
+    from .registry import validate_keyid
+
+    try:
+        validate_keyid(keyid)
+    except ApplianceError as exc:
+        _fail(exc.detail)
+    private, public = stack.write_keypair(Path(out), keyid)
+    click.echo(f"private key {private}\npublic key  {public}")
+
+
+@main.group()
+def clients() -> None:
+    """Manage the client registry (in OpenBao)."""
+
+
+@clients.command("add")
+@_state_option
+@click.argument("keyid")
+@click.option("--public-key", type=click.Path(dir_okay=False, exists=True), required=True)
+@click.option("--allow-function", "functions", multiple=True, help="glob of callable functions")
+@click.option("--allow-secret", "secrets", multiple=True, help="glob of readable secret paths")
+@click.option("--allow-import", "imports", multiple=True, help="module the client may import")
+@click.pass_context
+def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tuple[str, ...],
+                secrets: tuple[str, ...], imports: tuple[str, ...]) -> None:
+    """Register (or replace) a client with its public key and what it may do."""
+    from .registry import Registry, make_client
+    from .vault import VaultSession
+
+    try:
+        client = make_client(keyid, Path(public_key).read_text(), functions, secrets, imports)
+    except (ApplianceError, ValueError) as exc:
+        _fail(f"cannot register {keyid}: {exc}")
+    st = _require_stack(ctx)
+    token_file = _state(ctx) / "secrets" / "bao-root.token"
+    registry = Registry(VaultSession.from_token_file(st["vault_addr"], token_file))
+    try:
+        registry.put(client)
+    except ApplianceError as exc:
+        _fail(exc.detail, 1)
+    click.echo(f"registered {keyid}: functions {list(functions) or 'none'}, "
+               f"secrets {list(secrets) or 'none'}")
+
+
+def _require_stack(ctx: click.Context) -> dict[str, Any]:
+    if not (_state(ctx) / "stack.json").is_file():
+        _fail(f"no stack in {_state(ctx)}: run `appliance up` first")
+    return stack.status(_state(ctx))
+
+
+def _load_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read private key {path}: {exc}")
+    if not isinstance(key, Ed25519PrivateKey):
+        _fail(f"{path} is not an Ed25519 private key")
+    return key
+
+
+class SignedClient:
+    """An HTTP client that signs every request per the appliance's RFC 9421 profile."""
+
+    def __init__(self, base_url: str, keyid: str, key: Ed25519PrivateKey) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=30)
+        self.keyid = keyid
+        self.key = key
+
+    def request(self, method: str, path: str, body: Any = None,
+                params: dict[str, str] | None = None) -> httpx.Response:
+        """Send a signed request (JSON body when given)."""
+        content = json.dumps(body).encode() if body is not None else None
+        headers = {"content-type": "application/json"} if content is not None else {}
+        req = self.http.build_request(method, path, content=content, headers=headers,
+                                      params=params)
+        sign_request(req, self.keyid, self.key, content)
+        return self.http.send(req)
+
+
+def _client(ctx: click.Context, key_id: str | None, private_key: str | None) -> SignedClient:
+    st = _require_stack(ctx)
+    key_id = key_id or st["client"]["key_id"]
+    path = Path(private_key or st["client"]["private_key"])
+    return SignedClient(st["api_url"], key_id, _load_key(path))
+
+
+def _json_option(text: str | None, what: str, kind: type) -> Any:
+    if text is None:
+        return kind()
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        _fail(f"--{what} is not valid JSON: {exc}")
+    if not isinstance(value, kind):
+        _fail(f"--{what} must be a JSON {'list' if kind is list else 'object'}")
+    return value
+
+
+def _print_response(resp: httpx.Response) -> int:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"status": resp.status_code, "detail": resp.text}
+    click.echo(json.dumps(body, indent=2))
+    if resp.status_code >= 400:
+        return 1
+    return 0
+
+
+def _wait_for(client: SignedClient, key: str, timeout: float = 120) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        resp = client.request("GET", "/get-result", params={"key": key})
+        if resp.status_code != 202 or time.monotonic() > deadline:
+            return resp
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+@main.command()
+@_state_option
+@click.argument("module", type=click.Path(dir_okay=False))
+@click.argument("function")
+@click.option("--args", "args_json", help="positional arguments as a JSON list")
+@click.option("--kwargs", "kwargs_json", help="keyword arguments as a JSON object")
+@click.option("--limits", "limits_json", help="limits as a JSON object")
+@click.option("--key-id", help="client key id (default: the stack's local client)")
+@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@click.option("--wait", is_flag=True, help="wait for the result and print it")
+@click.pass_context
+def submit(ctx: click.Context, module: str, function: str, args_json: str | None,
+           kwargs_json: str | None, limits_json: str | None, key_id: str | None,
+           private_key: str | None, wait: bool) -> None:
+    """Submit FUNCTION from MODULE.py; print the result key (or the result with --wait)."""
+    try:
+        source = Path(module).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {module}: {exc}")
+    body = {"module": source, "function": function,
+            "args": _json_option(args_json, "args", list),
+            "kwargs": _json_option(kwargs_json, "kwargs", dict),
+            "limits": _json_option(limits_json, "limits", dict)}
+    client = _client(ctx, key_id, private_key)
+    resp = client.request("POST", "/v1/tasks", body)
+    if resp.status_code != 202 or not wait:
+        sys.exit(_print_response(resp))
+    sys.exit(_print_response(_wait_for(client, resp.json()["result_key"])))
+
+
+@main.command()
+@_state_option
+@click.argument("key")
+@click.option("--key-id", help="client key id (default: the stack's local client)")
+@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@click.option("--wait", is_flag=True, help="wait while the job is queued or running")
+@click.pass_context
+def result(ctx: click.Context, key: str, key_id: str | None, private_key: str | None,
+           wait: bool) -> None:
+    """Print the result stored under KEY."""
+    client = _client(ctx, key_id, private_key)
+    if wait:
+        sys.exit(_print_response(_wait_for(client, key)))
+    sys.exit(_print_response(client.request("GET", "/get-result", params={"key": key})))
+
+
+if __name__ == "__main__":
+    main()

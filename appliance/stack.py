@@ -1,0 +1,257 @@
+"""`appliance up` / `status` / `down`: the whole local stack under one state directory.
+
+up: PKI → Redis (TLS, ACL users) → OpenBao (bootstrapped from policies/*.hcl) → worker → API →
+Flower. Each service gets only its own credentials: a role_id and a single-use wrapped secret_id
+for OpenBao, its Redis user's password file and client certificate. Idempotent: a service whose
+pid is alive is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import _stack
+from ._stack.procs import port_open
+from .registry import Client, Registry
+from .vault import VaultSession
+
+HOST = "127.0.0.1"
+DEFAULT_PORTS = {"redis": 16379, "bao": 18200, "api": 8000, "flower": 5555}
+SERVICES = ("worker", "api", "flower")
+LOCAL_CLIENT = "local"
+WORKER_CONCURRENCY = 2
+
+
+@dataclass
+class Ports:
+    """Where each service listens."""
+
+    redis: int
+    bao: int
+    api: int
+    flower: int
+
+
+def _config_file(state: Path) -> Path:
+    return state / "stack.json"
+
+
+def load_ports(state: Path, requested: dict[str, int] | None = None) -> Ports:
+    """The ports recorded for this state, or the requested/default ones for a new stack."""
+    if _config_file(state).is_file():
+        return Ports(**json.loads(_config_file(state).read_text())["ports"])
+    chosen = dict(DEFAULT_PORTS)
+    for name, port in (requested or {}).items():
+        chosen[name] = _stack.free_port() if port == 0 else port
+    return Ports(**chosen)
+
+
+def _service_dir(state: Path, name: str) -> Path:
+    path = state / "run" / name
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _pid_file(state: Path, name: str) -> Path:
+    return _service_dir(state, name) / f"{name}.pid"
+
+
+def _require_binaries() -> None:
+    if shutil.which("redis-server") is None:
+        raise _stack.StackError(
+            "redis-server is missing: run `apt-get install -y redis-server` as root"
+        )
+
+
+def service_env(state: Path, role: str, ports: Ports, pki: _stack.Pki,
+                extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of one service: paths to its own credentials, nothing inline."""
+    cert, key = pki.client(role)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(_service_dir(state, role)),
+        "LANG": "C.UTF-8",
+        "APPLIANCE_STATE_DIR": str(state),
+        "APPLIANCE_REDIS_HOST": HOST,
+        "APPLIANCE_REDIS_PORT": str(ports.redis),
+        "APPLIANCE_REDIS_CA": str(pki.ca),
+        "APPLIANCE_REDIS_CERT": str(cert),
+        "APPLIANCE_REDIS_KEY": str(key),
+        "APPLIANCE_REDIS_USERNAME": role,
+        "APPLIANCE_REDIS_PASSWORD_FILE": str(_stack.password_file(state, role)),
+        "APPLIANCE_VAULT_ADDR": f"http://{HOST}:{ports.bao}",
+        "APPLIANCE_AUDIT_LOG": str(audit_log(state)),
+    }
+    env.update(extra or {})
+    return env
+
+
+def audit_log(state: Path) -> Path:
+    """The appliance's audit log."""
+    return state / "audit" / "audit.jsonl"
+
+
+def _argv(name: str, ports: Ports, state: Path) -> list[str]:
+    py = sys.executable
+    if name == "worker":
+        return [py, "-m", "celery", "-A", "appliance.worker.app", "worker", "--pool", "threads",
+                "-c", str(WORKER_CONCURRENCY), "-Q", "appliance", "-n", f"worker-{ports.api}@%h",
+                "-E", "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+    if name == "api":
+        return [py, "-m", "uvicorn", "appliance.api.main:app", "--host", HOST, "--port",
+                str(ports.api), "--no-server-header", "--log-level", "info"]
+    password = (state / "secrets" / "flower.pass").read_text().strip()
+    return [py, "-m", "celery", "-A", "appliance.worker.flower", "flower", f"--address={HOST}",
+            f"--port={ports.flower}", f"--basic_auth=operator:{password}",
+            "--url_prefix=", "--purge_offline_workers=60"]
+
+
+def _start_service(state: Path, name: str, ports: Ports, pki: _stack.Pki,
+                   bao: _stack.BaoHandle) -> None:
+    pid_file = _pid_file(state, name)
+    if _stack.read_pid_file(pid_file) is not None:
+        return
+    port = {"api": ports.api, "flower": ports.flower}.get(name)
+    if port is not None and port_open(HOST, port):
+        raise _stack.StackError(f"port {port} for the {name} is taken: free it or choose "
+                                f"another with --{name}-port on a new --state")
+    extra: dict[str, str] = {}
+    if name in ("worker", "api"):
+        role_id_file, wrap_file = bao.write_service_credentials(name, _service_dir(state, name))
+        extra = {"APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
+                 "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file)}
+    role = "flower" if name == "flower" else name
+    _stack.start_detached(
+        _argv(name, ports, state),
+        log_file=_service_dir(state, name) / f"{name}.log",
+        pid_file=pid_file,
+        env=service_env(state, role, ports, pki, extra),
+        cwd=_service_dir(state, name),
+    )
+
+
+def _ensure_local_client(state: Path, bao: _stack.BaoHandle) -> None:
+    """A client key for the operator's own shell, registered for every function."""
+    keys = state / "clients"
+    private, public = keys / f"{LOCAL_CLIENT}.key", keys / f"{LOCAL_CLIENT}.pub"
+    if not private.is_file():
+        write_keypair(keys, LOCAL_CLIENT)
+    registry = Registry(VaultSession(bao.addr, bao.root_token))
+    if registry.get(LOCAL_CLIENT) is None:
+        registry.put(Client(LOCAL_CLIENT, public.read_text(), ("*",)))
+
+
+def write_keypair(directory: Path, keyid: str) -> tuple[Path, Path]:
+    """An Ed25519 key pair as PEM: `<keyid>.key` (0600) and `<keyid>.pub`."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = Ed25519PrivateKey.generate()
+    private, public = directory / f"{keyid}.key", directory / f"{keyid}.pub"
+    _stack.write_private(private, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def up(state: Path, requested_ports: dict[str, int] | None = None,
+       wait_ready: float = 60.0) -> dict[str, Any]:
+    """Start (or complete) the stack and return its status."""
+    _require_binaries()
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ports = load_ports(state, requested_ports)
+    _config_file(state).write_text(json.dumps({"ports": asdict(ports)}))
+    pki = _stack.ensure_pki(state / "tls")
+    _stack.start_redis(state, ports.redis, pki)
+    bao_was_running = _stack.read_pid_file(state / "bao" / "bao.pid") is not None
+    bao = _stack.start_openbao(state, ports.bao)
+    if not bao_was_running:
+        # A new dev-mode OpenBao has none of the old identities: services must log in afresh.
+        for name in reversed(SERVICES):
+            _stack.stop_by_pid_file(_pid_file(state, name))
+    _stack.bootstrap(bao)
+    (state / "audit").mkdir(exist_ok=True, mode=0o700)
+    flower_pass = state / "secrets" / "flower.pass"
+    if not flower_pass.is_file():
+        _stack.write_private(flower_pass, secrets.token_urlsafe(24).encode())
+    _ensure_local_client(state, bao)
+    for name in SERVICES:
+        _start_service(state, name, ports, pki, bao)
+    _wait_ready(state, ports, wait_ready)
+    return status(state)
+
+
+def _wait_ready(state: Path, ports: Ports, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        for name in SERVICES:
+            if _stack.read_pid_file(_pid_file(state, name)) is None:
+                log = _service_dir(state, name) / f"{name}.log"
+                raise _stack.StackError(f"the {name} exited at start-up; see {log}")
+        try:
+            resp = httpx.get(f"http://{HOST}:{ports.api}/readyz", timeout=2)
+            if resp.status_code == 200:
+                return
+            last = resp.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.3)
+    raise _stack.StackError(f"the stack did not become ready in {timeout:.0f} s: {last}")
+
+
+def status(state: Path) -> dict[str, Any]:
+    """`appliance status --json`: URLs, audit log, each service's state, the admin's Redis."""
+    ports = load_ports(state)
+    pki = _stack.Pki(state / "tls")
+    cert, key = pki.client("admin")
+    pid_files = {
+        "redis": state / "redis" / "redis.pid",
+        "openbao": state / "bao" / "bao.pid",
+        **{name: _pid_file(state, name) for name in SERVICES},
+    }
+    services = {}
+    for name, pid_file in pid_files.items():
+        pid = _stack.read_pid_file(pid_file) if pid_file.exists() else None
+        services[name] = {"state": "running" if pid else "stopped", "pid": pid}
+    return {
+        "state_dir": str(state),
+        "api_url": f"http://{HOST}:{ports.api}",
+        "flower_url": f"http://{HOST}:{ports.flower}",
+        "vault_addr": f"http://{HOST}:{ports.bao}",
+        "audit_log": str(audit_log(state)),
+        "services": services,
+        "redis": {
+            "host": HOST,
+            "port": ports.redis,
+            "tls": {"ca": str(pki.ca), "cert": str(cert), "key": str(key)},
+            "username": "admin",
+            "password_file": str(_stack.password_file(state, "admin")),
+        },
+        "client": {
+            "key_id": LOCAL_CLIENT,
+            "private_key": str(state / "clients" / f"{LOCAL_CLIENT}.key"),
+        },
+    }
+
+
+def down(state: Path) -> dict[str, bool]:
+    """Stop every service of this stack; which were running."""
+    stopped = {}
+    for name in reversed(SERVICES):
+        stopped[name] = _stack.stop_by_pid_file(_pid_file(state, name))
+    stopped["openbao"] = _stack.stop_openbao(state)
+    stopped["redis"] = _stack.stop_redis(state)
+    return stopped

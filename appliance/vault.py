@@ -1,0 +1,171 @@
+"""The one seam to OpenBao (Vault API): AppRole login, token renewal, transit and KV calls.
+
+hvac and requests exceptions are translated here into `DependencyUnavailable` (OpenBao down) or
+`SealBroken` (a decryption refused); nothing else in the appliance imports hvac.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+
+from .errors import DependencyUnavailable, Forbidden, SealBroken
+
+T = TypeVar("T")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class VaultSession:
+    """A logged-in OpenBao client for one service, renewing its token before it expires."""
+
+    def __init__(self, addr: str, token: str | None = None, *, timeout: float = 5.0) -> None:
+        self.addr = addr
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._client = hvac.Client(url=addr, token=token, timeout=timeout)
+        self._login: Callable[[], None] | None = None
+        self._renew_at = float("inf")
+
+    @classmethod
+    def from_approle(cls, addr: str, role_id_file: Path, wrap_file: Path) -> VaultSession:
+        """Log in with a role_id and a response-wrapped secret_id (unwrapped here, once)."""
+        session = cls(addr)
+        role_id = role_id_file.read_text().strip()
+        wrapping_token = wrap_file.read_text().strip()
+        # The wrapping token is single-use: remove it from disk as soon as it is read.
+        wrap_file.unlink(missing_ok=True)
+        # Unwrapping authenticates with the wrapping token itself.
+        session._client.token = wrapping_token
+        secret_id = session._call(lambda: session._client.sys.unwrap()["data"]["secret_id"])
+        session._client.token = None
+
+        def login() -> None:
+            auth = session._call(
+                lambda: session._client.auth.approle.login(role_id=role_id, secret_id=secret_id)
+            )["auth"]
+            session._client.token = auth["client_token"]
+            session._schedule(auth["lease_duration"])
+
+        session._login = login
+        login()
+        return session
+
+    @classmethod
+    def from_token_file(cls, addr: str, token_file: Path) -> VaultSession:
+        """An operator's session from a token file (CLI only)."""
+        return cls(addr, token_file.read_text().strip())
+
+    def _schedule(self, ttl: int) -> None:
+        self._renew_at = time.monotonic() + max(1.0, ttl * 0.5)
+
+    def _maybe_renew(self) -> None:
+        if time.monotonic() < self._renew_at:
+            return
+        with self._lock:
+            if time.monotonic() < self._renew_at:
+                return
+            try:
+                auth = self._client.auth.token.renew_self()["auth"]
+                self._schedule(auth["lease_duration"])
+            except (hvac.exceptions.VaultError, requests.RequestException):
+                if self._login is None:
+                    raise
+                self._login()
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except hvac.exceptions.Forbidden as exc:
+            raise Forbidden("OpenBao refused the operation", code="vault_forbidden") from exc
+        except hvac.exceptions.InvalidRequest as exc:
+            raise SealBroken("OpenBao rejected the request") from exc
+        except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError,
+                hvac.exceptions.BadGateway, requests.RequestException) as exc:
+            raise DependencyUnavailable("OpenBao is unreachable") from exc
+
+    def call(self, fn: Callable[[hvac.Client], T]) -> T:
+        """Run `fn(client)` with a fresh token, translating hvac errors."""
+        self._call(self._maybe_renew)
+        return self._call(lambda: fn(self._client))
+
+    def healthy(self) -> bool:
+        """Whether OpenBao answers and is unsealed."""
+        try:
+            return bool(self._client.sys.is_initialized()) and not self._client.sys.is_sealed()
+        except (hvac.exceptions.VaultError, requests.RequestException):
+            return False
+
+
+class Transit:
+    """Envelope keys from the transit engine: data keys derived per context."""
+
+    def __init__(self, session: VaultSession, mount: str = "transit") -> None:
+        self.session = session
+        self.mount = mount
+
+    def data_key(self, key_name: str, context: str) -> tuple[bytes, str]:
+        """A fresh 256-bit data key: (plaintext key, wrapped key `vault:vN:…`)."""
+        data = self.session.call(
+            lambda c: c.secrets.transit.generate_data_key(
+                name=key_name, key_type="plaintext", context=_b64(context), bits=256,
+                mount_point=self.mount,
+            )
+        )["data"]
+        return base64.b64decode(data["plaintext"]), str(data["ciphertext"])
+
+    def unwrap_key(self, key_name: str, wrapped: str, context: str) -> bytes:
+        """The plaintext of a wrapped data key; SealBroken if the context or key is wrong."""
+        data = self.session.call(
+            lambda c: c.secrets.transit.decrypt_data(
+                name=key_name, ciphertext=wrapped, context=_b64(context), mount_point=self.mount
+            )
+        )["data"]
+        return base64.b64decode(data["plaintext"])
+
+    def hmac(self, key_name: str, message: bytes) -> str:
+        """An HMAC of `message` under a transit key (`vault:vN:…`)."""
+        data = self.session.call(
+            lambda c: c.secrets.transit.generate_hmac(
+                name=key_name, hash_input=base64.b64encode(message).decode(),
+                algorithm="sha2-256", mount_point=self.mount,
+            )
+        )["data"]
+        return str(data["hmac"])
+
+    def verify_hmac(self, key_name: str, message: bytes, mac: str) -> bool:
+        """Whether `mac` is a valid HMAC of `message` under the transit key."""
+        data = self.session.call(
+            lambda c: c.secrets.transit.verify_signed_data(
+                name=key_name, hash_input=base64.b64encode(message).decode(), hmac=mac,
+                algorithm="sha2-256", mount_point=self.mount,
+            )
+        )["data"]
+        return bool(data["valid"])
+
+    def sign(self, key_name: str, message: bytes) -> str:
+        """An Ed25519 signature of `message` (`vault:vN:…`)."""
+        data = self.session.call(
+            lambda c: c.secrets.transit.sign_data(
+                name=key_name, hash_input=base64.b64encode(message).decode(),
+                mount_point=self.mount,
+            )
+        )["data"]
+        return str(data["signature"])
+
+    def public_keys(self, key_name: str) -> dict[str, Any]:
+        """The key's public keys by version (for offline verification)."""
+        data = self.session.call(
+            lambda c: c.secrets.transit.read_key(name=key_name, mount_point=self.mount)
+        )["data"]
+        return {str(v): meta.get("public_key") for v, meta in data["keys"].items()}

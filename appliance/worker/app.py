@@ -1,0 +1,152 @@
+"""The Celery worker: `celery -A appliance.worker.app worker --pool threads`.
+
+Start-up order matters: the sandbox fork servers are spawned first, before this process logs in
+to OpenBao or reads a Redis password, so the processes that fork user code never held one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sandbox
+from celery import Task, signals
+
+from ..errors import DependencyUnavailable, SealBroken
+from ..jobs import JobMessage, open_job, seal_result
+from ..redis_conn import connect
+from ..results import ResultStore
+from ..settings import Settings, get_settings
+from ..vault import Transit, VaultSession
+from .celery_config import TASK_NAME, make_celery
+from .sandboxes import SandboxPool
+
+log = logging.getLogger("appliance.worker")
+HEARTBEAT_KEY = "heartbeat:workers"
+HEARTBEAT_SECONDS = 5
+
+app = make_celery(get_settings())
+
+
+@dataclass
+class Runtime:
+    """Everything a job needs, built once per worker process."""
+
+    settings: Settings
+    sandboxes: SandboxPool
+    transit: Transit
+    store: ResultStore
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def build_runtime(settings: Settings, concurrency: int) -> Runtime:
+    """Spawn the fork servers, then log in: the order is the security property."""
+    pool = SandboxPool(concurrency)
+    assert settings.vault_role_id_file and settings.vault_secret_id_wrap_file
+    session = VaultSession.from_approle(
+        settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
+    )
+    store = ResultStore(connect(settings), settings.result_prefix, settings.result_ttl_seconds)
+    return Runtime(settings, pool, Transit(session, settings.transit_mount), store)
+
+
+def runtime() -> Runtime:
+    """The process's runtime (built at worker start)."""
+    if _runtime is None:
+        raise RuntimeError("worker runtime not initialised")
+    return _runtime
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _runtime
+    concurrency = int(getattr(sender, "concurrency", None) or os.cpu_count() or 1)
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = build_runtime(get_settings(), concurrency)
+    threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.sandboxes.close()
+
+
+def _heartbeat() -> None:
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        try:
+            runtime().store.redis.zadd(HEARTBEAT_KEY, {name: time.time()})
+        except Exception:  # noqa: BLE001 - a missed heartbeat only delays readiness
+            log.warning("heartbeat failed")
+        time.sleep(HEARTBEAT_SECONDS)
+
+
+def result_body(outcome: sandbox.Outcome) -> dict[str, Any]:
+    """The result a client reads: value on success, the sandbox's error otherwise."""
+    ok = outcome.status == "ok"
+    err = None if ok else {"code": outcome.status, **(outcome.error or {})}
+    return {
+        "status": "succeeded" if ok else "failed",
+        "result": outcome.value if ok else None,
+        "error": err,
+        "stdout": outcome.stdout,
+        "usage": outcome.to_dict()["usage"],
+    }
+
+
+def _failure(code: str, message: str) -> dict[str, Any]:
+    return {"status": "failed", "result": None, "stdout": "", "usage": None,
+            "error": {"code": code, "type": "JobError", "message": message}}
+
+
+def execute(rt: Runtime, message: JobMessage) -> str:
+    """Run one job: skip if done, open, sandbox, seal, store. Returns the outcome status only."""
+    if rt.store.has_result(message.result_key):
+        return "duplicate"
+    rt.store.mark(message.result_key, message.client, "running", message.task_id)
+    try:
+        spec = open_job(rt.transit, message)
+    except SealBroken:
+        body = _failure("rejected", "the job could not be opened")
+    else:
+        body = _run(rt, spec)
+    sealed = seal_result(rt.transit, body, message.result_key, message.client)
+    rt.store.put(message.result_key, message.client, sealed)
+    return str(body["error"]["code"] if body["error"] else "ok")
+
+
+def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        with rt.sandboxes.borrow() as sb:
+            outcome = sb.run(
+                spec["module"], spec["function"], spec.get("args", []), spec.get("kwargs", {}),
+                spec.get("limits", {}), spec.get("imports", []),
+            )
+    except sandbox.InvalidRequest as exc:
+        return _failure("rejected", str(exc))
+    return result_body(outcome)
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=None)
+def run_job(self: Task, message: Any) -> str:
+    """The only task: its argument is identifiers and ciphertext."""
+    try:
+        job = JobMessage.from_wire(message)
+    except ValueError:
+        log.warning("rejected a malformed job message", extra={"task_id": self.request.id})
+        return "rejected"
+    try:
+        return execute(runtime(), job)
+    except DependencyUnavailable as exc:
+        # Accepted work is never dropped: wait for Redis or OpenBao to come back.
+        raise self.retry(countdown=2, exc=exc) from exc

@@ -1,0 +1,44 @@
+"""One Celery configuration for every role: JSON only, TLS, no result backend, no plaintext."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from ..redis_conn import broker_url, ssl_options
+from ..settings import Settings
+
+TASK_NAME = "appliance.run_job"
+BROKER_KEY_PREFIX = "celery:"
+
+
+def make_celery(settings: Settings, name: str = "appliance") -> Celery:
+    """A Celery app for this process's role (API: producer only; worker: consumer)."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(
+        broker_url=broker_url(settings),
+        broker_use_ssl=ssl_options(settings),
+        broker_transport_options={
+            "global_keyprefix": BROKER_KEY_PREFIX,
+            "visibility_timeout": 3600,
+        },
+        broker_connection_retry_on_startup=True,
+        # JSON only, everywhere: a pickled message is refused before it is deserialized.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Results never go through Celery: they are sealed into our own keys.
+        result_backend=None,
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        task_default_queue=settings.queue_name,
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app

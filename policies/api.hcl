@@ -1,0 +1,42 @@
+# OpenBao policy of the API service (AppRole `api`). Default deny: anything not listed is refused.
+# The API authenticates clients, seals jobs for the worker and opens results for their owners. It
+# must never mint worker credentials, read task secrets, open jobs, or obtain result keys.
+
+# Client registry: look up a client's public key and policy by key id.
+path "kv/data/appliance/clients/*" {
+  capabilities = ["read"]
+}
+path "kv/metadata/appliance/clients/*" {
+  capabilities = ["list"]
+}
+
+# Seal a job: a fresh data key bound to the job's context; the worker alone can unwrap it.
+path "transit/datakey/plaintext/jobs" {
+  capabilities = ["update"]
+}
+
+# Open a result the worker sealed, after checking that it belongs to the requesting client.
+path "transit/decrypt/results" {
+  capabilities = ["update"]
+}
+
+# Sign the task envelope, so that the worker runs only what the API accepted.
+path "transit/hmac/task-signing" {
+  capabilities = ["update"]
+}
+
+# Sign audit-log checkpoints.
+path "transit/sign/audit" {
+  capabilities = ["update"]
+}
+
+# Its own token: the AppRole tokens carry no `default` policy, so these are listed here.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+path "auth/token/revoke-self" {
+  capabilities = ["update"]
+}

@@ -1,0 +1,74 @@
+# OpenBao policy of the operator (the `appliance` CLI: `clients add`, key rotation). Default deny.
+# The operator manages who may submit and rotates keys; it cannot decrypt jobs or results, export
+# or delete keys, or read task secrets (it may write them).
+
+# Client registry: full management, including soft delete, undelete and destroy of versions.
+path "kv/data/appliance/clients/*" {
+  capabilities = ["create", "read", "update", "delete", "list"]
+}
+path "kv/metadata/appliance/clients/*" {
+  capabilities = ["read", "update", "delete", "list"]
+}
+path "kv/delete/appliance/clients/*" {
+  capabilities = ["update"]
+}
+path "kv/undelete/appliance/clients/*" {
+  capabilities = ["update"]
+}
+path "kv/destroy/appliance/clients/*" {
+  capabilities = ["update"]
+}
+
+# Task secrets: write-only. Workers read them; the operator provisions them without reading back.
+path "kv/data/appliance/secrets/*" {
+  capabilities = ["create", "update", "delete"]
+}
+path "kv/metadata/appliance/secrets/*" {
+  capabilities = ["list", "delete"]
+}
+
+# Transit key metadata (versions, and the public key of `audit` for offline verification).
+path "transit/keys" {
+  capabilities = ["list"]
+}
+path "transit/keys/*" {
+  capabilities = ["read", "list"]
+}
+
+# Rotate keys, and move the minimum versions (retire old ones). Only these configuration
+# parameters: never `exportable`, `allow_plaintext_backup` or `deletion_allowed`.
+path "transit/keys/+/rotate" {
+  capabilities = ["update"]
+}
+path "transit/keys/+/config" {
+  capabilities = ["update"]
+  allowed_parameters = {
+    "min_decryption_version" = []
+    "min_encryption_version" = []
+    "auto_rotate_period"     = []
+  }
+}
+path "transit/keys/+/trim" {
+  capabilities = ["update"]
+}
+
+# Re-issue service credentials: a secret_id only ever as a response-wrapped token.
+path "auth/approle/role/+/role-id" {
+  capabilities = ["read"]
+}
+path "auth/approle/role/+/secret-id" {
+  capabilities = ["update"]
+  min_wrapping_ttl = "1s"
+  max_wrapping_ttl = "300s"
+}
+
+# Its own token.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+path "auth/token/revoke-self" {
+  capabilities = ["update"]
+}

@@ -1,0 +1,42 @@
+# OpenBao policy of the worker service (AppRole `worker`). Default deny: anything not listed is
+# refused. The worker opens jobs, runs them and seals their results; it never sees the client
+# registry and cannot open results once sealed.
+
+# Open a job: unwrap the job's data key (sealed by the API under the job's context).
+path "transit/decrypt/jobs" {
+  capabilities = ["update"]
+}
+
+# Seal a result: a fresh data key bound to the result key.
+path "transit/datakey/plaintext/results" {
+  capabilities = ["update"]
+}
+
+# Check the API's signature on a task envelope (verify with `hmac=`, or recompute it).
+path "transit/verify/task-signing" {
+  capabilities = ["update"]
+}
+path "transit/hmac/task-signing" {
+  capabilities = ["update"]
+}
+
+# Sign audit-log checkpoints.
+path "transit/sign/audit" {
+  capabilities = ["update"]
+}
+
+# Task secrets a client's policy allows a job to use.
+path "kv/data/appliance/secrets/*" {
+  capabilities = ["read"]
+}
+
+# Its own token: the AppRole tokens carry no `default` policy, so these are listed here.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+path "auth/token/revoke-self" {
+  capabilities = ["update"]
+}
