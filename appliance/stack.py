@@ -112,10 +112,9 @@ def _argv(name: str, ports: Ports, state: Path) -> list[str]:
     if name == "api":
         return [py, "-m", "uvicorn", "appliance.api.main:app", "--host", HOST, "--port",
                 str(ports.api), "--no-server-header", "--log-level", "info"]
-    password = (state / "secrets" / "flower.pass").read_text().strip()
+    # Flower's credentials come through its environment (FLOWER_BASIC_AUTH), never argv.
     return [py, "-m", "celery", "-A", "appliance.worker.flower", "flower", f"--address={HOST}",
-            f"--port={ports.flower}", f"--basic_auth=operator:{password}",
-            "--url_prefix=", "--purge_offline_workers=60"]
+            f"--port={ports.flower}", "--purge_offline_workers=60"]
 
 
 def _start_service(state: Path, name: str, ports: Ports, pki: _stack.Pki,
@@ -132,7 +131,10 @@ def _start_service(state: Path, name: str, ports: Ports, pki: _stack.Pki,
         role_id_file, wrap_file = bao.write_service_credentials(name, _service_dir(state, name))
         extra = {"APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
                  "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file)}
-    role = "flower" if name == "flower" else name
+    if name == "flower":
+        password = (state / "secrets" / "flower.pass").read_text().strip()
+        extra = {"FLOWER_BASIC_AUTH": f"operator:{password}"}
+    role = name
     _stack.start_detached(
         _argv(name, ports, state),
         log_file=_service_dir(state, name) / f"{name}.log",

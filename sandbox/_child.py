@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _isolation, _restricted
@@ -99,7 +100,17 @@ def _finish(value: Any, state: _restricted.RunState) -> str:
     )
 
 
-def main(run: PreparedRun, setup: _isolation.ChildSetup, reply_fd: int, probe: bool) -> NoReturn:
+#: How the child turns a request into a reply body once isolated (see `execute`).
+Executor = Callable[[PreparedRun, _restricted.RunState], str]
+
+
+def main(
+    run: PreparedRun,
+    setup: _isolation.ChildSetup,
+    reply_fd: int,
+    probe: bool,
+    executor: Executor = execute,
+) -> NoReturn:
     """The child's whole life: isolate, then run (or, for `doctor`, verify the layers)."""
     try:
         _isolation.enter(setup, reply_fd, tolerant=probe)
@@ -119,4 +130,4 @@ def main(run: PreparedRun, setup: _isolation.ChildSetup, reply_fd: int, probe: b
         os._exit(0)
     sys.setrecursionlimit(1000)
     state = _restricted.RunState(setup.limits.output_bytes)
-    _reply(execute(run, state))
+    _reply(executor(run, state))

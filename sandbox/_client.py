@@ -37,6 +37,10 @@ class Sandbox:
     inherited descriptors, so the children it forks can never see what this process holds.
     """
 
+    #: The fork server's program and environment (only `sandbox._testing` changes them).
+    _boot: str = _BOOT
+    _server_env: Mapping[str, str] = {}
+
     def __init__(self, policy_path: Path | None = None) -> None:
         self.policy_path = Path(policy_path or _default_policy_path())
         self.policy = Policy.load(self.policy_path)
@@ -54,11 +58,11 @@ class Sandbox:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOT, _PROJECT_ROOT, str(self.policy_path)],
+            [sys.executable, "-I", "-c", self._boot, _PROJECT_ROOT, str(self.policy_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={},
+            env=dict(self._server_env),
             close_fds=True,
             cwd="/",
         )

@@ -68,7 +68,7 @@ def _handle(supervisor: Supervisor, frame: bytes) -> dict[str, Any]:
         return {"error": {"code": "invalid_request", "message": f"bad request: {exc}"}}
 
 
-def main() -> None:
+def main(supervisor_class: type[Supervisor] = Supervisor) -> None:
     """Serve requests until stdin closes."""
     policy = Policy.load(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
     # Keep the protocol on private descriptors so nothing else can write into it.
@@ -76,7 +76,7 @@ def main() -> None:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    supervisor = Supervisor(policy)
+    supervisor = supervisor_class(policy)
     try:
         write_frame(resp_fd, json.dumps({"ready": True, "layers": supervisor.layers}).encode())
         while True:
@@ -86,7 +86,6 @@ def main() -> None:
             write_frame(resp_fd, json.dumps(_handle(supervisor, frame)).encode())
     finally:
         supervisor.close()
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ CLI or the fork server, a fresh interpreter spawned with an empty environment.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -79,13 +80,25 @@ class _Child:
 class Supervisor:
     """Runs prepared requests in isolated children. One per credential-free process."""
 
+    #: What the isolated child runs; only `sandbox._testing` swaps it, for the OS-layer tests.
+    executor: _child.Executor = staticmethod(_child.execute)
+
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         _restricted.preload(sorted(policy.importable))
+        self._seccomp_program: bytes | None
         try:
-            self._seccomp = _isolation.build_seccomp_filter()
+            self._seccomp_program = _isolation.export_seccomp_program(
+                _isolation.build_seccomp_filter()
+            )
         except Exception:  # noqa: BLE001 - reported by the child as a missing layer
-            self._seccomp = None
+            self._seccomp_program = None
+        self._netns_fd: int | None = None
+        if os.geteuid() == 0:
+            try:
+                self._netns_fd = _isolation.create_netns()
+            except OSError:
+                pass  # Each child then tries to make its own, and the probe reports the result.
         self._tmp_root = Path(tempfile.mkdtemp(prefix="sandbox-"))
         os.chmod(self._tmp_root, 0o711)
         self._skip: frozenset[str] = frozenset()
@@ -93,10 +106,16 @@ class Supervisor:
         missing = {layer for layer, why in self.layers.items() if why}
         self.unavailable = sorted(layer for layer in missing if not policy.may_skip(layer))
         self._skip = frozenset(missing - set(self.unavailable))
+        # Everything loaded so far lives as long as this process: keep the collector from ever
+        # walking it, so a collection in a child does not copy those pages (copy-on-write).
+        gc.freeze()
 
     def close(self) -> None:
-        """Remove the private working directories' parent."""
+        """Remove the private working directories' parent; release the network namespace."""
         shutil.rmtree(self._tmp_root, ignore_errors=True)
+        if self._netns_fd is not None:
+            os.close(self._netns_fd)
+            self._netns_fd = None
 
     def run(self, run: PreparedRun) -> Outcome:
         """Run one request; raise IsolationUnavailable if a required layer is missing."""
@@ -124,14 +143,19 @@ class Supervisor:
     def _fork(
         self, run: PreparedRun, probe: bool
     ) -> tuple[Outcome | None, dict[str, str] | None]:
+        # A fresh, empty root for the child. Owned by this process's user (root on a host with
+        # the full set of layers), not by the run's uid, and read-only to everyone: the child can
+        # list it but neither write it nor chmod it, even if the seccomp layer were missing.
         workdir = tempfile.mkdtemp(dir=self._tmp_root, prefix="run-")
-        if os.geteuid() == 0:
-            # Owned by the run's uid but read-only: the child can list it and cannot write it
-            # (chmod is refused by the seccomp filter).
-            os.chown(workdir, self.policy.uid, self.policy.gid)
-        os.chmod(workdir, 0o500)
+        os.chmod(workdir, 0o555)
         setup = _isolation.ChildSetup(
-            self.policy, run.limits, workdir, self._seccomp, skip=frozenset() if probe else self._skip
+            self.policy,
+            run.limits,
+            workdir,
+            self._seccomp_program,
+            baseline_as=_isolation.address_space_bytes(),
+            netns_fd=self._netns_fd,
+            skip=frozenset() if probe else self._skip,
         )
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         started = time.monotonic()
@@ -140,7 +164,7 @@ class Supervisor:
             if pid == 0:  # pragma: no cover - the child never returns
                 try:
                     os.close(read_fd)
-                    _child.main(run, setup, write_fd, probe)
+                    _child.main(run, setup, write_fd, probe, self.executor)
                 finally:
                     os._exit(70)
             os.close(write_fd)
@@ -152,7 +176,7 @@ class Supervisor:
             return self._outcome(child, status, rusage, wall_ms, run, setup), None
         finally:
             os.close(read_fd)
-            os.rmdir(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def _supervise(
         self, child: _Child, read_fd: int, run: PreparedRun, started: float

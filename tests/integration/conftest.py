@@ -1,0 +1,92 @@
+"""The whole stack, started by `appliance.stack.up` on free loopback ports in a temp directory.
+
+The same orchestrator the README's first command runs: real Redis (TLS, ACL users), real
+OpenBao, a real Celery worker, the API under uvicorn and Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from cryptography.hazmat.primitives import serialization
+
+from appliance import stack
+from appliance.cli import SignedClient
+from appliance.registry import Client, Registry
+from appliance.vault import VaultSession
+
+
+@dataclass
+class Stack:
+    """A running stack and handles on it."""
+
+    state: Path
+    status: dict[str, Any]
+
+    def admin_redis(self) -> redis.Redis:
+        r = self.status["redis"]
+        return redis.Redis(
+            host=r["host"], port=r["port"], ssl=True, ssl_ca_certs=r["tls"]["ca"],
+            ssl_certfile=r["tls"]["cert"], ssl_keyfile=r["tls"]["key"],
+            username=r["username"], password=Path(r["password_file"]).read_text().strip(),
+        )
+
+    def client(self, keyid: str = "local", key_file: Path | None = None) -> SignedClient:
+        path = key_file or Path(self.status["client"]["private_key"])
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        return SignedClient(self.status["api_url"], keyid, key)  # type: ignore[arg-type]
+
+    def registry(self) -> Registry:
+        token = (self.state / "secrets" / "bao-root.token").read_text().strip()
+        return Registry(VaultSession(self.status["vault_addr"], token))
+
+    def add_client(self, keyid: str, functions: tuple[str, ...] = ("*",), **kw: Any) -> Path:
+        private, public = stack.write_keypair(self.state / "clients", keyid)
+        self.registry().put(Client(keyid, public.read_text(), functions, **kw))
+        return private
+
+    def logs(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in (self.state / "run").rglob("*.log")
+        )
+
+    def wait_result(self, client: SignedClient, key: str, timeout: float = 30) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while True:
+            resp = client.request("GET", "/get-result", params={"key": key})
+            if resp.status_code != 202 or time.monotonic() > deadline:
+                return resp
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def appliance_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("stack")
+    try:
+        status = stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0})
+        yield Stack(state, status)
+    finally:
+        stack.down(state)
+
+
+def submit(client: SignedClient, module: str, function: str, **extra: Any) -> httpx.Response:
+    body = {"module": module, "function": function, **extra}
+    return client.request("POST", "/v1/tasks", body)
+
+
+def is_problem(resp: httpx.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = json.loads(resp.text)
+    for field in ("type", "title", "status", "detail", "code"):
+        assert field in body
+    assert body["status"] == status
+    return body
