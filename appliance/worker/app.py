@@ -71,7 +71,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     concurrency = int(getattr(sender, "concurrency", None) or os.cpu_count() or 1)
     with _runtime_lock:
         if _runtime is None:
-            _runtime = build_runtime(get_settings(), concurrency)
+            try:
+                _runtime = build_runtime(get_settings(), concurrency)
+            except Exception:
+                # Celery swallows errors raised by signal handlers: a worker that cannot
+                # isolate or authenticate must not come up looking healthy.
+                log.critical("worker start-up failed", exc_info=True)
+                raise SystemExit(1) from None
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
 
 
