@@ -69,6 +69,25 @@ class ResultStore:
         except redis.RedisError as exc:
             raise DependencyUnavailable("Redis is unreachable") from exc
 
+    def claim(self, nonce: str, ttl_seconds: int) -> str | None:
+        """Mark a message's nonce as running; return its previous state ("running", "done")
+        or None for a first delivery. Kept until the message expires, so a replay is known."""
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(f"claim:{nonce}", "running", nx=True, ex=max(1, ttl_seconds))
+            pipe.get(f"claim:{nonce}")
+            created, state = pipe.execute()
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("Redis is unreachable") from exc
+        return None if created else (state.decode() if state else None)
+
+    def finish_claim(self, nonce: str, ttl_seconds: int) -> None:
+        """Mark a message's nonce as done: any later delivery of it is a replay."""
+        try:
+            self.redis.set(f"claim:{nonce}", "done", ex=max(1, ttl_seconds))
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("Redis is unreachable") from exc
+
     def has_result(self, key: str) -> bool:
         """Whether a sealed result already exists (a job never runs twice for one key)."""
         try:

@@ -20,6 +20,8 @@ import requests
 from .errors import DependencyUnavailable, Forbidden, SealBroken
 
 T = TypeVar("T")
+#: Below this many seconds a renewed token is about to hit its max TTL: log in again instead.
+_MIN_USEFUL_TTL = 120
 
 
 def _b64(text: str) -> str:
@@ -78,9 +80,13 @@ class VaultSession:
             try:
                 auth = self._client.auth.token.renew_self()["auth"]
                 self._schedule(auth["lease_duration"])
+                capped = auth["lease_duration"] < _MIN_USEFUL_TTL
             except (hvac.exceptions.VaultError, requests.RequestException):
+                capped = True
+            if capped:
+                # Renewal reached the token's max TTL (or failed): log in again.
                 if self._login is None:
-                    raise
+                    raise DependencyUnavailable("the OpenBao token can no longer be renewed")
                 self._login()
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -148,7 +154,7 @@ class Transit:
         data = self.session.call(
             lambda c: c.secrets.transit.verify_signed_data(
                 name=key_name, hash_input=base64.b64encode(message).decode(), hmac=mac,
-                algorithm="sha2-256", mount_point=self.mount,
+                hash_algorithm="sha2-256", mount_point=self.mount,
             )
         )["data"]
         return bool(data["valid"])

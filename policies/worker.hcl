@@ -16,10 +16,6 @@ path "transit/datakey/plaintext/results" {
 path "transit/verify/task-signing" {
   capabilities = ["update"]
 }
-path "transit/hmac/task-signing" {
-  capabilities = ["update"]
-}
-
 # Sign audit-log checkpoints.
 path "transit/sign/audit" {
   capabilities = ["update"]

@@ -59,8 +59,12 @@ _APPROLE_SETTINGS: Mapping[str, Any] = MappingProxyType(
     {
         "token_ttl": "10m",
         "token_max_ttl": "1h",
-        "secret_id_num_uses": 1,
-        "secret_id_ttl": "10m",
+        # The secret_id reaches the service response-wrapped and lives in its memory only, so
+        # that it can log in again when renewal is capped; it works from loopback only.
+        "secret_id_num_uses": 0,
+        "secret_id_ttl": "0",
+        "secret_id_bound_cidrs": ["127.0.0.1/32"],
+        "token_bound_cidrs": ["127.0.0.1/32"],
         # The `default` policy would add cubbyhole storage, sys/tools and more: each role policy
         # lists the few token self-management paths a service needs instead.
         "token_no_default_policy": True,

@@ -37,7 +37,7 @@ from ..errors import (
     SealBroken,
     UnsupportedMediaType,
 )
-from ..jobs import JobMessage, open_result, seal_job
+from ..jobs import JobMessage, open_result, seal_job, sign_message
 from ..registry import Client, Registry
 from ..results import ResultStore, check_result_key, new_result_key
 from ..settings import Settings
@@ -213,7 +213,8 @@ def enqueue(services: Services, client: Client, spec: dict[str, Any]) -> dict[st
     task_id = str(uuid.uuid4())
     result_key = new_result_key(spec["function"], int(services.clock() * 1000))
     sealed = seal_job(services.transit, spec, task_id, result_key, client.keyid)
-    message = JobMessage(task_id, result_key, client.keyid, sealed)
+    message = sign_message(services.transit, JobMessage(task_id, result_key, client.keyid, sealed),
+                           TASK_NAME, services.clock())
     services.store.mark(result_key, client.keyid, "queued", task_id)
     try:
         services.celery.send_task(

@@ -18,7 +18,7 @@ import sandbox
 from celery import Task, signals
 
 from ..errors import DependencyUnavailable, SealBroken
-from ..jobs import JobMessage, open_job, seal_result
+from ..jobs import JobMessage, MessageRejected, open_job, seal_result, verify_message
 from ..redis_conn import connect
 from ..results import ResultStore
 from ..settings import Settings, get_settings
@@ -116,9 +116,17 @@ def _failure(code: str, message: str) -> dict[str, Any]:
 
 
 def execute(rt: Runtime, message: JobMessage) -> str:
-    """Run one job: skip if done, open, sandbox, seal, store. Returns the outcome status only."""
-    if rt.store.has_result(message.result_key):
-        return "duplicate"
+    """Run one job: verify, claim, open, sandbox, seal, store. Returns the outcome status only.
+
+    A message the API did not sign, an expired one, or one already run (a replay) is refused
+    before anything else happens. A message whose claim is "running" is a redelivery after a
+    worker died mid-job: it runs again, since no result was stored.
+    """
+    now = time.time()
+    verify_message(rt.transit, message, TASK_NAME, now)
+    ttl = message.expires - int(now)
+    if rt.store.claim(message.nonce, ttl) == "done" or rt.store.has_result(message.result_key):
+        raise MessageRejected("replayed")
     rt.store.mark(message.result_key, message.client, "running", message.task_id)
     try:
         spec = open_job(rt.transit, message)
@@ -128,6 +136,7 @@ def execute(rt: Runtime, message: JobMessage) -> str:
         body = _run(rt, spec)
     sealed = seal_result(rt.transit, body, message.result_key, message.client)
     rt.store.put(message.result_key, message.client, sealed)
+    rt.store.finish_claim(message.nonce, ttl)
     return str(body["error"]["code"] if body["error"] else "ok")
 
 
@@ -147,12 +156,10 @@ def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
 def run_job(self: Task, message: Any) -> str:
     """The only task: its argument is identifiers and ciphertext."""
     try:
-        job = JobMessage.from_wire(message)
-    except ValueError:
-        log.warning("rejected a malformed job message", extra={"task_id": self.request.id})
+        return execute(runtime(), JobMessage.from_wire(message))
+    except MessageRejected as exc:
+        log.warning("refused task message %s: %s", self.request.id, exc.reason)
         return "rejected"
-    try:
-        return execute(runtime(), job)
     except DependencyUnavailable as exc:
         # Accepted work is never dropped: wait for Redis or OpenBao to come back.
         raise self.retry(countdown=2, exc=exc) from exc
