@@ -147,6 +147,39 @@ def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tupl
                f"secrets {list(secrets) or 'none'}")
 
 
+@main.group()
+def keys() -> None:
+    """Rotate and retire the transit keys that seal jobs and results."""
+
+
+@keys.command("rotate")
+@_state_option
+@click.option("--key", "names", multiple=True, default=("results", "jobs"), show_default=True,
+              type=click.Choice(["results", "jobs", "task-signing", "audit"]))
+@click.option("--min-decryption-version", type=click.IntRange(min=1), default=None,
+              help="refuse to open anything sealed under an older version (retires old keys)")
+@click.pass_context
+def keys_rotate(ctx: click.Context, names: tuple[str, ...],
+                min_decryption_version: int | None) -> None:
+    """Rotate transit keys: new seals use the new version; old ones stay readable until the
+    minimum decryption version is raised."""
+    from .vault import Transit, VaultSession
+
+    st = _require_stack(ctx)
+    token_file = _state(ctx) / "secrets" / "bao-root.token"
+    transit = Transit(VaultSession.from_token_file(st["vault_addr"], token_file))
+    try:
+        for name in names:
+            if min_decryption_version is None:
+                version = transit.rotate(name)
+                click.echo(f"{name}: now at version {version}")
+            else:
+                transit.set_min_decryption_version(name, min_decryption_version)
+                click.echo(f"{name}: versions below {min_decryption_version} retired")
+    except ApplianceError as exc:
+        _fail(exc.detail, 1)
+
+
 def _require_stack(ctx: click.Context) -> dict[str, Any]:
     if not (_state(ctx) / "stack.json").is_file():
         _fail(f"no stack in {_state(ctx)}: run `appliance up` first")

@@ -169,6 +169,20 @@ class Transit:
         )["data"]
         return str(data["signature"])
 
+    def rotate(self, key_name: str) -> int:
+        """Rotate a key (operator); returns the new latest version."""
+        self.session.call(
+            lambda c: c.secrets.transit.rotate_key(name=key_name, mount_point=self.mount))
+        data = self.session.call(
+            lambda c: c.secrets.transit.read_key(name=key_name, mount_point=self.mount))["data"]
+        return int(data["latest_version"])
+
+    def set_min_decryption_version(self, key_name: str, version: int) -> None:
+        """Refuse to decrypt anything wrapped under an older version (operator)."""
+        self.session.call(
+            lambda c: c.secrets.transit.update_key_configuration(
+                name=key_name, min_decryption_version=version, mount_point=self.mount))
+
     def public_keys(self, key_name: str) -> dict[str, Any]:
         """The key's public keys by version (for offline verification)."""
         data = self.session.call(
