@@ -17,7 +17,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from .errors import DependencyUnavailable, Forbidden, SealBroken
+from .errors import DependencyUnavailable, Forbidden, NotFound, SealBroken
 
 T = TypeVar("T")
 #: Below this many seconds a renewed token is about to hit its max TTL: log in again instead.
@@ -94,6 +94,8 @@ class VaultSession:
             return fn()
         except hvac.exceptions.Forbidden as exc:
             raise Forbidden("OpenBao refused the operation", code="vault_forbidden") from exc
+        except hvac.exceptions.InvalidPath as exc:
+            raise NotFound("no such path in OpenBao", code="vault_not_found") from exc
         except hvac.exceptions.InvalidRequest as exc:
             raise SealBroken("OpenBao rejected the request") from exc
         except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError,
@@ -111,6 +113,18 @@ class VaultSession:
             return bool(self._client.sys.is_initialized()) and not self._client.sys.is_sealed()
         except (hvac.exceptions.VaultError, requests.RequestException):
             return False
+
+
+def read_secrets(session: VaultSession, names: list[str], mount: str = "kv") -> dict[str, Any]:
+    """Task secrets from KV v2 (`appliance/secrets/<name>`), read by the worker at job start."""
+    values: dict[str, Any] = {}
+    for name in names:
+        values[name] = session.call(
+            lambda c, n=name: c.secrets.kv.v2.read_secret_version(
+                path=f"appliance/secrets/{n}", mount_point=mount, raise_on_deleted_version=True
+            )
+        )["data"]["data"]
+    return values
 
 
 class Transit:

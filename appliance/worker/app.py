@@ -6,6 +6,7 @@ to OpenBao or reads a Redis password, so the processes that fork user code never
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -17,12 +18,12 @@ from typing import Any
 import sandbox
 from celery import Task, signals
 
-from ..errors import DependencyUnavailable, SealBroken
+from ..errors import DependencyUnavailable, NotFound, SealBroken
 from ..jobs import JobMessage, MessageRejected, open_job, seal_result, verify_message
 from ..redis_conn import connect
 from ..results import ResultStore
 from ..settings import Settings, get_settings
-from ..vault import Transit, VaultSession
+from ..vault import Transit, VaultSession, read_secrets
 from .celery_config import TASK_NAME, make_celery
 from .sandboxes import SandboxPool
 
@@ -141,15 +142,48 @@ def execute(rt: Runtime, message: JobMessage) -> str:
 
 
 def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(spec.get("kwargs", {}))
+    names = list(spec.get("secrets", []))
+    values: dict[str, Any] = {}
+    if names:
+        try:
+            values = read_secrets(rt.transit.session, names, rt.settings.kv_mount)
+        except (NotFound, SealBroken):
+            return _failure("secret_unavailable", "a named secret does not exist")
+        # Secrets reach the function as one keyword argument, `secrets`: {name: {field: value}}.
+        kwargs["secrets"] = values
     try:
         with rt.sandboxes.borrow() as sb:
             outcome = sb.run(
-                spec["module"], spec["function"], spec.get("args", []), spec.get("kwargs", {}),
+                spec["module"], spec["function"], spec.get("args", []), kwargs,
                 spec.get("limits", {}), spec.get("imports", []),
             )
     except sandbox.InvalidRequest as exc:
         return _failure("rejected", str(exc))
-    return result_body(outcome)
+    return redact(result_body(outcome), values)
+
+
+def redact(body: dict[str, Any], secret_values: dict[str, Any]) -> dict[str, Any]:
+    """Replace every secret value that the function echoed (in its value, stdout or error)."""
+    needles = sorted({v for fields in secret_values.values() for v in _strings(fields)
+                      if len(v) >= 4}, key=len, reverse=True)
+    if not needles:
+        return body
+    text = json.dumps(body)
+    for needle in needles:
+        text = text.replace(json.dumps(needle)[1:-1], "[redacted]")
+    redacted: dict[str, Any] = json.loads(text)
+    return redacted
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [str(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=None)
