@@ -13,7 +13,9 @@ import redis
 
 from .errors import BadRequest, DependencyUnavailable
 
-RESULT_KEY_PATTERN = re.compile(r"(?P<function>[A-Za-z][A-Za-z0-9_]{0,99})_(?P<ms>\d{1,16})_(?P<rand>[0-9a-f]{32})")
+RESULT_KEY_PATTERN = re.compile(
+    r"(?P<function>[A-Za-z][A-Za-z0-9_]{0,99})_(?P<ms>\d{1,16})_(?P<rand>[0-9a-f]{32})"
+)
 PENDING_TTL_SECONDS = 24 * 3600
 
 

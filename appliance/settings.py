@@ -1,7 +1,7 @@
 """The one reader of the environment: every service builds a frozen `Settings` at start-up.
 
-Services started by `appliance up` (or by the test fixtures) receive these variables; secrets are never
-passed inline, only paths to files readable by the service alone.
+Services started by `appliance up` (or by the test fixtures) receive these variables; secrets are
+never passed inline, only paths to files readable by the service alone.
 """
 
 from __future__ import annotations

@@ -226,7 +226,9 @@ def enqueue(services: Services, client: Client, spec: dict[str, Any]) -> dict[st
     return {"task_id": task_id, "result_key": result_key, "status": "queued"}
 
 
-def read_result(services: Services, client: Client, untrusted_key: str) -> tuple[int, dict[str, Any]]:
+def read_result(
+    services: Services, client: Client, untrusted_key: str
+) -> tuple[int, dict[str, Any]]:
     """The status and body for a result read by `client`."""
     key = check_result_key(untrusted_key)
     stored = services.store.get(key)

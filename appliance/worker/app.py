@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import sandbox
 from celery import Task, signals
+
+import sandbox
 
 from ..errors import DependencyUnavailable, NotFound, SealBroken
 from ..jobs import JobMessage, MessageRejected, open_job, seal_result, verify_message

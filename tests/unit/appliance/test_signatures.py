@@ -1,0 +1,134 @@
+"""The RFC 9421 profile against in-memory key and nonce stores, with an injected clock."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.errors import Unauthorized
+from appliance.signatures import UnverifiedRequest, sign_request, verify_request
+
+KEY = Ed25519PrivateKey.generate()
+NOW = 1_800_000_000.0
+
+
+class Keys:
+    def public_key(self, keyid: str):  # type: ignore[no-untyped-def]
+        return KEY.public_key() if keyid == "c1" else None
+
+
+class Nonces:
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, str]] = set()
+
+    def claim(self, keyid: str, nonce: str, ttl_seconds: int) -> bool:
+        if (keyid, nonce) in self.seen:
+            return False
+        self.seen.add((keyid, nonce))
+        return True
+
+
+def _signed(body: bytes | None = b'{"a": 1}', url: str = "http://api.test/v1/tasks",
+            offset: int = 0, **kw: object) -> UnverifiedRequest:
+    method = "POST" if body else "GET"
+    headers = {"content-type": "application/json"} if body else {}
+    req = httpx.Request(method, url, content=body, headers=headers)
+    created = datetime.datetime.fromtimestamp(NOW + offset, datetime.UTC)
+    sign_request(req, kw.pop("keyid", "c1"), kw.pop("key", KEY), body, created=created, **kw)  # type: ignore[arg-type]
+    return UnverifiedRequest(req.method, str(req.url), dict(req.headers))
+
+
+def _verify(req: UnverifiedRequest, body: bytes = b'{"a": 1}', nonces: Nonces | None = None,
+            now: float = NOW) -> str:
+    return verify_request(req, body, Keys(), nonces or Nonces(), lambda: now)
+
+
+def test_valid_request_verifies() -> None:
+    assert _verify(_signed()) == "c1"
+
+
+def test_get_with_query_covers_query() -> None:
+    req = _signed(None, "http://api.test/get-result?key=f_1_" + "0" * 32)
+    assert "@query" in req.headers["signature-input"]
+    assert _verify(req, b"") == "c1"
+
+
+@pytest.mark.parametrize(("offset", "ok"), [(-299, True), (-301, False), (29, True), (31, False)])
+def test_created_window(offset: int, ok: bool) -> None:
+    req = _signed(offset=offset)
+    if ok:
+        assert _verify(req) == "c1"
+    else:
+        with pytest.raises(Unauthorized) as exc:
+            _verify(req)
+        assert exc.value.code == "stale_signature"
+
+
+def test_expires_in_the_past_is_refused() -> None:
+    req = _signed(expires=datetime.datetime.fromtimestamp(NOW - 1, datetime.UTC))
+    with pytest.raises(Unauthorized) as exc:
+        _verify(req)
+    assert exc.value.code == "stale_signature"
+
+
+def test_replay_is_refused_only_after_the_signature_verifies() -> None:
+    nonces = Nonces()
+    req = _signed(nonce="fixed")
+    _verify(req, nonces=nonces)
+    with pytest.raises(Unauthorized) as exc:
+        _verify(req, nonces=nonces)
+    assert exc.value.code == "replayed_nonce"
+    # A forged request with someone's nonce does not burn it.
+    fresh = Nonces()
+    forged = _signed(nonce="victim", key=Ed25519PrivateKey.generate())
+    with pytest.raises(Unauthorized):
+        _verify(forged, nonces=fresh)
+    assert fresh.seen == set()
+
+
+def test_body_digest_is_checked() -> None:
+    with pytest.raises(Unauthorized) as exc:
+        _verify(_signed(), body=b'{"a": 2}')
+    assert exc.value.code == "invalid_signature"
+
+
+def test_other_url_does_not_verify() -> None:
+    req = _signed()
+    moved = UnverifiedRequest(req.method, "http://api.test/v1/workflows", req.headers)
+    with pytest.raises(Unauthorized):
+        _verify(moved)
+
+
+def test_unknown_key() -> None:
+    with pytest.raises(Unauthorized) as exc:
+        _verify(_signed(keyid="nobody"))
+    assert exc.value.code == "unknown_key"
+
+
+@settings(max_examples=200, deadline=None)
+@given(sig_input=st.text(max_size=200), sig=st.text(max_size=200),
+       body=st.binary(max_size=64))
+def test_arbitrary_signature_headers_never_crash(sig_input: str, sig: str, body: bytes) -> None:
+    headers = {"signature-input": sig_input, "signature": sig, "content-type": "application/json"}
+    req = UnverifiedRequest("POST", "http://api.test/v1/tasks", headers)
+    with pytest.raises(Unauthorized):
+        _verify(req, body=body)
+
+
+@settings(max_examples=100, deadline=None)
+@given(params=st.dictionaries(st.sampled_from(["created", "keyid", "nonce", "tag", "alg",
+                                               "expires"]),
+                              st.one_of(st.integers(), st.text(max_size=20)), max_size=6))
+def test_arbitrary_parameters_never_crash(params: dict[str, object]) -> None:
+    rendered = ";".join(f"{k}={json.dumps(v)}" for k, v in params.items())
+    headers = {"signature-input": f'sig1=("@method");{rendered}', "signature": "sig1=:AAAA:"}
+    with pytest.raises(Unauthorized):
+        _verify(UnverifiedRequest("GET", "http://api.test/x", headers), body=b"",
+                now=time.time())
