@@ -1,0 +1,398 @@
+"""Offline verification of an audit log: the hash chain, every checkpoint, and the tail.
+
+`verify_log` reads the log once, front to back, keeping only the hashes of the entries not yet
+covered by a checkpoint. At the first anomaly it reads the file once more to tell what happened
+there (an entry altered, removed, inserted or moved) and raises `VerificationFailed` naming the
+entry. It needs the log, the checkpoint file and the audit key's exported public keys: no
+network, no OpenBao.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import PublicKeyError, VerificationFailed
+from ._format import (
+    CHECKPOINT_TYPE,
+    FORMAT_VERSION,
+    GENESIS_HASH,
+    AuditPaths,
+    CheckpointBody,
+    canonical,
+    entry_hash,
+    merkle_root,
+    parse_time,
+)
+from ._signing import PublicKeys, key_version
+
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What a successful verification established."""
+
+    log: Path
+    entries: int
+    checkpoints: int
+    signed_through: int  # the last seq covered by a verified checkpoint (0: none)
+    unsigned: int  # events after the last checkpoint: chained, not yet signed
+    key_fingerprints: Mapping[int, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        return {
+            "ok": True,
+            "log": str(self.log),
+            "entries": self.entries,
+            "checkpoints": self.checkpoints,
+            "signed_through": self.signed_through,
+            "unsigned": self.unsigned,
+            "key_fingerprints": {str(v): f for v, f in self.key_fingerprints.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One line of the log as parsed, before it is trusted."""
+
+    number: int
+    entry: dict[str, Any] | None
+    problem: str | None  # why the line is not a well-formed, self-consistent entry
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    @property
+    def seq(self) -> int | None:
+        seq = self.entry.get("seq") if self.entry else None
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+    @property
+    def hash(self) -> str | None:
+        return str(self.entry["hash"]) if self.ok and self.entry else None
+
+    @property
+    def prev(self) -> str | None:
+        return str(self.entry["prev_hash"]) if self.ok and self.entry else None
+
+
+def _parse_line(number: int, raw: bytes) -> _Line:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return _Line(number, None, "is not valid JSON")
+    if not isinstance(entry, dict):
+        return _Line(number, None, "is not a JSON object")
+    for name in ("v", "seq", "time", "type", "prev_hash", "hash"):
+        if name not in entry:
+            return _Line(number, entry, f"has no {name!r} field")
+    if entry["v"] != FORMAT_VERSION:
+        return _Line(number, entry, f"has an unknown format version {entry['v']!r}")
+    if not isinstance(entry["seq"], int) or isinstance(entry["seq"], bool) or entry["seq"] < 1:
+        return _Line(number, entry, "has no valid seq")
+    if not _is_hex64(entry["prev_hash"]) or not _is_hex64(entry["hash"]):
+        return _Line(number, entry, "has a malformed hash")
+    try:
+        parse_time(str(entry["time"]))
+    except ValueError:
+        return _Line(number, entry, "has a malformed time")
+    if entry["hash"] != entry_hash(entry):
+        return _Line(number, entry, "does not match its own hash (its content was changed)")
+    if canonical(entry) != raw:
+        # Same values, different bytes (spacing, key order, a duplicated key that a JSON parser
+        # silently collapses): a reader other than this one could see different content.
+        return _Line(number, entry, "is not in canonical form (its bytes were changed)")
+    return _Line(number, entry, None)
+
+
+def _is_hex64(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _snapshot(paths: AuditPaths, checkpoints: Path) -> tuple[int, bytes]:
+    """(log size, checkpoint file) read at one instant: under a shared lock when possible.
+
+    Writers append a log entry and its checkpoint line under one exclusive lock, so the pair is
+    consistent; afterwards the log's first `size` bytes never change while writers only append.
+    """
+    try:
+        fd = os.open(paths.log, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError:
+                pass  # A read-only copy elsewhere: nobody writes it.
+        size = os.fstat(fd).st_size if fd is not None else 0
+        try:
+            side = checkpoints.read_bytes()
+        except FileNotFoundError:
+            side = b""
+        return size, side
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lines(path: Path, size: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, bytes, complete) for the first `size` bytes of `path`."""
+    if size == 0:
+        return
+    with path.open("rb") as handle:
+        remaining = size
+        number = 0
+        carry = b""
+        while remaining > 0:
+            chunk = handle.read(min(1 << 20, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            *complete, carry = (carry + chunk).split(b"\n")
+            for raw in complete:
+                number += 1
+                yield number, raw, True
+        if carry:
+            yield number + 1, carry, False
+
+
+class _Walk:
+    """The state of the front-to-back walk."""
+
+    def __init__(self, path: Path, size: int, public_keys: PublicKeys | None) -> None:
+        self.path = path
+        self.size = size
+        self.public_keys = public_keys
+        self.expected = 1
+        self.prev_hash = GENESIS_HASH
+        self.last: _Line | None = None  # the last accepted line
+        self.last_prev_hash = GENESIS_HASH  # its prev_hash
+        self.checkpointed_to = 0
+        self.pending: list[str] = []  # hashes of entries checkpointed_to+1 .. expected-1
+        self.pending_events: list[bool] = []  # whether each of those is an event (not a checkpoint)
+        self.checkpoint_entries: dict[int, str] = {}  # seq -> hash
+        self.versions: set[int] = set()
+        self.warnings: list[str] = []
+
+    def run(self) -> None:
+        for number, raw, complete in _lines(self.path, self.size):
+            if not complete:
+                self.warnings.append(
+                    f"line {number} is incomplete (a write in progress or a crash) and was "
+                    "not checked"
+                )
+                break
+            line = _parse_line(number, raw)
+            if not line.ok or line.seq != self.expected or line.prev != self.prev_hash:
+                raise _classify(self, line)
+            assert line.entry is not None and line.hash is not None
+            is_checkpoint = line.entry["type"] == CHECKPOINT_TYPE
+            if is_checkpoint:
+                self._check_checkpoint(line)
+            self.pending.append(line.hash)
+            self.pending_events.append(not is_checkpoint)
+            self.last, self.last_prev_hash = line, self.prev_hash
+            self.expected, self.prev_hash = self.expected + 1, line.hash
+
+    def _check_checkpoint(self, line: _Line) -> None:
+        entry, seq = line.entry, line.seq
+        assert entry is not None and seq is not None
+        where = f"checkpoint seq {seq} (line {line.number})"
+        try:
+            body = CheckpointBody.from_entry(entry)
+            signature = str(entry["signature"])
+        except (KeyError, TypeError, ValueError):
+            raise VerificationFailed("altered", f"{where} lacks its checkpoint fields",
+                                     seq=seq, line=line.number) from None
+        covered = f"seq {body.from_seq}..{body.to_seq}"
+        _check_signature(self.public_keys, body, signature, entry.get("key_version"),
+                         f"{where} covering {covered}", seq=seq, line=line.number)
+        self.versions.add(key_version(signature))
+        if body.from_seq != self.checkpointed_to + 1 or not body.from_seq <= body.to_seq < seq:
+            raise VerificationFailed(
+                "forged",
+                f"{where} covers {covered}, but the previous checkpoint ended at seq "
+                f"{self.checkpointed_to}",
+                seq=seq, line=line.number,
+            )
+        hashes = self.pending[: body.to_seq - self.checkpointed_to]
+        if hashes[-1] != body.head_hash or merkle_root(hashes) != body.merkle_root:
+            raise VerificationFailed(
+                "altered",
+                f"entries {covered} no longer match the signed {where}: an entry in that range "
+                "was changed and the chain after it rehashed",
+                seq=body.from_seq, line=None,
+            )
+        self.pending = self.pending[len(hashes):]
+        self.pending_events = self.pending_events[len(hashes):]
+        self.checkpointed_to = body.to_seq
+        self.checkpoint_entries[seq] = str(entry["hash"])
+
+
+def _check_signature(public_keys: PublicKeys | None, body: CheckpointBody, signature: str,
+                     recorded_version: Any, where: str, *, seq: int | None,
+                     line: int | None) -> None:
+    if public_keys is None:
+        raise PublicKeyError(
+            f"{where} needs the audit key's public keys: pass --public-keys or export them"
+        )
+    try:
+        public_keys.check(body.message(), signature)
+        if recorded_version is not None and recorded_version != key_version(signature):
+            raise ValueError("its key_version does not match its signature")
+    except ValueError as exc:
+        raise VerificationFailed(
+            "forged", f"{where} does not verify: {exc}; the checkpoint is forged or altered",
+            seq=seq, line=line,
+        ) from None
+
+
+def _classify(walk: _Walk, line: _Line) -> VerificationFailed:
+    """Tell what happened at the first line that does not continue the chain."""
+    lines = [_parse_line(n, raw) for n, raw, complete in _lines(walk.path, walk.size) if complete]
+    i = line.number - 1
+    nxt = lines[i + 1] if i + 1 < len(lines) else None
+    expected, prev = walk.expected, walk.prev_hash
+
+    def is_next(candidate: _Line | None) -> bool:
+        return bool(candidate and candidate.ok and candidate.seq == expected
+                    and candidate.prev == prev)
+
+    here = f"line {line.number}"
+    if not line.ok:
+        if is_next(nxt):
+            return VerificationFailed(
+                "inserted", f"{here} {line.problem} and is not part of the chain (seq {expected} "
+                f"follows at line {line.number + 1})", seq=line.seq, line=line.number)
+        seq = line.seq if line.seq is not None else expected
+        return VerificationFailed("altered", f"entry seq {seq} ({here}) {line.problem}",
+                                  seq=seq, line=line.number)
+
+    copies = [c for c in lines if c.ok and c.number != line.number and c.hash == line.hash]
+    if copies:
+        return VerificationFailed(
+            "inserted", f"{here} is a copy of entry seq {line.seq} (line {copies[0].number})",
+            seq=line.seq, line=line.number)
+
+    last = walk.last
+    if last is not None and line.seq == expected - 1 and line.prev == walk.last_prev_hash:
+        # Two different entries claim the same seq and predecessor: one was inserted. The one
+        # the next entry chains to is genuine.
+        if nxt is not None and nxt.ok and nxt.prev == line.hash:
+            return VerificationFailed(
+                "inserted", f"line {last.number} (seq {last.seq}) is not part of the chain: "
+                f"seq {nxt.seq} (line {nxt.number}) follows the seq {line.seq} at {here}",
+                seq=last.seq, line=last.number)
+        return VerificationFailed(
+            "inserted", f"{here} is a second entry for seq {line.seq} (line {last.number}) and "
+            "is not part of the chain", seq=line.seq, line=line.number)
+
+    later = next((c for c in lines[i + 1:] if is_next(c)), None)
+    if later is not None:
+        assert line.seq is not None
+        belongs_elsewhere = line.seq > expected and any(
+            c.ok and c.seq == line.seq - 1 and c.hash == line.prev for c in lines)
+        if belongs_elsewhere:
+            return VerificationFailed(
+                "reordered", f"entry seq {expected} is at line {later.number}, after entry seq "
+                f"{line.seq} at {here}", seq=expected, line=later.number)
+        return VerificationFailed(
+            "inserted", f"{here} (claiming seq {line.seq}) is not part of the chain: seq "
+            f"{expected} follows at line {later.number}", seq=line.seq, line=line.number)
+
+    assert line.seq is not None
+    if line.seq > expected:
+        if line.prev == prev:
+            return VerificationFailed(
+                "altered", f"entry at {here} claims seq {line.seq} but follows seq "
+                f"{expected - 1}: its seq was changed", seq=line.seq, line=line.number)
+        gap = f"seq {expected}" if line.seq == expected + 1 else \
+            f"seq {expected}..{line.seq - 1}"
+        return VerificationFailed(
+            "removed", f"entry {gap} is missing: {here} holds seq {line.seq} after seq "
+            f"{expected - 1}", seq=expected, line=line.number)
+    if line.seq == expected and last is not None and nxt is not None and nxt.ok \
+            and nxt.prev == line.hash and nxt.seq == expected + 1:
+        return VerificationFailed(
+            "altered", f"entry seq {last.seq} (line {last.number}) was changed and rehashed: "
+            f"seq {expected} ({here}) does not chain to it", seq=last.seq, line=last.number)
+    if line.seq == expected:
+        return VerificationFailed(
+            "altered", f"entry seq {expected} ({here}) does not chain to seq {expected - 1}: "
+            "its prev_hash was changed", seq=expected, line=line.number)
+    return VerificationFailed(
+        "inserted", f"{here} claims seq {line.seq}, already in the chain, and is not part of it",
+        seq=line.seq, line=line.number)
+
+
+def _check_checkpoint_file(walk: _Walk, side: bytes, checkpoints: Path) -> None:
+    """Every line of the checkpoint file matches a checkpoint in the log, and none is beyond
+    its end (which would mean the log's tail was cut)."""
+    last_seq = walk.expected - 1
+    seen: set[int] = set()
+    for number, raw in enumerate(side.split(b"\n"), 1):
+        if not raw:
+            continue
+        where = f"line {number} of {checkpoints.name}"
+        try:
+            record = json.loads(raw)
+            seq, digest = int(record["seq"]), str(record["hash"])
+            body = CheckpointBody.from_entry(record)
+            signature = str(record["signature"])
+        except (ValueError, KeyError, TypeError):
+            raise VerificationFailed("altered", f"{where} is not a checkpoint record") from None
+        if seq <= last_seq:
+            if walk.checkpoint_entries.get(seq) != digest:
+                raise VerificationFailed(
+                    "altered", f"{where} records checkpoint seq {seq}, which the log does not "
+                    "hold: the checkpoint or the log was altered", seq=seq)
+            seen.add(seq)
+            continue
+        _check_signature(walk.public_keys, body, signature, record.get("key_version"), where,
+                         seq=seq, line=None)
+        if body.to_seq > last_seq:
+            message = f"log ends at seq {last_seq} but checkpoint covers up to seq {body.to_seq}"
+        else:
+            message = (f"log ends at seq {last_seq} but the checkpoint entry seq {seq} (covering "
+                       f"up to seq {body.to_seq}) was written after it")
+        raise VerificationFailed("truncated", message, seq=last_seq + 1)
+    missing = sorted(set(walk.checkpoint_entries) - seen)
+    if missing:
+        walk.warnings.append(
+            f"{checkpoints.name} lacks checkpoint(s) seq {', '.join(map(str, missing))} (the next "
+            "writer adds a checkpoint lost in a crash)")
+
+
+def verify_log(log: Path, public_keys: PublicKeys | None, *,
+               checkpoints: Path | None = None) -> VerifyReport:
+    """Verify the chain, every checkpoint and the checkpoint file; raise at the first problem.
+
+    Raises `VerificationFailed` (naming the first entry altered, removed, inserted or
+    reordered, a forged checkpoint, or a tail cut before the last checkpoint) and
+    `PublicKeyError` when a checkpoint must be checked and `public_keys` is None.
+    """
+    paths = AuditPaths(Path(log))
+    side_path = checkpoints or paths.checkpoints
+    size, side = _snapshot(paths, side_path)
+    walk = _Walk(paths.log, size, public_keys)
+    walk.run()
+    _check_checkpoint_file(walk, side, side_path)
+    if walk.checkpoint_entries and not side.strip():
+        walk.warnings.append(f"{side_path.name} is empty: a cut tail would go unnoticed")
+    fingerprints = (
+        {v: public_keys.fingerprint(v) for v in sorted(walk.versions)} if public_keys else {}
+    )
+    return VerifyReport(paths.log, walk.expected - 1, len(walk.checkpoint_entries),
+                        walk.checkpointed_to, sum(walk.pending_events), fingerprints,
+                        tuple(walk.warnings))

@@ -1,0 +1,648 @@
+"""The audit-log writer: one hash chain in one file, appended by many processes at once.
+
+Design. The log file is the only source of truth and every writer process follows it:
+
+- Mutual exclusion: `flock(LOCK_EX)` on the log's own file descriptor (one open file description
+  per process, reopened after a fork) plus a thread lock inside the process. A writer holds the
+  lock from reading the head to the end of its fsync, so every `seq` is taken exactly once.
+- The head (last seq and hash) is not kept in a sidecar that could disagree with the log: under
+  the lock each writer `fstat`s the log and reads whatever other processes appended since its own
+  last look (usually one or two lines), checking that each chains on. Nothing else is read on the
+  hot path, and a writer that finds the log shrunk, replaced or not chaining refuses to write
+  (`AuditLogCorrupt`): the service fails closed rather than appending to a log it cannot vouch for.
+- One `write()` of one line on an `O_APPEND` descriptor, then `fdatasync`, before the lock is
+  released: an entry that `record()` returned is on disk. A line torn by a crash (no newline at
+  the end) is cut off by the next writer, which records the cut (`audit.recovered`, with the
+  fragment's SHA-256) so that the repair itself is on the record.
+- Checkpoints: when `checkpoint_every` entries or `checkpoint_interval` seconds are pending, one
+  process (whoever takes a non-blocking lock on `audit.checkpoint.lock`) snapshots the range under
+  the log lock, asks the signer (OpenBao transit) for a signature *outside* it, and appends the
+  checkpoint entry under the lock again. Writers never wait for OpenBao; when signing fails, the
+  entries stay written, a `checkpoint.failed` entry says so once, and the checkpoint is retried
+  with backoff.
+- Every checkpoint is also appended to `audit.checkpoints.jsonl`, whose last line doubles as the
+  start-up hint (the byte offset of the first entry not yet signed) so that opening a long log
+  reads only its unsigned tail.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import AuditError, AuditFieldError, AuditLogCorrupt, AuditUnavailable
+from ._events import INTERNAL_TYPES, AuditEvent, EventType, identifier, make_event
+from ._format import (
+    CHECKPOINT_TYPE,
+    FORMAT_VERSION,
+    GENESIS_HASH,
+    AuditPaths,
+    CheckpointBody,
+    canonical,
+    encode_entry,
+    entry_hash,
+    format_time,
+    merkle_root,
+    parse_time,
+)
+from ._signing import Signer, key_version
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_CHECKPOINT_INTERVAL = 60.0
+_READ_CHUNK = 1 << 20
+_MAX_RETRY_DELAY = 60.0
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What `record()` wrote: the entry's sequence number, hash and time."""
+
+    seq: int
+    hash: str
+    time: str
+
+
+@dataclass
+class _Pending:
+    """An entry not yet covered by a checkpoint."""
+
+    seq: int
+    hash: str
+    offset: int
+    counts: bool  # checkpoint entries alone never make another checkpoint due
+    epoch: float
+
+
+@dataclass
+class _Tail:
+    """This process's view of the end of the log, refreshed under the lock."""
+
+    ino: tuple[int, int]
+    size: int = 0
+    seq: int = 0
+    head: str = GENESIS_HASH
+    checkpointed_to: int = 0
+    pending: list[_Pending] = field(default_factory=list)
+    counting: int = 0
+    first_counting: float | None = None
+
+    def add(self, item: _Pending) -> None:
+        self.pending.append(item)
+        if item.counts:
+            self.counting += 1
+            if self.first_counting is None:
+                self.first_counting = item.epoch
+
+    def covered(self, to_seq: int) -> None:
+        """Entries up to `to_seq` are now in a checkpoint."""
+        self.checkpointed_to = to_seq
+        self.pending = [p for p in self.pending if p.seq > to_seq]
+        counting = [p for p in self.pending if p.counts]
+        self.counting = len(counting)
+        self.first_counting = counting[0].epoch if counting else None
+
+
+class AuditLog:
+    """The tamper-evident audit log, safe to share between threads and processes on one host.
+
+    Open it once per process with `AuditLog.open(path, signer, source="api")`, then call
+    `record(EventType.X, **fields)` for every event. `record` returns only once the entry is on
+    disk, and raises `AuditUnavailable` (a 503) when it cannot be; it raises `AuditFieldError` for
+    a field outside the event's whitelist.
+    """
+
+    def __init__(self, paths: AuditPaths, signer: Signer | None, *, source: str,
+                 checkpoint_every: int, checkpoint_interval: float,
+                 clock: Callable[[], float], durable: bool, auto_checkpoint: bool) -> None:
+        if checkpoint_every < 1 or checkpoint_interval <= 0:
+            raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval > 0")
+        self.paths = paths
+        self._signer = signer
+        self._source = identifier("source", source)
+        self._every = checkpoint_every
+        self._interval = checkpoint_interval
+        self._clock = clock
+        self._durable = durable
+        self._auto = auto_checkpoint
+        self._closed = False
+        self._retry_at = 0.0
+        self._retry_delay = 1.0
+        self._signing_down = False
+        self._side_last_seq: int | None = None
+        self._timer: tuple[threading.Event, threading.Thread] | None = None
+        self._reset_process_state()
+        self._open_files()
+        ref = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(ref))
+
+    @classmethod
+    def open(cls, path: Path | str, signer: Signer | None = None, *, source: str = "appliance",
+             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+             checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+             clock: Callable[[], float] = time.time, durable: bool = True,
+             auto_checkpoint: bool = True) -> AuditLog:
+        """Open (creating if needed) the log at `path` and check that its tail chains.
+
+        `signer` signs checkpoints (`TransitSigner` in services); without one, entries are
+        written but never checkpointed. `source` names the writing service in each entry.
+        `auto_checkpoint=False` leaves checkpoints to `maybe_checkpoint()` (e.g. from a timer
+        thread), so that `record()` never waits for the signer.
+        """
+        log = cls(AuditPaths(Path(path)), signer, source=source,
+                  checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
+                  clock=clock, durable=durable, auto_checkpoint=auto_checkpoint)
+        try:
+            with log._guard():
+                pass
+        except BaseException:
+            log._close_files()
+            raise
+        return log
+
+    # ---- public operations -------------------------------------------------------------------
+
+    def record(self, event_type: EventType | str, /, **fields: Any) -> AuditRecord:
+        """Validate and append one event; see `make_event` for the plaintext-taking keywords."""
+        return self.append(make_event(event_type, **fields))
+
+    def append(self, event: AuditEvent) -> AuditRecord:
+        """Append an already validated event."""
+        if event.type in INTERNAL_TYPES:
+            raise AuditFieldError(f"{event.type} entries are written by the audit log itself")
+        fields = dict(event.fields)
+        for name, digest in event.blind.items():
+            fields[name] = self._keyed_digest(name, digest)
+        with self._guard():
+            written = self._append_locked(event.type, fields)
+            due = self._due(self._clock())
+        if due and self._auto:
+            try:
+                self._try_checkpoint(force=False)
+            except AuditError as exc:
+                # The entry is written; the next record() meets the same error, if it lasts.
+                logger.warning("audit checkpoint skipped: %s", exc)
+        return written
+
+    def maybe_checkpoint(self, *, force: bool = False) -> AuditRecord | None:
+        """Write a checkpoint if one is due (or, with `force`, if any entry is unsigned).
+
+        Returns the checkpoint entry, or None when none was due, another process is signing a
+        due one (without `force`; with it, this waits its turn), or the signer failed (the
+        entries stay written; the checkpoint is retried later).
+        """
+        return self._try_checkpoint(force=force)
+
+    def start_checkpoint_timer(self, period: float = 10.0) -> threading.Thread:
+        """Check every `period` seconds, in a daemon thread, whether a checkpoint is due by time.
+
+        Without it, the interval is only checked when an event is recorded, so the last events
+        before a quiet spell stay unsigned until the next one. `close()` stops the thread. Start
+        it in the process that records (after any fork: threads do not survive one).
+        """
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(period):
+                try:
+                    self.maybe_checkpoint()
+                except AuditError as exc:
+                    logger.warning("audit checkpoint timer: %s", exc)
+
+        thread = threading.Thread(target=run, name="audit-checkpoints", daemon=True)
+        self._timer = (stop, thread)
+        thread.start()
+        return thread
+
+    def close(self, *, final_checkpoint: bool = True) -> None:
+        """Sign what is pending (best effort) and close the files."""
+        if self._closed:
+            return
+        if self._timer is not None:
+            stop, thread = self._timer
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join(timeout=30)
+        if final_checkpoint:
+            try:
+                self._try_checkpoint(force=True)
+            except AuditError as exc:
+                logger.warning("final audit checkpoint failed: %s", exc)
+        self._closed = True
+        self._close_files()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- files, locks and forks --------------------------------------------------------------
+
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._thread_lock = threading.Lock()
+        self._checkpoint_thread_lock = threading.Lock()
+        self._tail: _Tail | None = None
+        self._stale = False
+
+    def _open_files(self) -> None:
+        directory = self.paths.log.parent
+        created = not directory.exists()
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd = os.open(self.paths.log, flags, 0o600)
+            self._side_fd = os.open(self.paths.checkpoints, flags, 0o600)
+            self._lock_fd = os.open(self.paths.checkpoint_lock, flags, 0o600)
+            self._digest_key = _digest_key(self.paths.digest_key)
+            if created:
+                _fsync_dir(directory.parent)
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot open the audit log {self.paths.log}: {exc}") from exc
+
+    def _close_files(self) -> None:
+        for name in ("_fd", "_side_fd", "_lock_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # Already closed: nothing left to release.
+                setattr(self, name, None)
+
+    def _after_fork_in_child(self) -> None:
+        # The child shares the parent's open file descriptions, and flock() locks belong to the
+        # description: without new ones, parent and child would both "hold" the lock. Locks that
+        # another thread held at the fork would never be released in the child either.
+        self._reset_process_state()
+        self._timer = None  # threads do not survive a fork
+        self._pid = -1  # reopen lazily, outside the fork handler
+
+    @contextmanager
+    def _guard(self) -> Iterator[_Tail]:
+        """Thread lock, then the log's flock, then a fresh tail: the critical section."""
+        with self._thread_lock:
+            if self._closed:
+                raise AuditError("the audit log is closed")
+            if self._pid != os.getpid():
+                # First use in a forked child: new open file descriptions, tail read afresh.
+                self._close_files()
+                self._pid, self._tail, self._stale = os.getpid(), None, False
+                self._open_files()
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise AuditUnavailable(f"cannot lock the audit log: {exc}") from exc
+            try:
+                tail = self._sync()
+                yield tail
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    # ---- reading the tail ----------------------------------------------------------------------
+
+    def _sync(self) -> _Tail:
+        """Bring this process's tail up to date with what others appended; raise if it breaks."""
+        try:
+            fd_stat = os.fstat(self._fd)
+            try:
+                path_stat = os.stat(self.paths.log)
+            except FileNotFoundError:
+                raise AuditLogCorrupt(f"the audit log {self.paths.log} was removed") from None
+            ino = (fd_stat.st_dev, fd_stat.st_ino)
+            if (path_stat.st_dev, path_stat.st_ino) != ino:
+                raise AuditLogCorrupt(f"the audit log {self.paths.log} was replaced")
+            size, fragment = self._cut_torn_tail(self._fd, fd_stat.st_size)
+            self._cut_torn_tail(self._side_fd, os.fstat(self._side_fd).st_size)
+            if self._tail is None or self._stale or self._tail.ino != ino:
+                self._stale = False
+                self._tail = self._load(ino, size)
+            tail = self._tail
+            if size < tail.size:
+                raise AuditLogCorrupt(
+                    f"the audit log {self.paths.log} shrank from {tail.size} to {size} bytes"
+                )
+            if size > tail.size:
+                self._absorb(tail, tail.size, size)
+            if fragment is not None:
+                self._append_locked(EventType.LOG_RECOVERED, {
+                    "code": "torn_tail",
+                    "fragment_sha256": hashlib.sha256(fragment).hexdigest(),
+                    "fragment_bytes": len(fragment),
+                })
+            return tail
+        except OSError as exc:
+            self._tail = None
+            raise AuditUnavailable(f"cannot read the audit log {self.paths.log}: {exc}") from exc
+        except AuditError:
+            self._tail = None
+            raise
+
+    def _cut_torn_tail(self, fd: int, size: int) -> tuple[int, bytes | None]:
+        """Cut a last line without its newline (a crash mid-write); return (size, fragment).
+
+        Every cooperating writer appends whole lines under the lock, so a fragment seen under the
+        lock is never a write in progress.
+        """
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size, None
+        start = size
+        while start > 0:
+            begin = max(0, start - 4096)
+            newline = os.pread(fd, start - begin, begin).rfind(b"\n")
+            if newline >= 0:
+                start = begin + newline + 1
+                break
+            start = begin
+        fragment = os.pread(fd, size - start, start)
+        os.ftruncate(fd, start)
+        os.fdatasync(fd)
+        logger.warning("audit: cut a torn last line of %d bytes (a crash mid-write)",
+                       len(fragment))
+        return start, fragment
+
+    def _load(self, ino: tuple[int, int], size: int) -> _Tail:
+        """The tail of the whole log: from the last checkpoint's hint, else from the start."""
+        hint = self._last_side_line()
+        if hint is not None:
+            try:
+                tail = _Tail(ino, size=int(hint["resume_offset"]), seq=int(hint["to_seq"]),
+                             head=str(hint["head_hash"]), checkpointed_to=int(hint["to_seq"]))
+                if tail.size <= size:
+                    self._absorb(tail, tail.size, size)
+                    if tail.seq >= int(hint["seq"]):
+                        return tail
+            except (AuditLogCorrupt, KeyError, TypeError, ValueError):
+                pass  # A stale or bad hint: read the whole log instead.
+        tail = _Tail(ino)
+        self._absorb(tail, 0, size)
+        if hint is not None and tail.seq < int(hint.get("seq", 0)):
+            raise AuditLogCorrupt(
+                f"the audit log ends at seq {tail.seq} but a checkpoint was written at seq "
+                f"{hint.get('seq')}: it was truncated"
+            )
+        return tail
+
+    def _absorb(self, tail: _Tail, start: int, end: int) -> None:
+        """Read the complete lines in [start, end) and chain them onto `tail`."""
+        offset, carry = start, b""
+        while offset < end:
+            chunk = os.pread(self._fd, min(_READ_CHUNK, end - offset), offset)
+            if not chunk:
+                raise AuditLogCorrupt(f"the audit log {self.paths.log} shrank while reading")
+            line_start = offset - len(carry)
+            offset += len(chunk)
+            *lines, carry = (carry + chunk).split(b"\n")
+            for raw in lines:
+                self._absorb_line(tail, raw, line_start)
+                line_start += len(raw) + 1
+        if carry:
+            raise AuditLogCorrupt(f"the audit log {self.paths.log} ends mid-line")
+        tail.size = end
+
+    def _absorb_line(self, tail: _Tail, raw: bytes, offset: int) -> None:
+        try:
+            entry = json.loads(raw)
+            seq, prev, claimed = entry["seq"], entry["prev_hash"], entry["hash"]
+            epoch = parse_time(entry["time"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            raise AuditLogCorrupt(
+                f"the line at byte {offset} of {self.paths.log} is not an audit entry"
+            ) from None
+        if seq != tail.seq + 1 or prev != tail.head or claimed != entry_hash(entry):
+            raise AuditLogCorrupt(
+                f"the entry at byte {offset} of {self.paths.log} does not chain to seq "
+                f"{tail.seq}: run `appliance audit verify`"
+            )
+        tail.seq, tail.head = seq, claimed
+        is_checkpoint = entry.get("type") == CHECKPOINT_TYPE
+        tail.add(_Pending(seq, claimed, offset, not is_checkpoint, epoch))
+        tail.size = offset + len(raw) + 1
+        if is_checkpoint:
+            self._on_checkpoint_entry(tail, entry, offset)
+
+    # ---- appending ---------------------------------------------------------------------------
+
+    def _append_locked(self, kind: EventType, fields: dict[str, Any]) -> AuditRecord:
+        """Append one entry; the caller holds the lock and has synced the tail."""
+        tail = self._tail
+        assert tail is not None
+        now = self._clock()
+        entry: dict[str, Any] = {
+            **fields,
+            "v": FORMAT_VERSION,
+            "seq": tail.seq + 1,
+            "time": format_time(now),
+            "type": str(kind),
+            "source": self._source,
+            "pid": os.getpid(),
+            "prev_hash": tail.head,
+        }
+        entry["hash"] = entry_hash(entry)
+        line = encode_entry(entry)
+        offset = tail.size
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(errno.EIO, f"short write ({written} of {len(line)} bytes)")
+            if self._durable:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            self._tail = None  # read everything again before the next append
+            raise AuditUnavailable(
+                f"cannot write the audit log {self.paths.log}: {exc.strerror or exc}"
+            ) from exc
+        tail.seq, tail.head, tail.size = entry["seq"], entry["hash"], offset + written
+        is_checkpoint = kind == EventType.CHECKPOINT
+        tail.add(_Pending(tail.seq, tail.head, offset, not is_checkpoint, now))
+        if is_checkpoint:
+            self._on_checkpoint_entry(tail, entry, offset)
+        return AuditRecord(entry["seq"], entry["hash"], entry["time"])
+
+    def _keyed_digest(self, name: str, digest: bytes) -> str:
+        # Keyed, so that a reader of the log cannot confirm a guessed argument or result.
+        keyed = hmac.new(self._digest_key, name.encode() + b"\0" + digest, hashlib.sha256)
+        return keyed.hexdigest()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _due(self, now: float) -> bool:
+        tail = self._tail
+        if tail is None or tail.counting == 0:
+            return False
+        assert tail.first_counting is not None
+        return tail.counting >= self._every or now - tail.first_counting >= self._interval
+
+    def _try_checkpoint(self, *, force: bool) -> AuditRecord | None:
+        if self._signer is None or self._closed:
+            return None
+        if not force and self._clock() < self._retry_at:
+            return None
+        # A due checkpoint is skipped while another thread or process signs (it will sign what
+        # is due). A forced one (close, an explicit call) waits its turn, so that nothing
+        # written before it stays unsigned.
+        if not self._checkpoint_thread_lock.acquire(blocking=force):
+            return None
+        try:
+            return self._checkpoint_once(force)
+        finally:
+            self._checkpoint_thread_lock.release()
+
+    def _checkpoint_once(self, force: bool) -> AuditRecord | None:
+        assert self._signer is not None
+        with self._guard() as tail:
+            if not (self._due(self._clock()) or (force and tail.counting > 0)):
+                return None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX if force else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # another process is signing this range
+        try:
+            with self._guard() as tail:
+                if not (self._due(self._clock()) or (force and tail.counting > 0)):
+                    return None  # it was signed while we waited for the lock
+                body = CheckpointBody(
+                    from_seq=tail.checkpointed_to + 1,
+                    to_seq=tail.seq,
+                    head_hash=tail.head,
+                    merkle_root=merkle_root([p.hash for p in tail.pending]),
+                    signed_at=format_time(self._clock()),
+                )
+            # Outside the log lock: writers never wait for OpenBao.
+            try:
+                signature = self._signer.sign(body.message())
+                version = key_version(signature)
+            except Exception as exc:  # noqa: BLE001 - any signer failure must cost no entry
+                self._signing_failed(body, exc)
+                return None
+            self._signing_recovered()
+            checkpoint = make_event(
+                EventType.CHECKPOINT, internal=True, from_seq=body.from_seq,
+                to_seq=body.to_seq, head_hash=body.head_hash, merkle_root=body.merkle_root,
+                signed_at=body.signed_at, signature=signature, key_version=version,
+            )
+            with self._guard() as tail:
+                if tail.checkpointed_to != body.from_seq - 1:
+                    return None  # signed by someone else meanwhile
+                return self._append_locked(EventType.CHECKPOINT, dict(checkpoint.fields))
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _signing_failed(self, body: CheckpointBody, exc: Exception) -> None:
+        self._retry_at = self._clock() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
+        logger.warning("audit checkpoint of seq %d..%d not signed (%s); retrying in %.0f s",
+                       body.from_seq, body.to_seq, type(exc).__name__, self._retry_delay)
+        if self._signing_down:
+            return
+        self._signing_down = True
+        code = getattr(exc, "code", None)
+        try:
+            event = make_event(EventType.CHECKPOINT_FAILED, internal=True,
+                               code=code if isinstance(code, str) else "signing_failed",
+                               from_seq=body.from_seq, to_seq=body.to_seq)
+        except AuditFieldError:
+            event = make_event(EventType.CHECKPOINT_FAILED, internal=True, code="signing_failed",
+                               from_seq=body.from_seq, to_seq=body.to_seq)
+        with self._guard():
+            self._append_locked(event.type, dict(event.fields))
+
+    def _signing_recovered(self) -> None:
+        self._signing_down = False
+        self._retry_delay = 1.0
+        self._retry_at = 0.0
+
+    def _on_checkpoint_entry(self, tail: _Tail, entry: dict[str, Any], offset: int) -> None:
+        """A checkpoint entry is in the log: mark its range signed and make sure the checkpoint
+        file has it (a crash between the two writes leaves it missing: repair that here)."""
+        tail.covered(int(entry["to_seq"]))
+        if self._side_last_seq is None or entry["seq"] > self._side_last_seq:
+            last = self._last_side_line()
+            self._side_last_seq = int(last["seq"]) if last else 0
+        if entry["seq"] <= self._side_last_seq:
+            return
+        line = {k: entry[k] for k in ("seq", "hash", "time", "from_seq", "to_seq", "head_hash",
+                                      "merkle_root", "signed_at", "signature", "key_version")}
+        line["offset"] = offset
+        line["resume_offset"] = tail.pending[0].offset
+        try:
+            os.write(self._side_fd, canonical(line) + b"\n")
+            if self._durable:
+                os.fdatasync(self._side_fd)
+        except OSError as exc:
+            # The checkpoint is in the log; reloading the log (next time) repairs the file.
+            self._stale = True
+            logger.warning("cannot write the audit checkpoint file: %s", exc)
+            return
+        self._side_last_seq = int(entry["seq"])
+
+    def _last_side_line(self) -> dict[str, Any] | None:
+        """The last line of the checkpoint file (complete: torn tails are cut), or None."""
+        size = os.fstat(self._side_fd).st_size
+        if size == 0:
+            return None
+        begin = max(0, size - 64 * 1024)
+        lines = os.pread(self._side_fd, size - begin, begin).rstrip(b"\n").split(b"\n")
+        try:
+            value = json.loads(lines[-1])
+            int(value["seq"])
+        except (ValueError, KeyError, TypeError):
+            raise AuditLogCorrupt(
+                f"the last line of {self.paths.checkpoints} is not a checkpoint: "
+                "run `appliance audit verify`"
+            ) from None
+        return dict(value)
+
+
+def _call_if_alive(ref: weakref.WeakMethod[Callable[[], None]]) -> None:
+    method = ref()
+    if method is not None:
+        method()
+
+
+def _digest_key(path: Path) -> bytes:
+    """The log's local digest key: created once (0600, complete before it is visible), then read
+    by every writer."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process won the race: use its key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise OSError(errno.EINVAL, f"{path} is not a 32-byte key")
+    return key
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
