@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import stack
 from ._stack import StackError
+from .audit import audit_cli
 from .errors import ApplianceError
 from .signatures import sign_request
 
@@ -168,6 +169,9 @@ def keys_rotate(ctx: click.Context, names: tuple[str, ...],
     st = _require_stack(ctx)
     token_file = _state(ctx) / "secrets" / "bao-root.token"
     transit = Transit(VaultSession.from_token_file(st["vault_addr"], token_file))
+    from .audit import AuditLog, EventType, TransitSigner
+
+    audit = AuditLog.open(st["audit_log"], TransitSigner(transit), source="operator")
     try:
         for name in names:
             if min_decryption_version is None:
@@ -175,9 +179,17 @@ def keys_rotate(ctx: click.Context, names: tuple[str, ...],
                 click.echo(f"{name}: now at version {version}")
             else:
                 transit.set_min_decryption_version(name, min_decryption_version)
+                version = min_decryption_version
                 click.echo(f"{name}: versions below {min_decryption_version} retired")
+            audit.record(EventType.KEY_ROTATED, key_name=name, key_version=version,
+                         actor="operator")
+            if name == "audit":
+                stack.export_audit_keys(_state(ctx), st["vault_addr"],
+                                        token_file.read_text().strip())
     except ApplianceError as exc:
         _fail(exc.detail, 1)
+    finally:
+        audit.close()
 
 
 def _require_stack(ctx: click.Context) -> dict[str, Any]:
@@ -300,6 +312,9 @@ def result(ctx: click.Context, key: str, key_id: str | None, private_key: str | 
     if wait:
         sys.exit(_print_response(_wait_for(client, key)))
     sys.exit(_print_response(client.request("GET", "/get-result", params={"key": key})))
+
+
+main.add_command(audit_cli, "audit")
 
 
 if __name__ == "__main__":

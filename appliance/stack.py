@@ -185,6 +185,7 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
             _stack.stop_by_pid_file(_pid_file(state, name))
     _stack.bootstrap(bao)
     (state / "audit").mkdir(exist_ok=True, mode=0o700)
+    export_audit_keys(state, bao.addr, bao.root_token)
     flower_pass = state / "secrets" / "flower.pass"
     if not flower_pass.is_file():
         _stack.write_private(flower_pass, secrets.token_urlsafe(24).encode())
@@ -193,6 +194,15 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
         _start_service(state, name, ports, pki, bao)
     _wait_ready(state, ports, wait_ready)
     return status(state)
+
+
+def export_audit_keys(state: Path, addr: str, token: str) -> None:
+    """Write the audit key's public keys beside the log, so `audit verify` works offline."""
+    from .audit import AuditPaths, TransitSigner, export_public_keys
+    from .vault import Transit
+
+    signer = TransitSigner(Transit(VaultSession(addr, token)))
+    export_public_keys(signer, AuditPaths(audit_log(state)).public_keys)
 
 
 def _wait_ready(state: Path, ports: Ports, timeout: float) -> None:

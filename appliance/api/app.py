@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sandbox
 
+from ..audit import AuditError, AuditLog, AuditSink, EventType, TransitSigner
 from ..errors import (
     ApplianceError,
     BadRequest,
@@ -89,6 +91,7 @@ class Services:
     celery: Celery
     vault: VaultSession
     policy: sandbox.Policy
+    audit: AuditSink
     clock: Callable[[], float] = time.time
 
     @classmethod
@@ -101,15 +104,20 @@ class Services:
             settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
         )
         client = connect(settings)
+        transit = Transit(session, settings.transit_mount)
+        assert settings.audit_log is not None
+        audit = AuditLog.open(settings.audit_log, TransitSigner(transit), source="api")
+        audit.start_checkpoint_timer()
         return cls(
             settings=settings,
             registry=Registry(session, settings.kv_mount),
-            transit=Transit(session, settings.transit_mount),
+            transit=transit,
             store=ResultStore(client, settings.result_prefix, settings.result_ttl_seconds),
             nonces=RedisNonces(client),
             celery=make_celery(settings, "appliance-api"),
             vault=session,
             policy=sandbox.Policy.load(),
+            audit=audit,
         )
 
 
@@ -140,6 +148,7 @@ def authenticate(services: Services, request: Request, body: bytes) -> Client:
     client = services.registry.get(keyid)
     if client is None:  # Disabled between the key lookup and now.
         raise Forbidden("client is disabled", code="client_disabled")
+    request.state.client = client.keyid
     return client
 
 
@@ -223,6 +232,11 @@ def enqueue(services: Services, client: Client, spec: dict[str, Any]) -> dict[st
         )
     except Exception as exc:  # kombu raises many types; the job was not accepted.
         raise DependencyUnavailable("the broker is unreachable") from exc
+    services.audit.record(
+        EventType.SUBMISSION_ACCEPTED, client=client.keyid, function=spec["function"],
+        task_id=task_id, result_key=result_key, module_source=spec["module"],
+        args=spec["args"], kwargs=spec["kwargs"],
+    )
     return {"task_id": task_id, "result_key": result_key, "status": "queued"}
 
 
@@ -243,6 +257,8 @@ def read_result(
     except SealBroken as exc:
         raise NotFound("the result cannot be opened", code="result_unavailable") from exc
     expires_at = services.clock() + stored.ttl_ms / 1000
+    services.audit.record(EventType.RESULT_READ, client=client.keyid, result_key=key,
+                          status=body["status"], http_status=200)
     return 200, {
         "key": key,
         "status": body["status"],
@@ -282,6 +298,8 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
 
     @app.exception_handler(ApplianceError)
     async def _appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
+        if 400 <= exc.status < 500:
+            await run_in_threadpool(_audit_refusal, request, exc)
         headers = None
         if getattr(exc, "retry_after", None):
             headers = {"Retry-After": str(exc.retry_after)}  # type: ignore[attr-defined]
@@ -333,6 +351,25 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
                             headers=None if ready else {"Retry-After": "5"})
 
     return app
+
+
+def _audit_refusal(request: Request, exc: ApplianceError) -> None:
+    """One audit entry per refused request: who (if known), what and why; never the body."""
+    svc: Services | None = getattr(request.app.state, "services", None)
+    if svc is None:
+        return
+    client = getattr(request.state, "client", None)
+    common: dict[str, Any] = {"code": exc.code, "http_status": exc.status}
+    try:
+        if exc.status == 401:
+            svc.audit.record(EventType.AUTH_FAILED, **common)
+        elif exc.status == 403 and client is not None:
+            svc.audit.record(EventType.POLICY_DENIED, client=client, **common)
+        else:
+            svc.audit.record(EventType.SUBMISSION_REJECTED,
+                             **({"client": client} if client else {}), **common)
+    except AuditError:
+        logging.getLogger("appliance.api").warning("could not audit a refused request")
 
 
 def readiness(svc: Services) -> dict[str, bool]:

@@ -19,6 +19,7 @@ from celery import Task, signals
 
 import sandbox
 
+from ..audit import AuditLog, AuditSink, EventType, TransitSigner
 from ..errors import DependencyUnavailable, NotFound, SealBroken
 from ..jobs import JobMessage, MessageRejected, open_job, seal_result, verify_message
 from ..redis_conn import connect
@@ -43,6 +44,7 @@ class Runtime:
     sandboxes: SandboxPool
     transit: Transit
     store: ResultStore
+    audit: AuditSink
 
 
 _runtime: Runtime | None = None
@@ -57,7 +59,11 @@ def build_runtime(settings: Settings, concurrency: int) -> Runtime:
         settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
     )
     store = ResultStore(connect(settings), settings.result_prefix, settings.result_ttl_seconds)
-    return Runtime(settings, pool, Transit(session, settings.transit_mount), store)
+    transit = Transit(session, settings.transit_mount)
+    assert settings.audit_log is not None
+    audit = AuditLog.open(settings.audit_log, TransitSigner(transit), source="worker")
+    audit.start_checkpoint_timer()
+    return Runtime(settings, pool, transit, store, audit)
 
 
 def runtime() -> Runtime:
@@ -133,13 +139,29 @@ def execute(rt: Runtime, message: JobMessage) -> str:
     try:
         spec = open_job(rt.transit, message)
     except SealBroken:
+        spec = None
         body = _failure("rejected", "the job could not be opened")
     else:
+        rt.audit.record(
+            EventType.EXECUTION_STARTED, task_id=message.task_id, function=spec["function"],
+            client=message.client, result_key=message.result_key, module_source=spec["module"],
+            args=spec.get("args", []), kwargs=spec.get("kwargs", {}),
+        )
         body = _run(rt, spec)
     sealed = seal_result(rt.transit, body, message.result_key, message.client)
     rt.store.put(message.result_key, message.client, sealed)
     rt.store.finish_claim(message.nonce, ttl)
-    return str(body["error"]["code"] if body["error"] else "ok")
+    status = str(body["error"]["code"] if body["error"] else "ok")
+    finished: dict[str, Any] = {"client": message.client, "result_key": message.result_key}
+    if spec is not None:
+        finished.update(function=spec["function"], module_source=spec["module"])
+    if body.get("usage"):
+        finished["usage"] = body["usage"]
+    if body["status"] == "succeeded":
+        finished["result"] = body["result"]
+    rt.audit.record(EventType.EXECUTION_FINISHED, task_id=message.task_id, status=status,
+                    **finished)
+    return status
 
 
 def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
@@ -194,6 +216,8 @@ def run_job(self: Task, message: Any) -> str:
         return execute(runtime(), JobMessage.from_wire(message))
     except MessageRejected as exc:
         log.warning("refused task message %s: %s", self.request.id, exc.reason)
+        runtime().audit.record(EventType.TASK_REJECTED, code=exc.reason.replace(" ", "_"),
+                               task_id=str(self.request.id))
         return "rejected"
     except DependencyUnavailable as exc:
         # Accepted work is never dropped: wait for Redis or OpenBao to come back.

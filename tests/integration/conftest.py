@@ -54,9 +54,9 @@ class Stack:
         return private
 
     def logs(self) -> str:
-        return "\n".join(
-            p.read_text(errors="replace") for p in (self.state / "run").rglob("*.log")
-        )
+        """Every service log and every audit file of the stack."""
+        files = [*(self.state / "run").rglob("*.log"), *(self.state / "audit").glob("*")]
+        return "\n".join(p.read_text(errors="replace") for p in files if p.is_file())
 
     def wait_result(self, client: SignedClient, key: str, timeout: float = 30) -> httpx.Response:
         deadline = time.monotonic() + timeout
