@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _isolation, _restricted
+from ._limits import Limits
 from ._outcome import error
 from ._request import PreparedRun
 
@@ -37,7 +40,9 @@ def _reply(body: str) -> NoReturn:
 def _error_of(exc: BaseException) -> dict[str, str]:
     try:
         message = str(exc)
-    except Exception:  # noqa: BLE001 - a user exception whose str() fails still gets reported
+    except BaseException:  # noqa: BLE001 - user code in __str__ may raise anything at all
+        message = "<unprintable>"
+    if not isinstance(message, str):
         message = "<unprintable>"
     return error(type(exc).__name__, message)
 
@@ -54,7 +59,15 @@ def execute(run: PreparedRun, state: _restricted.RunState) -> str:
         code = _restricted.compile_module(run.source)
     except _restricted.CompileRejected as exc:
         return _status_body("compile_error", error("CompileError", str(exc)), state)
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+    except MemoryError:
+        # CPython's parser also raises MemoryError for source nested too deeply to parse, and
+        # the two cannot be told apart: either way the source was rejected before running.
+        return _status_body(
+            "compile_error",
+            error("MemoryError", "source too large or too deeply nested to compile"),
+            state,
+        )
+    except (SyntaxError, ValueError, RecursionError) as exc:
         return _status_body("compile_error", _error_of(exc), state)
     value: Any = None
     try:
@@ -74,22 +87,29 @@ def execute(run: PreparedRun, state: _restricted.RunState) -> str:
 
 
 def _finish(value: Any, state: _restricted.RunState) -> str:
+    # Serializing may run user code (a dict subclass's items(), say), which may be denied,
+    # print, or raise anything: so the value is encoded first and the verdict taken after.
+    encoded: str | None = None
+    failure: dict[str, str] | None = None
+    status = "runtime_error"
+    if state.denial is None:
+        try:
+            encoded = json.dumps(value, allow_nan=False)
+        except MemoryError:
+            status, failure = "memory_limit", error("MemoryError", "serializing the value")
+        except BaseException as exc:  # noqa: BLE001 - see above
+            failure = error(
+                "TypeError", f"return value is not JSON-serializable: {_error_of(exc)['message']}"
+            )
     if state.denial is not None:
         return _status_body("denied", error("PolicyViolation", state.denial), state)
     if state.output_exceeded:
         return _status_body(
             "output_limit", error("OutputLimit", "stdout exceeded its cap"), state
         )
-    try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return _status_body(
-            "runtime_error",
-            error("TypeError", f"return value is not JSON-serializable: {exc}"),
-            state,
-        )
-    except MemoryError:
-        return _status_body("memory_limit", error("MemoryError", "serializing the value"), state)
+    if encoded is None:
+        assert failure is not None
+        return _status_body(status, failure, state)
     if len(encoded.encode("utf-8", "surrogatepass")) > state.output_cap:
         return _status_body(
             "output_limit", error("OutputLimit", "return value exceeded its cap"), state
@@ -103,31 +123,120 @@ def _finish(value: Any, state: _restricted.RunState) -> str:
 #: How the child turns a request into a reply body once isolated (see `execute`).
 Executor = Callable[[PreparedRun, _restricted.RunState], str]
 
+# Sent when even the reply cannot be built for lack of memory; encoded before the limits apply.
+_MEMORY_REPLY = json.dumps(
+    {"status": "memory_limit", "value": None, "stdout": "",
+     "error": error("MemoryError", "memory limit reached")}
+).encode()
+
+
+def _fail_layer(exc: _isolation.LayerFailed, reply_fd: int) -> NoReturn:
+    # Before the fds layer has run, the reply pipe is still at its original number (and fd 3
+    # may be one of the parent's descriptors); from then on it is REPLY_FD.
+    fd = reply_fd if exc.layer in ("session", "fds") else _isolation.REPLY_FD
+    try:
+        os.write(fd, json.dumps({"layer": exc.layer, "reason": exc.reason}).encode())
+    finally:
+        os._exit(EXIT_ISOLATION_FAILED)
+
+
+#: How long an isolated child waits for its request before it warms up (seconds).
+WARM_UP_AFTER = 0.002
+
+# Compiled and run by every child while it waits for its request: the pages a run touches first
+# (RestrictedPython's transformer, the guards, the JSON codec) are copied from the parent then,
+# off the caller's clock. A constant, trusted source; nothing it leaves behind is shared.
+_WARM_UP_SOURCE = """
+def warm_up(items, scale=2):
+    total = 0
+    for item in items:
+        total += item * scale
+    return {"total": total, "items": [str(i) for i in items]}
+"""
+
+
+def _warm_up() -> None:
+    state = _restricted.RunState(1024)
+    namespace = _restricted.build_globals(state, ())
+    exec(_restricted.compile_module(_WARM_UP_SOURCE), namespace)  # noqa: S102 - constant
+    _finish(namespace["warm_up"](*json.loads("[[1, 2, 3]]")), state)
+
+
+def _request_arrives(within: float) -> bool:
+    # A request that comes at once (back-to-back runs) is served cold: warming up would only
+    # delay it. A child left idle for longer warms up while it waits.
+    return bool(select.select([_isolation.REQUEST_FD], [], [], within)[0])
+
+
+def _receive_request() -> PreparedRun:
+    """Block until the parent sends the (already validated) request, then close its channel."""
+    chunks = []
+    while chunk := os.read(_isolation.REQUEST_FD, 1 << 20):
+        chunks.append(chunk)
+    os.close(_isolation.REQUEST_FD)
+    if not chunks:
+        os._exit(0)  # The supervisor closed without a request: nothing to run.
+    return trusted_from_wire(json.loads(b"".join(chunks)))
+
+
+def trusted_from_wire(wire: dict[str, Any]) -> PreparedRun:
+    """Rebuild a request the parent validated (see `PreparedRun.to_wire`); no checks here."""
+    return PreparedRun(
+        source=wire["source"],
+        entry=wire["entry"],
+        args=wire["args"],
+        kwargs=wire["kwargs"],
+        limits=Limits(**wire["limits"]),
+        imports=tuple(wire["imports"]),
+    )
+
 
 def main(
-    run: PreparedRun,
     setup: _isolation.ChildSetup,
     reply_fd: int,
-    probe: bool,
+    request_fd: int | None,
     executor: Executor = execute,
 ) -> NoReturn:
-    """The child's whole life: isolate, then run (or, for `doctor`, verify the layers)."""
-    try:
-        _isolation.enter(setup, reply_fd, tolerant=probe)
-    except _isolation.LayerFailed as exc:
-        try:
-            os.write(reply_fd, json.dumps({"layer": exc.layer, "reason": exc.reason}).encode())
-        finally:
-            os._exit(EXIT_ISOLATION_FAILED)
-    if probe:
-        report = _isolation.verify(setup)
-        _write_all(_isolation.REPLY_FD, json.dumps({"probe": report}).encode())
-        os.close(_isolation.REPLY_FD)
-        # Stay alive briefly so the parent can read /proc/<pid> (namespaces, seccomp mode).
-        import time
+    """The child's whole life: isolate, wait for the request, run it, reply, exit.
 
-        time.sleep(2)
-        os._exit(0)
+    With no `request_fd` this is the probe of `doctor`: it verifies the layers instead.
+    """
+    try:
+        _isolation.enter(setup, reply_fd, request_fd, tolerant=request_fd is None)
+    except _isolation.LayerFailed as exc:
+        _fail_layer(exc, reply_fd)
+    if request_fd is None:
+        _probe(setup)
+    if not _request_arrives(within=WARM_UP_AFTER):
+        _warm_up()
+    run = _receive_request()
+    try:
+        _isolation.apply_run_limits(setup, run.limits)
+    except _isolation.LayerFailed as exc:
+        _fail_layer(exc, reply_fd)
+    _run(run, executor)
+
+
+def _probe(setup: _isolation.ChildSetup) -> NoReturn:
+    report = _isolation.verify(setup)
+    _write_all(_isolation.REPLY_FD, json.dumps({"probe": report}).encode())
+    os.close(_isolation.REPLY_FD)
+    # Stay alive briefly so the parent can read /proc/<pid> (namespaces, seccomp mode).
+    time.sleep(2)
+    os._exit(0)
+
+
+def _run(run: PreparedRun, executor: Executor) -> NoReturn:
     sys.setrecursionlimit(1000)
-    state = _restricted.RunState(setup.limits.output_bytes)
-    _reply(executor(run, state))
+    state: _restricted.RunState
+
+    def abort(status: str, err: dict[str, str]) -> NoReturn:
+        _reply(_status_body(status, err, state))
+
+    try:
+        state = _restricted.RunState(run.limits.output_bytes, abort)
+        body = executor(run, state)
+    except MemoryError:
+        _write_all(_isolation.REPLY_FD, _MEMORY_REPLY)
+        os._exit(0)
+    _reply(body)

@@ -94,7 +94,7 @@ class Sandbox:
             try:
                 write_frame(proc.stdin.fileno(), json.dumps(request).encode())
                 frame = read_frame(proc.stdout.fileno())
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, ValueError) as exc:
                 proc.kill()
                 self._proc = None
                 raise SandboxError("the sandbox fork server failed") from exc

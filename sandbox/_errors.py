@@ -23,7 +23,11 @@ class ImportNotAllowed(InvalidRequest):
     def __init__(self, modules: list[str], never: bool) -> None:
         self.modules = modules
         self.never = never
-        why = "breaks isolation and is never allowed" if never else "is not in the policy's importable list"
+        why = (
+            "breaks isolation and is never allowed"
+            if never
+            else "is not in the policy's importable list"
+        )
         super().__init__(f"module {', '.join(modules)} {why}")
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from ._errors import InvalidRequest, LimitNotAllowed
 
+_WHOLE = ("memory_mb", "output_bytes")
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -18,6 +20,16 @@ class Limits:
     wall_seconds: float = 10
     memory_mb: int = 128
     output_bytes: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidRequest(f"limit {f.name} must be a number")
+            if not math.isfinite(value) or value <= 0:
+                raise InvalidRequest(f"limit {f.name} must be a positive finite number")
+            if f.name in _WHOLE and not isinstance(value, int):
+                raise InvalidRequest(f"limit {f.name} must be a whole number")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], defaults: Limits | None = None) -> Limits:
@@ -34,7 +46,7 @@ class Limits:
                 raise InvalidRequest(f"limit {name} must be a number")
             if not math.isfinite(value) or value <= 0:
                 raise InvalidRequest(f"limit {name} must be a positive finite number")
-            if name in ("memory_mb", "output_bytes"):
+            if name in _WHOLE:
                 if value != int(value):
                     raise InvalidRequest(f"limit {name} must be a whole number")
                 value = int(value)

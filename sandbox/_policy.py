@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._errors import ImportNotAllowed, PolicyError
+from ._errors import ImportNotAllowed, InvalidRequest, PolicyError
 from ._limits import Limits
 
 #: Every isolation layer the runner knows, in the order the child applies them.
@@ -41,6 +41,20 @@ def _default_policy_path() -> Path:
     raise PolicyError("no sandbox policy found: set SANDBOX_POLICY to the policy file")
 
 
+def _names(raw: Any, what: str) -> frozenset[str]:
+    # A JSON object (name -> why) or a list of names; anything else is an error.
+    if not isinstance(raw, dict | list | tuple) or not all(isinstance(n, str) for n in raw):
+        raise ValueError(f"{what} must be a list of names or an object keyed by name")
+    return frozenset(raw)
+
+
+def _id(raw: Any, what: str) -> int:
+    # Never root (the child would keep every privilege) and never -1 (setresuid's "unchanged").
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw < 2**32 - 1:
+        raise ValueError(f"{what} must be an unprivileged id, 1 to {2**32 - 2}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Policy:
     """A loaded policy. Anything not explicitly importable is refused (default deny)."""
@@ -65,19 +79,21 @@ class Policy:
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Policy:
+    def from_dict(cls, raw: Any) -> Policy:
         """Validate a policy given as a JSON object; raises PolicyError."""
+        if not isinstance(raw, dict):
+            raise PolicyError("malformed sandbox policy: not a JSON object")
         try:
-            importable = frozenset(raw["importable"])
-            never = frozenset(raw["never"])
+            importable = _names(raw["importable"], "importable")
+            never = _names(raw["never"], "never")
             limits = raw["limits"]
             defaults = Limits.from_mapping(limits["defaults"])
             maxima = Limits.from_mapping(limits["maxima"])
             iso = raw["isolation"]
-            required = frozenset(iso["required_layers"])
-            degraded = frozenset(iso.get("degraded_layers", ()))
-            uid, gid = int(iso["uid"]), int(iso["gid"])
-        except (KeyError, TypeError, ValueError) as exc:
+            required = _names(iso["required_layers"], "required_layers")
+            degraded = _names(iso.get("degraded_layers", ()), "degraded_layers")
+            uid, gid = _id(iso["uid"], "uid"), _id(iso["gid"], "gid")
+        except (KeyError, TypeError, ValueError, InvalidRequest) as exc:
             raise PolicyError(f"malformed sandbox policy: {exc}") from exc
         if importable & never:
             raise PolicyError(f"modules both importable and never: {sorted(importable & never)}")
@@ -86,11 +102,14 @@ class Policy:
             raise PolicyError(f"unknown isolation layers: {sorted(unknown)}")
         if "restricted_python" in degraded:
             raise PolicyError("the restricted_python layer cannot be degraded")
-        defaults.check_within(maxima)
+        try:
+            defaults.check_within(maxima)
+        except InvalidRequest as exc:
+            raise PolicyError(f"malformed sandbox policy: default {exc}") from exc
         return cls(importable, never, defaults, maxima, required, degraded, uid, gid)
 
     def check_imports(self, modules: Iterable[str]) -> tuple[str, ...]:
-        """Return the modules if every one may be allowed; raise ImportNotAllowed naming the rest."""
+        """Return the modules if each one may be allowed; raise ImportNotAllowed naming the rest."""
         wanted = tuple(dict.fromkeys(modules))
         never = [m for m in wanted if m in self.never or m.split(".")[0] in self.never]
         if never:

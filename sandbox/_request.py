@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from ._policy import Policy
 
 ENTRY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
 MAX_SOURCE_BYTES = 1024 * 1024
+#: Deepest nesting accepted in arguments (the same bound the parent puts on a returned value).
+MAX_ARGUMENT_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,44 @@ def prepare(
         isinstance(k, str) and ENTRY_PATTERN.fullmatch(k) for k in kwargs
     ):
         raise InvalidRequest("kwargs must be a JSON object whose keys are parameter names")
+    _check_json("args", args)
+    _check_json("kwargs", kwargs)
     if isinstance(limits, Limits):
         checked = limits
         checked.check_within(policy.maxima)
-    else:
+    elif limits is None or isinstance(limits, Mapping):
         checked = policy.limits(dict(limits or {}))
-    imports = policy.check_imports(allow_imports)
+    else:
+        raise InvalidRequest("limits must be a JSON object")
+    modules = (
+        list(allow_imports)
+        if isinstance(allow_imports, Iterable) and not isinstance(allow_imports, str | bytes)
+        else None
+    )
+    if modules is None or not all(isinstance(m, str) for m in modules):
+        raise InvalidRequest("imports must be a list of module names")
+    imports = policy.check_imports(modules)
     return PreparedRun(raw_source, entry, list(args), dict(kwargs), checked, imports)
+
+
+def _check_json(name: str, value: Any) -> None:
+    """Raise InvalidRequest unless `value` is plain, finite JSON no deeper than the reply may be."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_ARGUMENT_DEPTH:
+            raise InvalidRequest(f"{name} nests deeper than {MAX_ARGUMENT_DEPTH} levels")
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                raise InvalidRequest(f"{name} has an object key that is not a string")
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidRequest(f"{name} holds {item}, which is not JSON")
+        elif item is not None and not isinstance(item, bool | int | str):
+            raise InvalidRequest(f"{name} holds a {type(item).__name__}, which is not JSON")
 
 
 def from_wire(policy: Policy, wire: Mapping[str, Any]) -> PreparedRun:

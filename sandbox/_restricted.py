@@ -13,14 +13,15 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from importlib import import_module
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
-from RestrictedPython import compile_restricted_exec, limited_builtins, safe_builtins
+from RestrictedPython.compile import compile_restricted_exec
 from RestrictedPython.Guards import (
-    full_write_guard,
     guarded_iter_unpack_sequence,
     guarded_unpack_sequence,
+    safe_builtins,
 )
+from RestrictedPython.Limits import limited_builtins
 
 MODULE_FILENAME = "<module>"
 
@@ -48,6 +49,14 @@ _EXTRA_BUILTINS: dict[str, Any] = {
         "ExceptionGroup", "BaseExceptionGroup", "StopAsyncIteration", "RecursionError",
     )
 }
+# Built once: each run gets a copy, with its own guarded getattr, hasattr and import added.
+_BASE_BUILTINS: dict[str, Any] = {
+    **{k: v for k, v in safe_builtins.items() if k not in _EXCLUDED_BUILTINS},
+    **limited_builtins,
+    **_EXTRA_BUILTINS,
+}
+# The only objects user code may assign into (items, slices, del): its own plain containers.
+_WRITABLE_TYPES = (dict, list)
 _INPLACE_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
     "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow,
@@ -69,20 +78,33 @@ class CompileRejected(Exception):
     """Raised when RestrictedPython rejects the source (syntax or a forbidden construct)."""
 
 
-class RunState:
-    """Per-run bookkeeping the outcome is derived from, whatever user code catches."""
+#: Ends the run at once with a status and an error (never returns); see `RunState`.
+Abort = Callable[[str, dict[str, str]], NoReturn]
 
-    def __init__(self, output_cap: int) -> None:
+
+class RunState:
+    """Per-run bookkeeping the outcome is derived from, whatever user code catches.
+
+    With `abort` (the child passes one), the first denial and the first write past the output
+    cap end the run on the spot: user code that swallows every exception in a loop cannot turn
+    a denial into a success or a flood of output into a timeout. Without it (in-process use),
+    both are recorded and the run goes on.
+    """
+
+    def __init__(self, output_cap: int, abort: Abort | None = None) -> None:
         self.output_cap = output_cap
         self.stdout_parts: list[str] = []
         self.stdout_bytes = 0
         self.output_exceeded = False
         self.denial: str | None = None
+        self._abort = abort
 
     def deny(self, message: str) -> PolicyViolation:
         """Record a denial (the first one is kept) and return the exception to raise."""
         if self.denial is None:
             self.denial = message
+            if self._abort is not None:
+                self._abort("denied", {"type": "PolicyViolation", "message": message[:2000]})
         return PolicyViolation(message)
 
     def write(self, text: str) -> None:
@@ -92,6 +114,10 @@ class RunState:
         size = len(text.encode("utf-8", "surrogatepass"))
         if self.stdout_bytes + size > self.output_cap:
             self.output_exceeded = True
+            if self._abort is not None:
+                self._abort(
+                    "output_limit", {"type": "OutputLimit", "message": "stdout exceeded its cap"}
+                )
             return
         self.stdout_parts.append(text)
         self.stdout_bytes += size
@@ -99,6 +125,38 @@ class RunState:
     def stdout(self) -> str:
         """Everything printed so far."""
         return "".join(self.stdout_parts)
+
+
+class _WriteRefused:
+    """What `_write_` hands back for an object user code may not modify: every write is denied.
+
+    RestrictedPython rewrites `obj.attr = v`, `obj[k] = v` and their `del` forms to go through
+    `_write_(obj)`; module proxies, host classes and instances, and frozen values land here.
+    """
+
+    __slots__ = ("_kind", "_state")
+    _kind: str
+    _state: RunState
+
+    def __init__(self, obj: Any, state: RunState) -> None:
+        kind = "module" if isinstance(obj, ReadOnlyModule) else type(obj).__name__
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_state", state)
+
+    def _refuse(self, what: str) -> PolicyViolation:
+        return self._state.deny(f"{what} on a {self._kind!r} object is not allowed")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise self._refuse(f"assignment to attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise self._refuse(f"deletion of attribute {name!r}")
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise self._refuse("item assignment")
+
+    def __delitem__(self, key: Any) -> None:
+        raise self._refuse("item deletion")
 
 
 class ReadOnlyModule:
@@ -140,22 +198,38 @@ def module_proxy(name: str) -> ReadOnlyModule:
     if name == "random":
         # A fresh generator per child: a shared one would hand every run the same sequence
         # (forked state) and let one run's seed() steer another's.
-        rng = random.Random(int.from_bytes(os.urandom(16), "big"))
+        rng = random.Random(int.from_bytes(os.urandom(16), "big"))  # noqa: S311 - user-facing
         names = {n: getattr(rng, n) for n in dir(rng) if not n.startswith("_") and callable(
             getattr(rng, n))}
         names.pop("seed", None)
         names.pop("setstate", None)
         names.pop("getstate", None)
         return ReadOnlyModule(name, names)
+    return ReadOnlyModule(name, public_names(name))
+
+
+def public_names(name: str) -> dict[str, Any]:
+    """The names an importable module hands out: its own public API, never what it imported.
+
+    A module's `__all__` is its public API; without one (C modules), every name not starting
+    with "_". Either way submodules are left out. This matters: `statistics` imports
+    `functools.reduce` and `operator.mul`, `base64` has `main()` that reads files, and
+    `functools` and `operator` are modules the policy never allows.
+    """
     module = import_module(name)
     if name == "string":
-        return ReadOnlyModule(name, {n: getattr(module, n) for n in _STRING_CONSTANTS})
-    public = {
+        return {n: getattr(module, n) for n in _STRING_CONSTANTS}
+    listed = getattr(module, "__all__", None)
+    candidates = (
+        {n: getattr(module, n) for n in listed if hasattr(module, n)}
+        if listed is not None
+        else vars(module)
+    )
+    return {
         n: v
-        for n, v in vars(module).items()
+        for n, v in candidates.items()
         if not n.startswith("_") and not isinstance(v, types.ModuleType)
     }
-    return ReadOnlyModule(name, public)
 
 
 def compile_module(raw_source: str) -> types.CodeType:
@@ -204,6 +278,11 @@ def build_globals(state: RunState, allowed_imports: Iterable[str]) -> dict[str, 
     def apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
+    def guarded_write(obj: Any) -> Any:
+        if type(obj) in _WRITABLE_TYPES:
+            return obj
+        return _WriteRefused(obj, state)
+
     class Printer:
         """RestrictedPython's print target: collects into the capped run buffer."""
 
@@ -226,9 +305,7 @@ def build_globals(state: RunState, allowed_imports: Iterable[str]) -> dict[str, 
                 raise TypeError("sep and end must be strings")
             state.write(sep.join(str(o) for o in objects) + end)
 
-    builtins = {k: v for k, v in safe_builtins.items() if k not in _EXCLUDED_BUILTINS}
-    builtins.update(limited_builtins)
-    builtins.update(_EXTRA_BUILTINS)
+    builtins = dict(_BASE_BUILTINS)
     builtins.update(
         {
             "__import__": guarded_import,
@@ -245,7 +322,7 @@ def build_globals(state: RunState, allowed_imports: Iterable[str]) -> dict[str, 
         "_getiter_": iter,
         "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
         "_unpack_sequence_": guarded_unpack_sequence,
-        "_write_": full_write_guard,
+        "_write_": guarded_write,
         "_inplacevar_": inplacevar,
         "_apply_": apply,
         "_print_": Printer,

@@ -45,11 +45,15 @@ def write_frame(fd: int, body: bytes) -> None:
 
 
 def _read_exact(fd: int, size: int) -> bytes | None:
-    chunks, remaining = [], size
+    """Exactly `size` bytes; None at a clean end of stream, EOFError if it ends part-way."""
+    chunks: list[bytes] = []
+    remaining = size
     while remaining:
         chunk = os.read(fd, min(remaining, 1 << 20))
         if not chunk:
-            return None if remaining == size else b"".join(chunks)
+            if remaining == size:
+                return None
+            raise EOFError("stream ended inside a frame")
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
@@ -66,6 +70,9 @@ def _handle(supervisor: Supervisor, frame: bytes) -> dict[str, Any]:
         return {"error": {"code": exc.code, "message": str(exc)}}
     except (ValueError, TypeError, AttributeError) as exc:
         return {"error": {"code": "invalid_request", "message": f"bad request: {exc}"}}
+    except OSError as exc:
+        # fork or pipe failed (process or descriptor limits): this run failed, the server lives.
+        return {"error": {"code": "sandbox_error", "message": f"cannot start a child: {exc}"}}
 
 
 def main(supervisor_class: type[Supervisor] = Supervisor) -> None:
@@ -79,11 +86,13 @@ def main(supervisor_class: type[Supervisor] = Supervisor) -> None:
     supervisor = supervisor_class(policy)
     try:
         write_frame(resp_fd, json.dumps({"ready": True, "layers": supervisor.layers}).encode())
+        supervisor.prepare_next()
         while True:
             frame = read_frame(req_fd)
             if frame is None:
                 return
             write_frame(resp_fd, json.dumps(_handle(supervisor, frame)).encode())
+            supervisor.prepare_next()
     finally:
         supervisor.close()
 

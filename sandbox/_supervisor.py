@@ -6,8 +6,10 @@ CLI or the fork server, a fresh interpreter spawned with an empty environment.
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
+import math
 import os
 import select
 import shutil
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _child, _isolation, _restricted
+from . import _child, _isolation, _restricted, _zygote
 from ._errors import IsolationUnavailable
 from ._outcome import STATUSES, Outcome, Usage, error
 from ._policy import LAYERS, Policy
@@ -27,6 +29,9 @@ from ._request import PreparedRun
 #: Deepest nesting accepted in a reply's value.
 MAX_VALUE_DEPTH = 100
 _REPLY_OVERHEAD = 64 * 1024
+#: Children kept forked and isolated ahead of their request (see `Supervisor.prepare_next`).
+#: Two, so that back-to-back runs find one whose set-up finished during the previous run.
+SPARE_CHILDREN = 2
 
 
 def _check_depth(value: Any) -> bool:
@@ -46,11 +51,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 parses to inf, which no JSON encoder may emit again.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def parse_reply(untrusted_output: bytes) -> dict[str, Any] | None:
     """Parse the child's reply as untrusted JSON; None when it is not a well-formed outcome."""
     try:
-        reply = json.loads(untrusted_output, parse_constant=_reject_constant)
-    except (ValueError, RecursionError, UnicodeDecodeError):
+        reply = json.loads(
+            untrusted_output, parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except (ValueError, RecursionError, UnicodeDecodeError, MemoryError):
         return None
     if not isinstance(reply, dict) or set(reply) != {"status", "value", "stdout", "error"}:
         return None
@@ -71,28 +86,46 @@ def parse_reply(untrusted_output: bytes) -> dict[str, Any] | None:
 
 @dataclass
 class _Child:
-    pid: int
+    """A forked child that has isolated itself (or is doing so) and waits for one request."""
+
+    #: None until the zygote has answered (see `Supervisor._resolve`).
+    pid: int | None
+    reply_fd: int
+    request_fd: int | None
+    workdir: str
+    skip: frozenset[str]
+    #: The zygote that forked it and reaps it, or None for a child of this process.
+    zygote: _zygote.Zygote | None = None
     reply: bytearray = field(default_factory=bytearray)
     overflowed: bool = False
     timed_out: bool = False
+    reaped: bool = False
 
 
 class Supervisor:
-    """Runs prepared requests in isolated children. One per credential-free process."""
+    """Runs prepared requests in isolated children. One per credential-free process.
+
+    Used as is (the `sandbox run` CLI), `run()` forks a child for each request. The fork server
+    also calls `prepare_next()` once it has answered: a zygote (see `_zygote.py`) then forks
+    spare children that isolate themselves before their request is known, and `run()` only
+    hands one its request. Either way every layer is in place before the request arrives, and
+    the run's own CPU and memory limits are applied before any of its code is compiled.
+    """
 
     #: What the isolated child runs; only `sandbox._testing` swaps it, for the OS-layer tests.
     executor: _child.Executor = staticmethod(_child.execute)
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self._spares: collections.deque[_Child] = collections.deque()
+        self._zygote: _zygote.Zygote | None = None
+        self._awaiting_pid: collections.deque[_Child] = collections.deque()
         _restricted.preload(sorted(policy.importable))
-        self._seccomp_program: bytes | None
+        self._seccomp: _isolation.SeccompProgram | None
         try:
-            self._seccomp_program = _isolation.export_seccomp_program(
-                _isolation.build_seccomp_filter()
-            )
+            self._seccomp = _isolation.SeccompProgram(_isolation.build_seccomp_filter())
         except Exception:  # noqa: BLE001 - reported by the child as a missing layer
-            self._seccomp_program = None
+            self._seccomp = None
         self._netns_fd: int | None = None
         if os.geteuid() == 0:
             try:
@@ -100,18 +133,23 @@ class Supervisor:
             except OSError:
                 pass  # Each child then tries to make its own, and the probe reports the result.
         self._tmp_root = Path(tempfile.mkdtemp(prefix="sandbox-"))
-        os.chmod(self._tmp_root, 0o711)
+        os.chmod(self._tmp_root, 0o711)  # noqa: S103 - traversable, not listable
         self._skip: frozenset[str] = frozenset()
         self.layers = self.probe()
         missing = {layer for layer, why in self.layers.items() if why}
         self.unavailable = sorted(layer for layer in missing if not policy.may_skip(layer))
         self._skip = frozenset(missing - set(self.unavailable))
         # Everything loaded so far lives as long as this process: keep the collector from ever
-        # walking it, so a collection in a child does not copy those pages (copy-on-write).
+        # walking it, so that a collection in a child does not copy those pages.
         gc.freeze()
 
     def close(self) -> None:
-        """Remove the private working directories' parent; release the network namespace."""
+        """Stop the spares and the zygote, remove the working directories, drop the namespace."""
+        while self._spares:
+            self._release(self._spares.popleft())
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
         shutil.rmtree(self._tmp_root, ignore_errors=True)
         if self._netns_fd is not None:
             os.close(self._netns_fd)
@@ -119,20 +157,91 @@ class Supervisor:
 
     def run(self, run: PreparedRun) -> Outcome:
         """Run one request; raise IsolationUnavailable if a required layer is missing."""
+        self._check_available()
+        child = self._take_spare() or self._spawn(probe=False)
+        try:
+            started = time.monotonic()
+            self._dispatch(child, run)
+            status, rusage = self._supervise(child, run, started)
+            wall_ms = int((time.monotonic() - started) * 1000)
+            return self._outcome(child, status, rusage, wall_ms, run)
+        finally:
+            self._release(child)
+
+    def prepare_next(self) -> None:
+        """Have spares forked and isolated for the next runs, off the caller's critical path.
+
+        The zygote (see `_zygote.py`) forks them while this process goes back to its caller.
+        Without a zygote, run() forks its own child.
+        """
         if self.unavailable:
-            raise IsolationUnavailable(
-                "required isolation layers missing on this host: "
-                + ", ".join(f"{layer} ({self.layers[layer]})" for layer in self.unavailable)
-            )
-        outcome, _ = self._fork(run, probe=False)
-        assert outcome is not None
-        return outcome
+            return
+        try:
+            if self._zygote is None:
+                self._zygote = _zygote.Zygote(
+                    self._setup,
+                    self.executor,
+                    keep_fds=[] if self._netns_fd is None else [self._netns_fd],
+                )
+            while len(self._spares) < SPARE_CHILDREN:
+                self._spares.append(self._request_spare(self._zygote))
+        except OSError:
+            self._drop_zygote()  # run() forks its own children; reported there if it fails
+
+    def _request_spare(self, zygote: _zygote.Zygote) -> _Child:
+        workdir = self._workdir()
+        reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
+        request_r, request_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            zygote.spawn(workdir, self._skip, reply_w, request_r)
+        except OSError:
+            for fd in (reply_r, request_w):
+                os.close(fd)
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        finally:
+            os.close(reply_w)
+            os.close(request_r)
+        child = _Child(None, reply_r, request_w, workdir, self._skip, zygote)
+        self._awaiting_pid.append(child)
+        return child
+
+    def _take_spare(self) -> _Child | None:
+        if self._zygote is not None and not self._zygote.alive():
+            self._drop_zygote()  # its spares died with it
+        while self._spares:
+            child = self._spares.popleft()
+            if child.zygote is self._zygote and self._resolve(child):
+                return child
+            self._release(child)
+        return None
+
+    def _resolve(self, child: _Child) -> bool:
+        """Learn the pid of a spare the zygote forked; False if it never will."""
+        while child.pid is None:
+            if self._zygote is None or not self._awaiting_pid:
+                return False
+            try:
+                pid = self._zygote.next_spawned()
+            except OSError:
+                self._drop_zygote()
+                return False
+            self._awaiting_pid.popleft().pid = pid
+        return True
+
+    def _drop_zygote(self) -> None:
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
+        self._awaiting_pid.clear()
 
     def probe(self) -> dict[str, str]:
         """Apply every layer in a child and report each as "" (active) or why it is missing."""
-        run = PreparedRun(source="", entry="probe")
-        _, report = self._fork(run, probe=True)
-        assert report is not None
+        child = self._spawn(probe=True)
+        try:
+            report = self._collect_probe(child)
+        finally:
+            self._release(child)
         try:
             _restricted.compile_module("x = (1).__class__")
             report["restricted_python"] = "compile layer accepted a dunder attribute"
@@ -140,49 +249,96 @@ class Supervisor:
             report["restricted_python"] = ""
         return {layer: report.get(layer, "not checked") for layer in LAYERS}
 
-    def _fork(
-        self, run: PreparedRun, probe: bool
-    ) -> tuple[Outcome | None, dict[str, str] | None]:
+    def _check_available(self) -> None:
+        if self.unavailable:
+            raise IsolationUnavailable(
+                "required isolation layers missing on this host: "
+                + ", ".join(f"{layer} ({self.layers[layer]})" for layer in self.unavailable)
+            )
+
+    def _workdir(self) -> str:
         # A fresh, empty root for the child. Owned by this process's user (root on a host with
         # the full set of layers), not by the run's uid, and read-only to everyone: the child can
         # list it but neither write it nor chmod it, even if the seccomp layer were missing.
         workdir = tempfile.mkdtemp(dir=self._tmp_root, prefix="run-")
-        os.chmod(workdir, 0o555)
-        setup = _isolation.ChildSetup(
+        os.chmod(workdir, 0o555)  # noqa: S103 - read-only and empty, see above
+        return workdir
+
+    def _setup(self, workdir: str, skip: frozenset[str]) -> _isolation.ChildSetup:
+        # Called here, or in the zygote just before it forks (then its address space is read).
+        return _isolation.ChildSetup(
             self.policy,
-            run.limits,
             workdir,
-            self._seccomp_program,
+            self._seccomp,
             baseline_as=_isolation.address_space_bytes(),
+            parent_pid=os.getpid(),
             netns_fd=self._netns_fd,
-            skip=frozenset() if probe else self._skip,
+            skip=skip,
         )
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        started = time.monotonic()
+
+    def _spawn(self, probe: bool) -> _Child:
+        workdir = self._workdir()
+        skip = frozenset() if probe else self._skip
+        setup = self._setup(workdir, skip)
+        reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
+        request_r, request_w = (None, None) if probe else os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child never returns
-                try:
-                    os.close(read_fd)
-                    _child.main(run, setup, write_fd, probe, self.executor)
-                finally:
-                    os._exit(70)
-            os.close(write_fd)
-            child = _Child(pid)
-            if probe:
-                return None, self._collect_probe(child, read_fd)
-            status, rusage = self._supervise(child, read_fd, run, started)
-            wall_ms = int((time.monotonic() - started) * 1000)
-            return self._outcome(child, status, rusage, wall_ms, run, setup), None
-        finally:
-            os.close(read_fd)
+        except OSError:
+            for fd in (reply_r, reply_w, request_r, request_w):
+                if fd is not None:
+                    os.close(fd)
             shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        if pid == 0:  # pragma: no cover - the child never returns
+            try:
+                os.close(reply_r)
+                if request_w is not None:
+                    os.close(request_w)
+                _child.main(setup, reply_w, request_r, self.executor)
+            finally:
+                os._exit(70)
+        os.close(reply_w)
+        if request_r is not None:
+            os.close(request_r)
+        return _Child(pid, reply_r, request_w, workdir, skip)
 
-    def _supervise(
-        self, child: _Child, read_fd: int, run: PreparedRun, started: float
-    ) -> tuple[int, Any]:
+    def _dispatch(self, child: _Child, run: PreparedRun) -> None:
+        """Hand the child its request. A dead child (a layer failed) shows in its exit status."""
+        assert child.request_fd is not None
+        data = memoryview(json.dumps(run.to_wire()).encode())
+        try:
+            while data:
+                data = data[os.write(child.request_fd, data):]
+        except BrokenPipeError:
+            pass
+        finally:
+            os.close(child.request_fd)
+            child.request_fd = None
+
+    def _release(self, child: _Child) -> None:
+        if child.request_fd is not None:
+            os.close(child.request_fd)  # an idle child exits on its own when this closes
+            child.request_fd = None
+        if not child.reaped and self._resolve(child):
+            assert child.pid is not None
+            _kill_group(child.pid)
+            try:
+                self._wait(child)
+            except OSError:
+                pass  # its zygote is gone, and took the child with it
+        os.close(child.reply_fd)
+        try:
+            os.rmdir(child.workdir)
+        except OSError:
+            shutil.rmtree(child.workdir, ignore_errors=True)
+
+
+    def _supervise(self, child: _Child, run: PreparedRun, started: float) -> tuple[int, Any]:
         cap = 2 * run.limits.output_bytes * 6 + _REPLY_OVERHEAD
         deadline = started + run.limits.wall_seconds
+        assert child.pid is not None
+        read_fd = child.reply_fd
         pidfd = os.pidfd_open(child.pid)
         try:
             poller = select.poll()
@@ -194,7 +350,7 @@ class Supervisor:
                 if remaining <= 0:
                     child.timed_out = True
                     break
-                for fd, _ in poller.poll(max(1, int(remaining * 1000))):
+                for fd, _ in poller.poll(max(1, math.ceil(remaining * 1000))):
                     if fd == pidfd:
                         exited = True
                         poller.unregister(pidfd)
@@ -213,21 +369,34 @@ class Supervisor:
                     break
             if child.timed_out or child.overflowed:
                 _kill_group(child.pid)
-            _, status, rusage = os.wait4(child.pid, 0)
-            return status, rusage
+            return self._wait(child)
         finally:
             os.close(pidfd)
 
+    def _wait(self, child: _Child) -> tuple[int, Any]:
+        """Reap a child that has exited or been killed: its wait status and resource usage."""
+        assert child.pid is not None
+        child.reaped = True
+        if child.zygote is None:
+            _, status, rusage = os.wait4(child.pid, 0)
+            return status, rusage
+        if child.zygote is not self._zygote:
+            raise OSError("the zygote that forked this child is gone")
+        try:
+            return child.zygote.reap(child.pid)
+        except OSError:
+            self._drop_zygote()  # it died, and its children with it
+            raise
+
     def _outcome(
-        self, child: _Child, status: int, rusage: Any, wall_ms: int, run: PreparedRun,
-        setup: _isolation.ChildSetup,
+        self, child: _Child, status: int, rusage: Any, wall_ms: int, run: PreparedRun
     ) -> Outcome:
         usage = Usage(
             cpu_ms=int((rusage.ru_utime + rusage.ru_stime) * 1000),
             wall_ms=wall_ms,
             max_rss_kb=int(rusage.ru_maxrss),
         )
-        degraded = tuple(sorted(self._skip))
+        degraded = tuple(sorted(child.skip))
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _child.EXIT_ISOLATION_FAILED:
             raise IsolationUnavailable(_isolation_reason(bytes(child.reply)))
         if child.timed_out:
@@ -268,28 +437,26 @@ class Supervisor:
         return Outcome("crashed", error=error("Crashed", f"the child died by signal {name}"),
                        usage=usage, degraded=degraded)
 
-    def _collect_probe(self, child: _Child, read_fd: int) -> dict[str, str]:
+    def _collect_probe(self, child: _Child) -> dict[str, str]:
+        """Read the probe's report; the caller kills and reaps the probe afterwards."""
         data = b""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([read_fd], [], [], 0.5)
+            ready, _, _ = select.select([child.reply_fd], [], [], 0.5)
             if ready:
-                chunk = os.read(read_fd, 65536)
+                chunk = os.read(child.reply_fd, 65536)
                 if not chunk:
                     break
                 data += chunk
         try:
-            report = {"probe": None}
             parsed = json.loads(data or b"{}")
-            if "layer" in parsed:
-                raise IsolationUnavailable(f"{parsed['layer']}: {parsed.get('reason')}")
-            report = parsed
-            layers: dict[str, str] = dict(report["probe"])
-            layers.update(_proc_checks(child.pid, layers))
-            return layers
-        finally:
-            _kill_group(child.pid)
-            os.waitpid(child.pid, 0)
+            layers: dict[str, str] = dict(parsed["probe"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IsolationUnavailable("the isolation probe gave no valid report") from exc
+        # Read while the probe is still alive (it waits two seconds before exiting).
+        assert child.pid is not None
+        layers.update(_proc_checks(child.pid, layers))
+        return layers
 
 
 def _proc_checks(pid: int, layers: dict[str, str]) -> dict[str, str]:
@@ -320,8 +487,10 @@ def _isolation_reason(untrusted: bytes) -> str:
 
 
 def _kill_group(pid: int) -> None:
-    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+    # The child leads its own process group (session layer); kill it by pid too in case that
+    # layer was skipped.
+    for kill, target in ((os.killpg, pid), (os.kill, pid)):
         try:
-            target()
+            kill(target, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -27,7 +27,7 @@ from . import _child, _restricted  # noqa: E402 - only after the gate above
 from ._client import Sandbox  # noqa: E402
 from ._limits import Limits  # noqa: E402
 from ._outcome import Outcome, error, outcome_from_dict  # noqa: E402
-from ._request import prepare  # noqa: E402
+from ._request import PreparedRun, prepare  # noqa: E402
 from ._server import main as _serve  # noqa: E402
 from ._supervisor import Supervisor  # noqa: E402
 
@@ -54,13 +54,13 @@ class _Capture:
         pass
 
 
-def _execute_unrestricted(run: Any, state: _restricted.RunState) -> str:
+def _execute_unrestricted(run: PreparedRun, state: _restricted.RunState) -> str:
     """UNSAFE executor: plain `compile` and `exec` with the real builtins, then the normal reply."""
     try:
         code = compile(run.source, "<unsafe-raw>", "exec")
     except (SyntaxError, ValueError) as exc:
         return _child._status_body("compile_error", _child._error_of(exc), state)
-    sys.stdout = _Capture(state)  # type: ignore[assignment]
+    sys.stdout = _Capture(state)  # type: ignore[assignment,unused-ignore]
     namespace: dict[str, Any] = {"__name__": "unsafe_raw", "__builtins__": builtins}
     value: Any = None
     try:

@@ -1,0 +1,74 @@
+"""The parent's environment (credentials, tokens) must never reach a child or an outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox import Policy
+from sandbox._request import prepare
+from sandbox._testing import UnsafeRawSupervisor
+
+from .conftest import CANARY_NAME, CANARY_VALUE, assert_status, attempt, attempt_raw
+
+pytestmark = pytest.mark.timeout(60)
+
+READ_ENVIRONMENT = (
+    "import os\n"
+    "def f():\n"
+    "    found = {'environ': dict(os.environ)}\n"
+    "    for path in ('/proc/self/environ', '/proc/1/environ'):\n"
+    "        try:\n"
+    "            found[path] = open(path, 'rb').read().decode('latin-1')\n"
+    "        except OSError as exc:\n"
+    "            found[path] = type(exc).__name__\n"
+    "    return found\n"
+)
+
+
+def test_restricted_code_has_no_route_to_the_environment(sb):
+    outcome = attempt(sb, "def f():\n    import os\n    return dict(os.environ)\n")
+    assert_status(outcome, "denied", "PolicyViolation")
+
+
+def test_raw_child_of_the_fork_server_sees_an_empty_environment(raw):
+    outcome = attempt_raw(raw, READ_ENVIRONMENT)
+    assert_status(outcome, "ok")
+    assert outcome.value == {
+        "environ": {},
+        "/proc/self/environ": "FileNotFoundError",
+        "/proc/1/environ": "FileNotFoundError",
+    }
+
+
+def test_raw_child_forked_straight_from_a_process_holding_the_canary(monkeypatch):
+    # The `sandbox run` path: the child is forked from the very process that holds the secret.
+    assert os.environ[CANARY_NAME] == CANARY_VALUE
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY_VALUE)
+    policy = Policy.load()
+    supervisor = UnsafeRawSupervisor(policy)
+    try:
+        outcome = supervisor.run(prepare(policy, READ_ENVIRONMENT, "f"))
+    finally:
+        supervisor.close()
+    assert_status(outcome, "ok")
+    assert outcome.value["environ"] == {}
+    assert CANARY_VALUE not in json.dumps(outcome.to_dict())
+
+
+def test_cli_outcome_never_carries_the_callers_environment(tmp_path: Path):
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    return [str(x) for x in (1, 2)]\n")
+    env = {**os.environ, CANARY_NAME: CANARY_VALUE}
+    done = subprocess.run(
+        [sys.executable, "-m", "sandbox", "run", "--source", str(source), "--entry", "f"],
+        capture_output=True, env=env, timeout=30, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "ok"
+    assert CANARY_VALUE.encode() not in done.stdout + done.stderr
