@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import _stack
 from ._stack.procs import port_open
+from ._stack.redis_server import operator_access
 from .registry import Client, Registry
 from .vault import VaultSession
 
@@ -228,7 +229,6 @@ def status(state: Path) -> dict[str, Any]:
     """`appliance status --json`: URLs, audit log, each service's state, the admin's Redis."""
     ports = load_ports(state)
     pki = _stack.Pki(state / "tls")
-    cert, key = pki.client("admin")
     pid_files = {
         "redis": state / "redis" / "redis.pid",
         "openbao": state / "bao" / "bao.pid",
@@ -245,13 +245,7 @@ def status(state: Path) -> dict[str, Any]:
         "vault_addr": f"http://{HOST}:{ports.bao}",
         "audit_log": str(audit_log(state)),
         "services": services,
-        "redis": {
-            "host": HOST,
-            "port": ports.redis,
-            "tls": {"ca": str(pki.ca), "cert": str(cert), "key": str(key)},
-            "username": "admin",
-            "password_file": str(_stack.password_file(state, "admin")),
-        },
+        "redis": operator_access(state, HOST, ports.redis, pki),
         "client": {
             "key_id": LOCAL_CLIENT,
             "private_key": str(state / "clients" / f"{LOCAL_CLIENT}.key"),

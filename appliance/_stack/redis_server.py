@@ -76,18 +76,23 @@ class RedisHandle:
 
         The shape of `redis` in `appliance status --json` (CONTRACT.md, section 3).
         """
-        cert, key = self.pki.client("admin")
-        return {
-            "host": self.host,
-            "port": self.port,
-            "tls": {"ca": str(self.pki.ca), "cert": str(cert), "key": str(key)},
-            "username": "admin",
-            "password_file": str(self.password_file("admin")),
-        }
+        return operator_access(self.state_dir, self.host, self.port, self.pki)
 
     def stop(self) -> bool:
         """Stop this Redis; True when it was running."""
         return stop_redis(self.state_dir)
+
+
+def operator_access(state_dir: Path, host: str, port: int, pki: Pki) -> dict[str, Any]:
+    """The `redis` object of `appliance status --json`: the admin's TLS files and password file."""
+    cert, key = pki.client("admin")
+    return {
+        "host": host,
+        "port": port,
+        "tls": {"ca": str(pki.ca), "cert": str(cert), "key": str(key)},
+        "username": "admin",
+        "password_file": str(password_file(state_dir, "admin")),
+    }
 
 
 def redis_dir(state_dir: Path) -> Path:

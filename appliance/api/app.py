@@ -45,9 +45,8 @@ from ..results import ResultStore, check_result_key, new_result_key
 from ..settings import Settings
 from ..signatures import UnverifiedRequest, verify_request
 from ..vault import Transit, VaultSession
-from ..worker.celery_config import TASK_NAME, make_celery
+from ..worker.celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery
 
-HEARTBEAT_KEY = "heartbeat:workers"
 WORKER_FRESH_SECONDS = 20
 
 

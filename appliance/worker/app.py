@@ -26,11 +26,10 @@ from ..redis_conn import connect
 from ..results import ResultStore
 from ..settings import Settings, get_settings
 from ..vault import Transit, VaultSession, read_secrets
-from .celery_config import TASK_NAME, make_celery
+from .celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery
 from .sandboxes import SandboxPool
 
 log = logging.getLogger("appliance.worker")
-HEARTBEAT_KEY = "heartbeat:workers"
 HEARTBEAT_SECONDS = 5
 
 app = make_celery(get_settings())

@@ -9,6 +9,9 @@ from ..settings import Settings
 
 TASK_NAME = "appliance.run_job"
 BROKER_KEY_PREFIX = "celery:"
+#: Sorted set of live workers (member host:pid, score unix time): written by each worker,
+#: counted by the API's /readyz.
+HEARTBEAT_KEY = "heartbeat:workers"
 
 
 def make_celery(settings: Settings, name: str = "appliance") -> Celery:

@@ -16,12 +16,15 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from celery import Celery
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance import stack
 from appliance.cli import SignedClient
 from appliance.registry import Client, Registry
-from appliance.vault import VaultSession
+from appliance.vault import Transit, VaultSession
+from appliance.worker.celery_config import BROKER_KEY_PREFIX
 
 
 @dataclass
@@ -39,10 +42,31 @@ class Stack:
             username=r["username"], password=Path(r["password_file"]).read_text().strip(),
         )
 
-    def client(self, keyid: str = "local", key_file: Path | None = None) -> SignedClient:
+    def local_key(self, key_file: Path | None = None) -> Ed25519PrivateKey:
         path = key_file or Path(self.status["client"]["private_key"])
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        return SignedClient(self.status["api_url"], keyid, key)  # type: ignore[arg-type]
+        assert isinstance(key, Ed25519PrivateKey)
+        return key
+
+    def client(self, keyid: str = "local", key_file: Path | None = None) -> SignedClient:
+        return SignedClient(self.status["api_url"], keyid, self.local_key(key_file))
+
+    def root_transit(self) -> Transit:
+        """Transit as the operator (root token): mints what only the API could otherwise."""
+        return Transit(self.registry().session)
+
+    def broker_producer(self, name: str, **conf: Any) -> Celery:
+        """A Celery producer holding the admin's broker credentials: an intruder's view."""
+        r = self.status["redis"]
+        password = Path(r["password_file"]).read_text().strip()
+        app = Celery(name, broker=f"rediss://admin:{password}@127.0.0.1:{r['port']}/0")
+        app.conf.update(
+            broker_use_ssl={"ssl_cert_reqs": 2, "ssl_ca_certs": r["tls"]["ca"],
+                            "ssl_certfile": r["tls"]["cert"], "ssl_keyfile": r["tls"]["key"]},
+            broker_transport_options={"global_keyprefix": BROKER_KEY_PREFIX},
+            **conf,
+        )
+        return app
 
     def registry(self) -> Registry:
         token = (self.state / "secrets" / "bao-root.token").read_text().strip()

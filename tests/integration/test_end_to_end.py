@@ -86,11 +86,7 @@ def _raw(stack: Stack, method: str, path: str, content: bytes | None = None,
          content_type: str = "application/json", **sign: Any) -> httpx.Response:
     headers = {"content-type": content_type} if content is not None else {}
     req = httpx.Request(method, stack.status["api_url"] + path, content=content, headers=headers)
-    key_file = Path(stack.status["client"]["private_key"])
-    from cryptography.hazmat.primitives import serialization
-
-    key = sign.pop("key", None) or serialization.load_pem_private_key(
-        key_file.read_bytes(), password=None)
+    key = sign.pop("key", None) or stack.local_key()
     keyid = sign.pop("keyid", "local")
     if sign.pop("unsigned", False) is False:
         sign_request(req, keyid, key, content, **sign)
@@ -105,26 +101,18 @@ def _tamper(stack: Stack) -> httpx.Response:
     body = _body()
     req = httpx.Request("POST", stack.status["api_url"] + "/v1/tasks", content=body,
                         headers={"content-type": "application/json"})
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_private_key(
-        Path(stack.status["client"]["private_key"]).read_bytes(), password=None)
-    sign_request(req, "local", key, body)  # type: ignore[arg-type]
+    sign_request(req, "local", stack.local_key(), body)
     tampered = body.replace(b"[1, 2]", b"[1, 3]")
     req2 = httpx.Request("POST", req.url, content=tampered, headers=dict(req.headers))
     return httpx.Client().send(req2)
 
 
 def _untagged(stack: Stack) -> httpx.Response:
-    from cryptography.hazmat.primitives import serialization
-
     body = _body()
     req = httpx.Request("POST", stack.status["api_url"] + "/v1/tasks", content=body,
                         headers={"content-type": "application/json"})
-    key = serialization.load_pem_private_key(
-        Path(stack.status["client"]["private_key"]).read_bytes(), password=None)
     signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519,
-                               key_resolver=_PrivateKey(key))  # type: ignore[arg-type]
+                               key_resolver=_PrivateKey(stack.local_key()))
     signer.sign(req, key_id="local", nonce=secrets.token_hex(8),
                 covered_component_ids=("@method", "@target-uri", "content-type"), body=body)
     return httpx.Client().send(req)
@@ -266,20 +254,11 @@ def test_no_canary_in_redis_or_logs(appliance_stack: Stack) -> None:
 
 def test_pickle_message_is_refused_not_executed(appliance_stack: Stack, tmp_path: Path) -> None:
     """Someone holding broker credentials pushes a pickled task: the worker never unpickles it."""
-    from celery import Celery
-
-    from appliance.worker.celery_config import BROKER_KEY_PREFIX, TASK_NAME
+    from appliance.worker.celery_config import TASK_NAME
 
     marker = tmp_path / "pwned"
-    r = appliance_stack.status["redis"]
-    password = Path(r["password_file"]).read_text().strip()
-    attacker = Celery("attacker", broker=f"rediss://admin:{password}@127.0.0.1:{r['port']}/0")
-    attacker.conf.update(
-        broker_use_ssl={"ssl_cert_reqs": 2, "ssl_ca_certs": r["tls"]["ca"],
-                        "ssl_certfile": r["tls"]["cert"], "ssl_keyfile": r["tls"]["key"]},
-        broker_transport_options={"global_keyprefix": BROKER_KEY_PREFIX},
-        task_serializer="pickle", accept_content=["pickle", "json"],
-    )
+    attacker = appliance_stack.broker_producer(
+        "attacker", task_serializer="pickle", accept_content=["pickle", "json"])
 
     class Exploit:
         def __reduce__(self) -> tuple[Any, ...]:

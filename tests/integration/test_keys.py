@@ -11,16 +11,10 @@ from click.testing import CliRunner
 from appliance.cli import main
 from appliance.errors import SealBroken
 from appliance.jobs import open_result
-from appliance.vault import Transit, VaultSession
 
 from .conftest import Stack, submit
 
 pytestmark = pytest.mark.integration
-
-
-def _transit(stack: Stack) -> Transit:
-    token = (stack.state / "secrets" / "bao-root.token").read_text().strip()
-    return Transit(VaultSession(stack.status["vault_addr"], token))
 
 
 def _run(stack: Stack, value: int) -> str:
@@ -38,7 +32,7 @@ def _kid(stack: Stack, key: str) -> str:
 def test_wrong_client_context_cannot_open(appliance_stack: Stack) -> None:
     key = _run(appliance_stack, 5)
     sealed = json.loads(appliance_stack.admin_redis().get(f"result:{key}"))["sealed"]
-    transit = _transit(appliance_stack)
+    transit = appliance_stack.root_transit()
     assert open_result(transit, sealed, key, "local")["result"] == 5
     with pytest.raises(SealBroken):
         open_result(transit, sealed, key, "someone-else")

@@ -6,16 +6,13 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from appliance.jobs import JobMessage, seal_job, sign_message
 from appliance.results import new_result_key
-from appliance.vault import Transit, VaultSession
-from appliance.worker.celery_config import BROKER_KEY_PREFIX, TASK_NAME
+from appliance.worker.celery_config import TASK_NAME
 
 from .conftest import Stack
 
@@ -25,34 +22,16 @@ SPEC = {"module": "def f():\n    return 7\n", "function": "f", "args": [], "kwar
         "limits": {}, "imports": [], "secrets": []}
 
 
-def _producer(stack: Stack) -> Celery:
-    """Someone holding broker credentials (here the admin's), speaking JSON."""
-    r = stack.status["redis"]
-    password = Path(r["password_file"]).read_text().strip()
-    app = Celery("intruder", broker=f"rediss://admin:{password}@127.0.0.1:{r['port']}/0")
-    app.conf.update(
-        broker_use_ssl={"ssl_cert_reqs": 2, "ssl_ca_certs": r["tls"]["ca"],
-                        "ssl_certfile": r["tls"]["cert"], "ssl_keyfile": r["tls"]["key"]},
-        broker_transport_options={"global_keyprefix": BROKER_KEY_PREFIX},
-        task_serializer="json",
-    )
-    return app
-
-
-def _transit(stack: Stack) -> Transit:
-    token = (stack.state / "secrets" / "bao-root.token").read_text().strip()
-    return Transit(VaultSession(stack.status["vault_addr"], token))
-
-
 def _message(stack: Stack) -> JobMessage:
     task_id = str(uuid.uuid4())
     key = new_result_key("f", int(time.time() * 1000))
-    sealed = seal_job(_transit(stack), SPEC, task_id, key, "local")
+    sealed = seal_job(stack.root_transit(), SPEC, task_id, key, "local")
     return JobMessage(task_id, key, "local", sealed)
 
 
 def _send(stack: Stack, message: dict[str, Any]) -> None:
-    _producer(stack).send_task(TASK_NAME, args=[message], queue="appliance")
+    intruder = stack.broker_producer("intruder", task_serializer="json")
+    intruder.send_task(TASK_NAME, args=[message], queue="appliance")
 
 
 def _wait_log(stack: Stack, needle: str, timeout: float = 15) -> bool:
@@ -90,7 +69,7 @@ def test_message_with_foreign_fields_is_refused(appliance_stack: Stack) -> None:
 
 
 def test_replayed_message_runs_once(appliance_stack: Stack) -> None:
-    signed = sign_message(_transit(appliance_stack), _message(appliance_stack), TASK_NAME,
+    signed = sign_message(appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME,
                           time.time())
     _send(appliance_stack, signed.to_wire())
     assert _result_exists(appliance_stack, signed.result_key, wait=15)
@@ -102,7 +81,7 @@ def test_replayed_message_runs_once(appliance_stack: Stack) -> None:
 
 
 def test_expired_message_is_refused(appliance_stack: Stack) -> None:
-    signed = sign_message(_transit(appliance_stack), _message(appliance_stack), TASK_NAME,
+    signed = sign_message(appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME,
                           time.time() - 7200)
     _send(appliance_stack, signed.to_wire())
     assert _wait_log(appliance_stack, ": expired")
@@ -110,7 +89,7 @@ def test_expired_message_is_refused(appliance_stack: Stack) -> None:
 
 
 def test_signature_does_not_transfer_to_other_arguments(appliance_stack: Stack) -> None:
-    signed = sign_message(_transit(appliance_stack), _message(appliance_stack), TASK_NAME,
+    signed = sign_message(appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME,
                           time.time())
     other = _message(appliance_stack)
     swapped = replace(signed, sealed_job=other.sealed_job)
