@@ -26,8 +26,8 @@ if "pytest" not in sys.modules and os.environ.get("SANDBOX_UNSAFE_TESTING") != "
 from . import _child, _restricted  # noqa: E402 - only after the gate above
 from ._client import Sandbox  # noqa: E402
 from ._limits import Limits  # noqa: E402
-from ._outcome import Outcome, error, outcome_from_dict  # noqa: E402
-from ._request import PreparedRun, prepare  # noqa: E402
+from ._outcome import Outcome, error  # noqa: E402
+from ._request import PreparedRun  # noqa: E402
 from ._server import main as _serve  # noqa: E402
 from ._supervisor import Supervisor  # noqa: E402
 
@@ -108,6 +108,8 @@ class UnsafeRawCodeRun(Sandbox):
         limits: Mapping[str, Any] | Limits | None = None,
         allow_imports: Iterable[str] = (),
     ) -> Outcome:
-        """Run `entry(*args, **kwargs)` from raw, unrestricted `source` in an isolated child."""
-        run = prepare(self.policy, source, entry, list(args), dict(kwargs or {}), limits, ())
-        return outcome_from_dict(self._call(run.to_wire())["outcome"])
+        """Run `entry(*args, **kwargs)` from raw, unrestricted `source` in an isolated child.
+
+        Imports are never allowed here: raw code reaches the interpreter's own import anyway.
+        """
+        return super().run(source, entry, args, kwargs, limits, ())
