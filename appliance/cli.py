@@ -58,6 +58,8 @@ def _state_option(fn: Any) -> Any:
 @click.option("--flower-port", type=int, default=None, help="Flower port (0: any free port)")
 @click.option("--redis-port", type=int, default=None, help="Redis port (0: any free port)")
 @click.option("--bao-port", type=int, default=None, help="OpenBao port (0: any free port)")
+@click.option("--metrics-port", type=int, default=None,
+              help="the worker's metrics port (0: any free port)")
 @click.pass_context
 def up(ctx: click.Context, **ports: int | None) -> None:
     """Start the whole local stack (idempotent) and print its URLs."""

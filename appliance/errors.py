@@ -42,6 +42,12 @@ class NotFound(ApplianceError):
     status, code, title = 404, "not_found", "Not found"
 
 
+class Conflict(ApplianceError):
+    """Raised when the resource is in a state that forbids the operation (a running job)."""
+
+    status, code, title = 409, "conflict", "Conflict"
+
+
 class PayloadTooLarge(ApplianceError):
     """Raised when a body is larger than the configured maximum."""
 

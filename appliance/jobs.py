@@ -15,14 +15,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .envelope import Envelope, open_envelope, seal
+from .errors import SealBroken
 from .vault import Transit
 
 JOBS_KEY = "jobs"
 RESULTS_KEY = "results"
 SIGNING_KEY = "task-signing"
+#: Transit key of the value carried from one workflow step to the next (worker to worker).
+CARRY_KEY = "carry"
 #: How long an enqueued message stays valid: a job not started by then is refused.
 MESSAGE_TTL_SECONDS = 3600
 _FIELDS = ("task_id", "result_key", "client", "sealed_job", "nonce", "expires", "signature")
+#: Fields a message may carry besides those: the sealed result of the previous workflow step.
+_OPTIONAL = ("carry",)
 
 
 class MessageRejected(Exception):
@@ -44,21 +49,31 @@ class JobMessage:
     nonce: str = ""
     expires: int = 0
     signature: str = ""
+    #: Set by the worker on a workflow step after the first: the previous step's value, sealed
+    #: under `carry` and bound to this step. Not covered by the API's signature (the API never
+    #: sees it); its AES-GCM seal authenticates it instead.
+    carry: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         """As JSON for the broker."""
-        return {f: getattr(self, f) for f in _FIELDS}
+        wire = {f: getattr(self, f) for f in _FIELDS}
+        if self.carry:
+            wire["carry"] = self.carry
+        return wire
 
     @classmethod
     def from_wire(cls, untrusted: Any) -> JobMessage:
         """Parse the broker's JSON; raise MessageRejected when malformed."""
-        if not isinstance(untrusted, dict) or set(untrusted) != set(_FIELDS):
+        if not isinstance(untrusted, dict) or not set(_FIELDS) <= set(untrusted) <= {
+            *_FIELDS, *_OPTIONAL
+        }:
             raise MessageRejected("malformed")
+        fields = [f for f in (*_FIELDS, *_OPTIONAL) if f in untrusted]
         if not isinstance(untrusted["expires"], int) or not all(
-            isinstance(untrusted[f], str) for f in _FIELDS if f != "expires"
+            isinstance(untrusted[f], str) for f in fields if f != "expires"
         ):
             raise MessageRejected("malformed")
-        return cls(**{f: untrusted[f] for f in _FIELDS})
+        return cls(**{f: untrusted[f] for f in fields})
 
     def signed_bytes(self, task_name: str) -> bytes:
         """What the signature covers: task name, id, a digest of the arguments, nonce, expiry."""
@@ -120,9 +135,40 @@ def seal_result(transit: Transit, body: dict[str, Any], result_key: str, client:
     return seal(key, wrapped, json.dumps(body).encode(), _result_aad(result_key, client)).to_json()
 
 
+def seal_results(transit: Transit, bodies: dict[str, dict[str, Any]],
+                 client: str) -> dict[str, str]:
+    """Seal several result bodies of one client under one data key (one OpenBao call)."""
+    key, wrapped = transit.data_key(RESULTS_KEY, client)
+    return {
+        result_key: seal(key, wrapped, json.dumps(body).encode(),
+                         _result_aad(result_key, client)).to_json()
+        for result_key, body in bodies.items()
+    }
+
+
 def open_result(transit: Transit, sealed: str, result_key: str, client: str) -> dict[str, Any]:
     """Open a stored result for its own client; raise SealBroken otherwise."""
     envelope = Envelope.from_json(sealed)
     key = transit.unwrap_key(RESULTS_KEY, envelope.wrapped_key, client)
     body: dict[str, Any] = json.loads(open_envelope(key, envelope, _result_aad(result_key, client)))
     return body
+
+
+def _carry_aad(message: JobMessage) -> bytes:
+    return f"carry|{message.task_id}|{message.result_key}|{message.client}".encode()
+
+
+def attach_carry(transit: Transit, message: JobMessage, value: Any) -> JobMessage:
+    """The next workflow step's message, carrying `value` sealed to that step alone."""
+    key, wrapped = transit.data_key(CARRY_KEY, message.client)
+    sealed = seal(key, wrapped, json.dumps(value).encode(), _carry_aad(message))
+    return replace(message, carry=sealed.to_json())
+
+
+def open_carry(transit: Transit, message: JobMessage) -> Any:
+    """The value carried into this step; raise SealBroken if absent, altered or moved."""
+    if not message.carry:
+        raise SealBroken("no carried value")
+    envelope = Envelope.from_json(message.carry)
+    key = transit.unwrap_key(CARRY_KEY, envelope.wrapped_key, message.client)
+    return json.loads(open_envelope(key, envelope, _carry_aad(message)))

@@ -36,6 +36,8 @@ class Client:
     allowed_imports: tuple[str, ...] = ()
     limits: dict[str, Any] = field(default_factory=dict)
     rate_per_minute: int = 120
+    #: Jobs per UTC day; 0 means no daily quota.
+    daily_quota: int = 0
     enabled: bool = True
 
     def public_key(self) -> Ed25519PublicKey:
@@ -71,6 +73,7 @@ class Client:
             allowed_imports=tuple(data.get("allowed_imports", ())),
             limits=dict(data.get("limits", {})),
             rate_per_minute=int(data.get("rate_per_minute", 120)),
+            daily_quota=int(data.get("daily_quota", 0)),
             enabled=bool(data.get("enabled", True)),
         )
 

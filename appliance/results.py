@@ -1,11 +1,18 @@
 """Result keys and the result store in Redis: ciphertext under `result:<key>` with a TTL, and a
-small `pending:<key>` record (client and state, no payload) while the job is queued or running."""
+small `pending:<key>` record (client and state, no payload) while the job is queued or running.
+
+Also kept here, since they change together with results: `claim:<nonce>` (which worker runs a
+signed message, how many times it was attempted, and whether it is done) and `workflow:<id>`
+(the signed, sealed messages of a workflow's later steps until each is enqueued).
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +36,25 @@ def check_result_key(untrusted_key: str) -> str:
     if not isinstance(untrusted_key, str) or not RESULT_KEY_PATTERN.fullmatch(untrusted_key):
         raise BadRequest("key is not a result key", code="invalid_key")
     return untrusted_key
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who runs a signed message: `running` by `owner` (host:pid) on its `attempts`th try, or
+    `done`."""
+
+    state: str
+    owner: str = ""
+    attempts: int = 0
+
+    @classmethod
+    def parse(cls, raw: bytes | str | None) -> Claim | None:
+        """From the stored JSON; None when absent."""
+        if raw is None:
+            return None
+        record: dict[str, Any] = json.loads(raw)
+        return cls(str(record["state"]), str(record.get("owner", "")),
+                   int(record.get("attempts", 0)))
 
 
 @dataclass(frozen=True)
@@ -60,33 +86,158 @@ class ResultStore:
         except redis.RedisError as exc:
             raise DependencyUnavailable("Redis is unreachable") from exc
 
+    def start(self, key: str, client: str, task_id: str) -> bool:
+        """Mark the job for `key` as running, unless it was revoked (then False)."""
+        name = self._pending(key)
+        record = json.dumps({"client": client, "state": "running", "task_id": task_id})
+        with self._redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(name)  # type: ignore[no-untyped-call]
+                raw = pipe.get(name)
+                if raw is not None and json.loads(raw)["state"] == "revoked":
+                    return False
+                pipe.multi()
+                pipe.set(name, record, ex=PENDING_TTL_SECONDS)
+                pipe.execute()
+            except redis.WatchError:
+                return self.state(key) != "revoked" and self.start(key, client, task_id)
+        return True
+
     def put(self, key: str, client: str, sealed: str) -> None:
         """Store the sealed result with the TTL and drop the pending record, atomically."""
-        value = json.dumps({"client": client, "sealed": sealed})
-        try:
+        with self._redis_errors():
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self.prefix + key, value, ex=self.ttl_seconds)
-            pipe.delete(self._pending(key))
+            self._put(pipe, key, client, sealed)
             pipe.execute()
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
 
-    def claim(self, nonce: str, ttl_seconds: int) -> str | None:
-        """Mark a message's nonce as running; return its previous state ("running", "done")
-        or None for a first delivery. Kept until the message expires, so a replay is known."""
-        try:
+    def _put(self, pipe: Any, key: str, client: str, sealed: str) -> None:
+        pipe.set(self.prefix + key, json.dumps({"client": client, "sealed": sealed}),
+                 ex=self.ttl_seconds)
+        pipe.delete(self._pending(key))
+
+    def claim(self, nonce: str, ttl_seconds: int, owner: str) -> Claim | None:
+        """Claim a message's nonce for `owner`; return None when this is the first delivery,
+        else the existing claim (running elsewhere, or done). Kept until the message expires,
+        so a replay is known."""
+        record = json.dumps({"state": "running", "owner": owner, "attempts": 1})
+        with self._redis_errors():
             pipe = self.redis.pipeline(transaction=True)
-            pipe.set(f"claim:{nonce}", "running", nx=True, ex=max(1, ttl_seconds))
+            pipe.set(f"claim:{nonce}", record, nx=True, ex=max(1, ttl_seconds))
             pipe.get(f"claim:{nonce}")
-            created, state = pipe.execute()
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
-        return None if created else (state.decode() if state else None)
+            created, raw = pipe.execute()
+        return None if created else Claim.parse(raw)
+
+    def take_over(self, nonce: str, ttl_seconds: int, owner: str, previous: Claim) -> bool:
+        """Take a claim whose owner died; False if someone else changed it first."""
+        name = f"claim:{nonce}"
+        record = json.dumps(
+            {"state": "running", "owner": owner, "attempts": previous.attempts + 1}
+        )
+        with self._redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(name)  # type: ignore[no-untyped-call]
+                if Claim.parse(pipe.get(name)) != previous:
+                    return False
+                pipe.multi()
+                pipe.set(name, record, ex=max(1, ttl_seconds))
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
 
     def finish_claim(self, nonce: str, ttl_seconds: int) -> None:
         """Mark a message's nonce as done: any later delivery of it is a replay."""
+        record = json.dumps({"state": "done", "owner": "", "attempts": 0})
+        with self._redis_errors():
+            self.redis.set(f"claim:{nonce}", record, ex=max(1, ttl_seconds))
+
+    def worker_alive(self, owner: str, heartbeat_key: str, fresh_seconds: float,
+                     now: float) -> bool:
+        """Whether `owner` (host:pid) sent a heartbeat within `fresh_seconds`."""
+        with self._redis_errors():
+            score = self.redis.zscore(heartbeat_key, owner)
+        return score is not None and float(score) >= now - fresh_seconds
+
+    # ---- workflows ---------------------------------------------------------------------
+
+    def save_workflow(self, workflow_id: str, messages: dict[int, str], ttl_seconds: int) -> None:
+        """Keep the wire messages of steps 1.. until the worker enqueues each."""
+        if not messages:
+            return
+        with self._redis_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(f"workflow:{workflow_id}", mapping={str(i): m for i, m in messages.items()})
+            pipe.expire(f"workflow:{workflow_id}", max(1, ttl_seconds))
+            pipe.execute()
+
+    def workflow_messages(self, workflow_id: str) -> dict[str, str]:
+        """Every field of the workflow record: step number -> message, `ready:<n>` -> staged."""
+        with self._redis_errors():
+            raw = self.redis.hgetall(f"workflow:{workflow_id}")
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def put_and_stage(self, key: str, client: str, sealed: str, workflow_id: str, step: int,
+                      message: str) -> None:
+        """Store a step's result and stage the next step's message, atomically: if the worker
+        dies before enqueuing it, the redelivered step finds it here and enqueues it."""
+        with self._redis_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            self._put(pipe, key, client, sealed)
+            pipe.hset(f"workflow:{workflow_id}", f"ready:{step}", message)
+            pipe.execute()
+
+    def unstage(self, workflow_id: str, step: int) -> None:
+        """The staged message of `step` was enqueued: forget it and the step's own copy."""
+        with self._redis_errors():
+            self.redis.hdel(f"workflow:{workflow_id}", f"ready:{step}", str(step))
+
+    def put_many(self, results: dict[str, str], client: str,
+                 workflow_id: str | None = None) -> None:
+        """Store several sealed results at once (a failed step and the steps it skips), and drop
+        the workflow record: nothing after them will run."""
+        with self._redis_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            for key, sealed in results.items():
+                self._put(pipe, key, client, sealed)
+            if workflow_id is not None:
+                pipe.delete(f"workflow:{workflow_id}")
+            pipe.execute()
+
+    def revoke(self, key: str, client: str) -> str | None:
+        """Mark a queued job as revoked; return the state it was in (None if unknown)."""
+        name = self._pending(key)
+        with self._redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(name)  # type: ignore[no-untyped-call]
+                raw = pipe.get(name)
+                if raw is None:
+                    return None
+                record: dict[str, Any] = json.loads(raw)
+                if record["client"] != client or record["state"] != "queued":
+                    return str(record["state"]) if record["client"] == client else None
+                record["state"] = "revoked"
+                pipe.multi()
+                pipe.set(name, json.dumps(record), keepttl=True)
+                pipe.execute()
+            except redis.WatchError:
+                return "running"
+        return "queued"
+
+    def state(self, key: str) -> str | None:
+        """The pending state of `key` ("queued", "running", "revoked"), or None."""
+        with self._redis_errors():
+            raw = self.redis.get(self._pending(key))
+        return None if raw is None else str(json.loads(raw)["state"])
+
+    def delete(self, key: str) -> None:
+        """Forget a stored result before its TTL."""
+        with self._redis_errors():
+            self.redis.delete(self.prefix + key, self._pending(key))
+
+    @contextmanager
+    def _redis_errors(self) -> Iterator[None]:
         try:
-            self.redis.set(f"claim:{nonce}", "done", ex=max(1, ttl_seconds))
+            yield
         except redis.RedisError as exc:
             raise DependencyUnavailable("Redis is unreachable") from exc
 
@@ -114,3 +265,7 @@ class ResultStore:
             record: dict[str, Any] = json.loads(pending)
             return Stored(record["client"], record["state"])
         return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

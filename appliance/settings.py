@@ -49,6 +49,19 @@ class Settings(BaseSettings):
 
     audit_log: Path | None = None
 
+    # Task lifecycle. A message not acknowledged this long after delivery (its worker died) is
+    # delivered again; keep it above the longest job (the policy's wall-clock maximum).
+    visibility_timeout_seconds: int = Field(default=300, ge=1)
+    # Workers beat this often; one silent for three beats is taken for dead.
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # A job whose worker died this many times (e.g. killed by the OOM killer) ends as failed.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    workflow_max_steps: int = Field(default=10, ge=1, le=100)
+
+    # Prometheus: `/metrics` (API) and the worker's endpoint answer only this bearer token.
+    metrics_token_file: Path | None = None
+    metrics_port: int = 0  # the worker's metrics port on loopback; 0: not served
+
     flower_user: str = "operator"
     flower_password: SecretStr | None = None
 

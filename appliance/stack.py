@@ -29,7 +29,7 @@ from .registry import Client, Registry
 from .vault import VaultSession
 
 HOST = "127.0.0.1"
-DEFAULT_PORTS = {"redis": 16379, "bao": 18200, "api": 8000, "flower": 5555}
+DEFAULT_PORTS = {"redis": 16379, "bao": 18200, "api": 8000, "flower": 5555, "metrics": 9464}
 SERVICES = ("worker", "api", "flower")
 LOCAL_CLIENT = "local"
 WORKER_CONCURRENCY = 2
@@ -43,6 +43,7 @@ class Ports:
     bao: int
     api: int
     flower: int
+    metrics: int  # the worker's Prometheus endpoint (the API serves its own on /metrics)
 
 
 def _config_file(state: Path) -> Path:
@@ -52,7 +53,7 @@ def _config_file(state: Path) -> Path:
 def load_ports(state: Path, requested: dict[str, int] | None = None) -> Ports:
     """The ports recorded for this state, or the requested/default ones for a new stack."""
     if _config_file(state).is_file():
-        return Ports(**json.loads(_config_file(state).read_text())["ports"])
+        return Ports(**{**DEFAULT_PORTS, **json.loads(_config_file(state).read_text())["ports"]})
     chosen = dict(DEFAULT_PORTS)
     for name, port in (requested or {}).items():
         chosen[name] = _stack.free_port() if port == 0 else port
@@ -94,9 +95,16 @@ def service_env(state: Path, role: str, ports: Ports, pki: _stack.Pki,
         "APPLIANCE_REDIS_PASSWORD_FILE": str(_stack.password_file(state, role)),
         "APPLIANCE_VAULT_ADDR": f"http://{HOST}:{ports.bao}",
         "APPLIANCE_AUDIT_LOG": str(audit_log(state)),
+        "APPLIANCE_METRICS_TOKEN_FILE": str(metrics_token_file(state)),
+        "APPLIANCE_METRICS_PORT": str(ports.metrics),
     }
     env.update(extra or {})
     return env
+
+
+def metrics_token_file(state: Path) -> Path:
+    """The bearer token a Prometheus scraper presents to `/metrics` (API and worker)."""
+    return state / "secrets" / "metrics.token"
 
 
 def audit_log(state: Path) -> Path:
@@ -187,6 +195,8 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
     _stack.bootstrap(bao)
     (state / "audit").mkdir(exist_ok=True, mode=0o700)
     export_audit_keys(state, bao.addr, bao.root_token)
+    if not metrics_token_file(state).is_file():
+        _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
     flower_pass = state / "secrets" / "flower.pass"
     if not flower_pass.is_file():
         _stack.write_private(flower_pass, secrets.token_urlsafe(24).encode())
@@ -244,6 +254,11 @@ def status(state: Path) -> dict[str, Any]:
         "flower_url": f"http://{HOST}:{ports.flower}",
         "vault_addr": f"http://{HOST}:{ports.bao}",
         "audit_log": str(audit_log(state)),
+        "metrics": {
+            "api": f"http://{HOST}:{ports.api}/metrics",
+            "worker": f"http://{HOST}:{ports.metrics}/metrics",
+            "token_file": str(metrics_token_file(state)),
+        },
         "services": services,
         "redis": operator_access(state, HOST, ports.redis, pki),
         "client": {

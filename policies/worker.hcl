@@ -12,6 +12,14 @@ path "transit/datakey/plaintext/results" {
   capabilities = ["update"]
 }
 
+# Workflows: seal a step's value for the next step, and open the value carried into a step.
+path "transit/datakey/plaintext/carry" {
+  capabilities = ["update"]
+}
+path "transit/decrypt/carry" {
+  capabilities = ["update"]
+}
+
 # Check the API's signature on a task envelope (verify with `hmac=`, or recompute it).
 path "transit/verify/task-signing" {
   capabilities = ["update"]

@@ -41,12 +41,14 @@ KV_MOUNT = "kv"
 APPROLE_MOUNT = "approle"
 
 #: Transit keys: name -> creation parameters. `results` and `jobs` are derived (every datakey is
-#: bound to a context, e.g. the result key); `task-signing` is used through `hmac/` and `verify/`;
+#: bound to a context, e.g. the result key); `carry` seals a workflow step's value for the next
+#: step (worker only); `task-signing` is used through `hmac/` and `verify/`;
 #: `audit` signs audit-log checkpoints that verify offline with its public key.
 TRANSIT_KEYS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         "results": {"key_type": "aes256-gcm96", "derived": True},
         "jobs": {"key_type": "aes256-gcm96", "derived": True},
+        "carry": {"key_type": "aes256-gcm96", "derived": True},
         "task-signing": {"key_type": "aes256-gcm96"},
         "audit": {"key_type": "ed25519"},
     }

@@ -15,13 +15,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,22 +32,35 @@ from ..audit import AuditError, AuditLog, AuditSink, EventType, TransitSigner
 from ..errors import (
     ApplianceError,
     BadRequest,
+    Conflict,
     DependencyUnavailable,
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     SealBroken,
+    Unauthorized,
     UnsupportedMediaType,
 )
-from ..jobs import JobMessage, open_result, seal_job, sign_message
+from ..jobs import MESSAGE_TTL_SECONDS, JobMessage, open_result, seal_job, sign_message
+from ..observability import (
+    HTTP_LATENCY,
+    HTTP_REQUESTS,
+    authorized,
+    current_request_id,
+    exposition,
+    new_request_id,
+    read_token,
+)
 from ..registry import Client, Registry
 from ..results import ResultStore, check_result_key, new_result_key
 from ..settings import Settings
 from ..signatures import UnverifiedRequest, verify_request
 from ..vault import Transit, VaultSession
-from ..worker.celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery
+from ..worker.celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery, publish
 
 WORKER_FRESH_SECONDS = 20
+M = TypeVar("M", bound=BaseModel)
 
 
 class TaskIn(BaseModel):
@@ -62,6 +75,52 @@ class TaskIn(BaseModel):
     limits: dict[str, Any] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list, max_length=32)
     imports: list[str] = Field(default_factory=list, max_length=32)
+
+
+class WorkflowIn(BaseModel):
+    """A workflow submission (CONTRACT.md §2): steps shaped like tasks, run in order, each
+    receiving the previous step's result as its first positional argument."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    steps: list[TaskIn] = Field(min_length=1, max_length=100)
+
+
+class RateLimiter:
+    """Per-client fixed windows in Redis: jobs per minute and per UTC day.
+
+    A refused request is not counted. Each step of a workflow counts as one job.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def hit(self, client: Client, cost: int, now: float) -> None:
+        """Count `cost` jobs for `client`, or raise RateLimited (counting nothing)."""
+        windows = [(f"m:{int(now // 60)}", client.rate_per_minute, 60 - int(now % 60))]
+        if client.daily_quota:
+            windows.append((f"d:{int(now // 86400)}", client.daily_quota,
+                            86400 - int(now % 86400)))
+        keys = [f"ratelimit:{client.keyid}:{suffix}" for suffix, _, _ in windows]
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            for key, (_, _, left) in zip(keys, windows, strict=True):
+                pipe.incrby(key, cost)
+                pipe.expire(key, left + 1)
+            counts = pipe.execute()[::2]
+            over = [(w, key) for w, key, count in zip(windows, keys, counts, strict=True)
+                    if count > w[1]]
+            if over:
+                pipe = self.redis.pipeline(transaction=True)
+                for key in keys:
+                    pipe.decrby(key, cost)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise DependencyUnavailable("Redis is unreachable") from exc
+        if over:
+            (suffix, limit, left), _ = over[0]
+            what = "jobs per minute" if suffix.startswith("m:") else "jobs per day"
+            raise RateLimited(f"over the client's limit of {limit} {what}", retry_after=left)
 
 
 class RedisNonces:
@@ -91,6 +150,8 @@ class Services:
     vault: VaultSession
     policy: sandbox.Policy
     audit: AuditSink
+    limiter: RateLimiter
+    metrics_token: bytes | None = None
     clock: Callable[[], float] = time.time
 
     @classmethod
@@ -117,6 +178,8 @@ class Services:
             vault=session,
             policy=sandbox.Policy.load(),
             audit=audit,
+            limiter=RateLimiter(client),
+            metrics_token=read_token(settings.metrics_token_file),
         )
 
 
@@ -151,8 +214,8 @@ def authenticate(services: Services, request: Request, body: bytes) -> Client:
     return client
 
 
-def parse_task(request: Request, body: bytes) -> TaskIn:
-    """Parse a JSON body into a task; 415 when not JSON, 400 when malformed."""
+def parse_body(request: Request, body: bytes, model: type[M]) -> M:
+    """Parse a JSON body into `model`; 415 when not JSON, 400 when malformed."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise UnsupportedMediaType("the body must be application/json")
@@ -163,9 +226,15 @@ def parse_task(request: Request, body: bytes) -> TaskIn:
     if not isinstance(raw, dict):
         raise BadRequest("body must be a JSON object", code="malformed_json")
     try:
-        return TaskIn.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise BadRequest(_first_error(exc), code="invalid_field") from exc
+
+
+def request_id(request: Request) -> str | None:
+    """The id the middleware gave this request."""
+    rid: str | None = getattr(request.state, "request_id", None)
+    return rid
 
 
 def _reject_constant(name: str) -> Any:
@@ -216,27 +285,87 @@ def authorize(services: Services, client: Client, task: TaskIn) -> dict[str, Any
     }
 
 
-def enqueue(services: Services, client: Client, spec: dict[str, Any]) -> dict[str, str]:
-    """Seal the job, record it as queued, and hand it to the broker."""
+def _sign_job(services: Services, client: Client, spec: dict[str, Any]) -> JobMessage:
+    """Seal a job and sign its message: identifiers and ciphertext only."""
     task_id = str(uuid.uuid4())
     result_key = new_result_key(spec["function"], int(services.clock() * 1000))
     sealed = seal_job(services.transit, spec, task_id, result_key, client.keyid)
-    message = sign_message(services.transit, JobMessage(task_id, result_key, client.keyid, sealed),
-                           TASK_NAME, services.clock())
-    services.store.mark(result_key, client.keyid, "queued", task_id)
+    return sign_message(services.transit, JobMessage(task_id, result_key, client.keyid, sealed),
+                        TASK_NAME, services.clock())
+
+
+def _publish(services: Services, message: JobMessage, request_id: str | None) -> None:
     try:
-        services.celery.send_task(
-            TASK_NAME, args=[message.to_wire()], task_id=task_id,
-            queue=services.settings.queue_name, argsrepr="[sealed job]", kwargsrepr="{}",
-        )
+        publish(services.celery, services.settings, message.to_wire(), message.task_id,
+                request_id)
     except Exception as exc:  # kombu raises many types; the job was not accepted.
         raise DependencyUnavailable("the broker is unreachable") from exc
+
+
+def _audit_accepted(services: Services, message: JobMessage, spec: dict[str, Any],
+                    request_id: str | None, **step: Any) -> None:
     services.audit.record(
-        EventType.SUBMISSION_ACCEPTED, client=client.keyid, function=spec["function"],
-        task_id=task_id, result_key=result_key, module_source=spec["module"],
-        args=spec["args"], kwargs=spec["kwargs"],
+        EventType.SUBMISSION_ACCEPTED, client=message.client, function=spec["function"],
+        task_id=message.task_id, result_key=message.result_key, module_source=spec["module"],
+        args=spec["args"], kwargs=spec["kwargs"], request_id=request_id, **step,
     )
-    return {"task_id": task_id, "result_key": result_key, "status": "queued"}
+
+
+def enqueue(services: Services, client: Client, spec: dict[str, Any],
+            request_id: str | None = None) -> dict[str, str]:
+    """Seal the job, record it as queued, and hand it to the broker."""
+    message = _sign_job(services, client, spec)
+    services.store.mark(message.result_key, client.keyid, "queued", message.task_id)
+    _publish(services, message, request_id)
+    _audit_accepted(services, message, spec, request_id)
+    return {"task_id": message.task_id, "result_key": message.result_key, "status": "queued"}
+
+
+def enqueue_workflow(services: Services, client: Client, specs: list[dict[str, Any]],
+                     request_id: str | None = None) -> dict[str, Any]:
+    """Seal and sign every step up front; queue the first. The signed messages of the later
+    steps wait in Redis (`workflow:<id>`) until the worker that finishes a step enqueues the
+    next one, with the step's value sealed to it."""
+    workflow_id = str(uuid.uuid4())
+    steps = [{**spec, "workflow": {"id": workflow_id, "step": i, "steps": len(specs)}}
+             for i, spec in enumerate(specs)]
+    messages = [_sign_job(services, client, spec) for spec in steps]
+    for message in messages:
+        services.store.mark(message.result_key, client.keyid, "queued", message.task_id)
+    services.store.save_workflow(
+        workflow_id, {i: json.dumps(m.to_wire()) for i, m in enumerate(messages) if i},
+        MESSAGE_TTL_SECONDS,
+    )
+    _publish(services, messages[0], request_id)
+    for i, (message, spec) in enumerate(zip(messages, steps, strict=True)):
+        _audit_accepted(services, message, spec, request_id, workflow_id=workflow_id, step=i)
+    return {
+        "workflow_id": workflow_id,
+        "result_key": messages[-1].result_key,
+        "status": "queued",
+        "steps": [{"task_id": m.task_id, "result_key": m.result_key} for m in messages],
+    }
+
+
+def revoke(services: Services, client: Client, untrusted_key: str) -> dict[str, str]:
+    """Revoke a queued job (it will not run), or forget a finished result early."""
+    key = check_result_key(untrusted_key)
+    stored = services.store.get(key)
+    if stored is None:
+        raise NotFound("no such result, or it has expired", code="result_not_found")
+    if stored.client != client.keyid:
+        raise Forbidden("this result belongs to another client", code="not_your_result")
+    if stored.state == "done":
+        services.store.delete(key)
+        outcome = "deleted"
+    elif stored.state == "revoked" or services.store.revoke(key, client.keyid) == "queued":
+        outcome = "revoked"
+    else:
+        raise Conflict("the job is already running; it cannot be revoked",
+                       code="already_running")
+    services.audit.record(EventType.TASK_REVOKED, client=client.keyid, result_key=key,
+                          status=outcome)
+    return {"key": key, "status": outcome}
 
 
 def read_result(
@@ -250,6 +379,7 @@ def read_result(
     if stored.client != client.keyid:
         raise Forbidden("this result belongs to another client", code="not_your_result")
     if stored.sealed is None:
+        # "queued", "running", or "revoked" until a worker drains the revoked message.
         return 202, {"key": key, "status": stored.state}
     try:
         body = open_result(services.transit, stored.sealed, key, client.keyid)
@@ -295,6 +425,25 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
         svc: Services = request.app.state.services
         return svc
 
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Any) -> Response:
+        """A request id for every request (the client's `X-Request-ID` if well-formed), and
+        its count and latency under its route template."""
+        rid = new_request_id(request.headers.get("x-request-id"))
+        request.state.request_id = rid
+        token = current_request_id.set(rid)
+        started, status = time.perf_counter(), 500
+        try:
+            response: Response = await call_next(request)
+            status = response.status_code
+        finally:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+            HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+            current_request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
+        return response
+
     @app.exception_handler(ApplianceError)
     async def _appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
         if 400 <= exc.status < 500:
@@ -318,9 +467,25 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
         svc = services(request)
         body = await read_body(request, svc.settings.max_body_bytes)
         client = await run_in_threadpool(authenticate, svc, request, body)
-        task = parse_task(request, body)
+        task = parse_body(request, body, TaskIn)
         spec = authorize(svc, client, task)
-        accepted = await run_in_threadpool(enqueue, svc, client, spec)
+        await run_in_threadpool(svc.limiter.hit, client, 1, svc.clock())
+        accepted = await run_in_threadpool(enqueue, svc, client, spec, request_id(request))
+        return JSONResponse(accepted, status_code=202)
+
+    @app.post("/v1/workflows", status_code=202)
+    async def submit_workflow(request: Request) -> JSONResponse:
+        svc = services(request)
+        body = await read_body(request, svc.settings.max_body_bytes)
+        client = await run_in_threadpool(authenticate, svc, request, body)
+        workflow = parse_body(request, body, WorkflowIn)
+        if len(workflow.steps) > svc.settings.workflow_max_steps:
+            raise BadRequest(f"a workflow has at most {svc.settings.workflow_max_steps} steps",
+                             code="too_many_steps")
+        specs = [authorize(svc, client, step) for step in workflow.steps]
+        await run_in_threadpool(svc.limiter.hit, client, len(specs), svc.clock())
+        accepted = await run_in_threadpool(enqueue_workflow, svc, client, specs,
+                                           request_id(request))
         return JSONResponse(accepted, status_code=202)
 
     async def _result(request: Request, key: str) -> JSONResponse:
@@ -337,6 +502,23 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
     @app.get("/v1/results/{key}")
     async def get_result_by_path(request: Request, key: str) -> JSONResponse:
         return await _result(request, key)
+
+    @app.delete("/v1/results/{key}")
+    async def revoke_result(request: Request, key: str) -> JSONResponse:
+        svc = services(request)
+        body = await read_body(request, svc.settings.max_body_bytes)
+        client = await run_in_threadpool(authenticate, svc, request, body)
+        return JSONResponse(await run_in_threadpool(revoke, svc, client, key))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        svc = services(request)
+        if svc.metrics_token is None:
+            raise NotFound("metrics are not configured", code="not_found")
+        if not authorized(svc.metrics_token, request.headers.get("authorization")):
+            raise Unauthorized("a bearer token is required", code="metrics_unauthorized")
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

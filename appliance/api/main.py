@@ -1,6 +1,8 @@
 """The ASGI entry point: `uvicorn appliance.api.main:app`."""
 
+from ..observability import configure_logging
 from ..settings import get_settings
 from .app import Services, create_app
 
+configure_logging("api")
 app = create_app(lambda: Services.from_settings(get_settings()))

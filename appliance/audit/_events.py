@@ -31,6 +31,7 @@ class EventType(StrEnum):
     EXECUTION_FINISHED = "execution.finished"
     TASK_REJECTED = "task.rejected"
     RESULT_READ = "result.read"
+    TASK_REVOKED = "task.revoked"
     KEY_ROTATED = "key.rotated"
     CREDENTIAL_ROTATED = "credential.rotated"
     # Written by the audit log itself, never by callers.
@@ -185,15 +186,19 @@ RULES: Mapping[EventType, _Rule] = {
     EventType.POLICY_DENIED: _rule(
         "client code", f"function task_id http_status reason {_REQUEST}", "denied"),
     EventType.EXECUTION_STARTED: _rule(
-        "task_id function", "client result_key module_sha256 workflow_id step", "running",
+        "task_id function", "client result_key module_sha256 workflow_id step request_id",
+        "running",
         "module_source args kwargs"),
     EventType.EXECUTION_FINISHED: _rule(
-        "task_id status", "function client result_key module_sha256 usage workflow_id step code",
+        "task_id status",
+        "function client result_key module_sha256 usage workflow_id step code request_id",
         None, "module_source result"),
     EventType.TASK_REJECTED: _rule(
-        "code", "task_id function client reason", "rejected"),
+        "code", "task_id function client reason request_id", "rejected"),
     EventType.RESULT_READ: _rule(
         "client result_key status", f"task_id http_status {_REQUEST}", None, "result"),
+    EventType.TASK_REVOKED: _rule(
+        "client result_key status", f"task_id {_REQUEST}"),
     EventType.KEY_ROTATED: _rule("key_name", "key_version actor code"),
     EventType.CREDENTIAL_ROTATED: _rule("credential", "actor code key_version"),
     EventType.CHECKPOINT: _rule(

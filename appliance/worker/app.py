@@ -21,16 +21,33 @@ import sandbox
 
 from ..audit import AuditLog, AuditSink, EventType, TransitSigner
 from ..errors import DependencyUnavailable, NotFound, SealBroken
-from ..jobs import JobMessage, MessageRejected, open_job, seal_result, verify_message
+from ..jobs import (
+    JobMessage,
+    MessageRejected,
+    attach_carry,
+    open_carry,
+    open_job,
+    seal_result,
+    seal_results,
+    verify_message,
+)
+from ..observability import (
+    JOB_DURATION,
+    JOBS,
+    configure_logging,
+    current_request_id,
+    observe_usage,
+    read_token,
+    serve_metrics,
+)
 from ..redis_conn import connect
 from ..results import ResultStore
 from ..settings import Settings, get_settings
 from ..vault import Transit, VaultSession, read_secrets
-from .celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery
+from .celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery, publish
 from .sandboxes import SandboxPool
 
 log = logging.getLogger("appliance.worker")
-HEARTBEAT_SECONDS = 5
 
 app = make_celery(get_settings())
 
@@ -72,6 +89,12 @@ def runtime() -> Runtime:
     return _runtime
 
 
+@signals.setup_logging.connect
+def _on_setup_logging(**_: Any) -> None:
+    # Connecting here stops Celery from configuring logging: every line is JSON instead.
+    configure_logging("worker")
+
+
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     global _runtime
@@ -86,6 +109,10 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
                 log.critical("worker start-up failed", exc_info=True)
                 raise SystemExit(1) from None
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
+    settings = get_settings()
+    token = read_token(settings.metrics_token_file)
+    if settings.metrics_port and token:
+        serve_metrics("127.0.0.1", settings.metrics_port, token)
 
 
 @signals.worker_shutdown.connect
@@ -95,13 +122,13 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 
 def _heartbeat() -> None:
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    name = owner()
     while True:
         try:
             runtime().store.redis.zadd(HEARTBEAT_KEY, {name: time.time()})
         except Exception:  # noqa: BLE001 - a missed heartbeat only delays readiness
             log.warning("heartbeat failed")
-        time.sleep(HEARTBEAT_SECONDS)
+        time.sleep(runtime().settings.heartbeat_seconds)
 
 
 def result_body(outcome: sandbox.Outcome) -> dict[str, Any]:
@@ -122,45 +149,173 @@ def _failure(code: str, message: str) -> dict[str, Any]:
             "error": {"code": code, "type": "JobError", "message": message}}
 
 
-def execute(rt: Runtime, message: JobMessage) -> str:
-    """Run one job: verify, claim, open, sandbox, seal, store. Returns the outcome status only.
+class InFlight(Exception):
+    """Raised when a message is already running on a live worker (a duplicate delivery)."""
+
+
+def owner() -> str:
+    """This worker's name in claims and heartbeats: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> str:
+    """Run one job: verify, open, claim, sandbox, seal, store. Returns the outcome status only.
 
     A message the API did not sign, an expired one, or one already run (a replay) is refused
-    before anything else happens. A message whose claim is "running" is a redelivery after a
-    worker died mid-job: it runs again, since no result was stored.
+    before anything else happens. A message claimed by a live worker is a duplicate delivery and
+    waits (InFlight). One claimed by a dead worker is a redelivery after a crash: if the dead
+    worker stored a result, its work is finished without running the job again; otherwise the
+    job runs again, at most `max_attempts` times in all, then ends as failed.
     """
     now = time.time()
     verify_message(rt.transit, message, TASK_NAME, now)
     ttl = message.expires - int(now)
-    if rt.store.claim(message.nonce, ttl) == "done" or rt.store.has_result(message.result_key):
+    spec = _open(rt, message)
+    claim = rt.store.claim(message.nonce, ttl, owner())
+    if claim is None:
+        if rt.store.has_result(message.result_key):
+            raise MessageRejected("replayed")
+        return _run_and_store(rt, message, spec, ttl, request_id)
+    if claim.state == "done":
         raise MessageRejected("replayed")
-    rt.store.mark(message.result_key, message.client, "running", message.task_id)
+    fresh = 3 * rt.settings.heartbeat_seconds
+    if claim.owner == owner() or rt.store.worker_alive(claim.owner, HEARTBEAT_KEY, fresh, now):
+        raise InFlight(message.task_id)
+    if rt.store.has_result(message.result_key):
+        _enqueue_staged(rt, message, spec, request_id)  # It died between storing and enqueuing.
+        rt.store.finish_claim(message.nonce, ttl)
+        return "recovered"
+    if claim.attempts >= rt.settings.max_attempts:
+        body = _failure("worker_lost", f"the job's worker died {claim.attempts} times while "
+                        "running it; it is not retried again")
+        _finish(rt, message, spec, body, ttl, request_id)
+        return "worker_lost"
+    if not rt.store.take_over(message.nonce, ttl, owner(), claim):
+        raise InFlight(message.task_id)
+    return _run_and_store(rt, message, spec, ttl, request_id)
+
+
+def _open(rt: Runtime, message: JobMessage) -> dict[str, Any] | None:
+    """The job's spec, with the carried value first among the arguments of a later workflow
+    step; None when the job does not open (it then ends as `rejected`)."""
     try:
         spec = open_job(rt.transit, message)
     except SealBroken:
-        spec = None
+        return None
+    workflow = spec.get("workflow")
+    if workflow and workflow["step"] > 0:
+        try:
+            carried = open_carry(rt.transit, message)
+        except SealBroken:
+            # Only a worker can seal a carry: a later step without one was not enqueued by us.
+            raise MessageRejected("bad carry") from None
+        spec = {**spec, "args": [carried, *spec.get("args", [])]}
+    return spec
+
+
+def _run_and_store(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int,
+                   request_id: str | None) -> str:
+    if spec is None:
         body = _failure("rejected", "the job could not be opened")
+    elif not rt.store.start(message.result_key, message.client, message.task_id):
+        body = _failure("revoked", "the job was revoked before it started")
     else:
         rt.audit.record(
             EventType.EXECUTION_STARTED, task_id=message.task_id, function=spec["function"],
             client=message.client, result_key=message.result_key, module_source=spec["module"],
-            args=spec.get("args", []), kwargs=spec.get("kwargs", {}),
+            args=spec.get("args", []), kwargs=spec.get("kwargs", {}), request_id=request_id,
+            **_step_fields(spec),
         )
         body = _run(rt, spec)
-    sealed = seal_result(rt.transit, body, message.result_key, message.client)
-    rt.store.put(message.result_key, message.client, sealed)
+    return _finish(rt, message, spec, body, ttl, request_id)
+
+
+def _step_fields(spec: dict[str, Any] | None) -> dict[str, Any]:
+    workflow = (spec or {}).get("workflow")
+    return {"workflow_id": workflow["id"], "step": workflow["step"]} if workflow else {}
+
+
+def _finish(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None,
+            body: dict[str, Any], ttl: int, request_id: str | None) -> str:
+    """Seal and store the result; in a workflow, enqueue the next step or skip the rest."""
+    workflow = (spec or {}).get("workflow")
+    if workflow is None:
+        rt.store.put(message.result_key, message.client,
+                     seal_result(rt.transit, body, message.result_key, message.client))
+    elif body["status"] == "succeeded" and workflow["step"] + 1 < workflow["steps"]:
+        _advance(rt, message, workflow, body, request_id)
+    else:
+        _end_workflow(rt, message, spec or {}, workflow, body)
     rt.store.finish_claim(message.nonce, ttl)
     status = str(body["error"]["code"] if body["error"] else "ok")
     finished: dict[str, Any] = {"client": message.client, "result_key": message.result_key}
     if spec is not None:
-        finished.update(function=spec["function"], module_source=spec["module"])
+        finished.update(function=spec["function"], module_source=spec["module"],
+                        **_step_fields(spec))
     if body.get("usage"):
         finished["usage"] = body["usage"]
     if body["status"] == "succeeded":
         finished["result"] = body["result"]
     rt.audit.record(EventType.EXECUTION_FINISHED, task_id=message.task_id, status=status,
-                    **finished)
+                    request_id=request_id, **finished)
+    JOBS.labels(status).inc()
+    observe_usage(body.get("usage"))
     return status
+
+
+def _advance(rt: Runtime, message: JobMessage, workflow: dict[str, Any], body: dict[str, Any],
+             request_id: str | None) -> None:
+    """Store this step's result and enqueue the next step, carrying the value to it sealed."""
+    sealed = seal_result(rt.transit, body, message.result_key, message.client)
+    step = workflow["step"] + 1
+    stored = rt.store.workflow_messages(workflow["id"]).get(str(step))
+    if stored is None:  # The workflow outlived its record (expired): the rest cannot run.
+        log.warning("workflow %s: step %d is gone; it will not run", workflow["id"], step)
+        rt.store.put(message.result_key, message.client, sealed)
+        return
+    nxt = attach_carry(rt.transit, JobMessage.from_wire(json.loads(stored)), body["result"])
+    rt.store.put_and_stage(message.result_key, message.client, sealed, workflow["id"], step,
+                           json.dumps(nxt.to_wire()))
+    publish(app, rt.settings, nxt.to_wire(), nxt.task_id, request_id)
+    rt.store.unstage(workflow["id"], step)
+
+
+def _enqueue_staged(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None,
+                    request_id: str | None) -> None:
+    """After a crash: enqueue the next step if the dead worker staged it but did not send it."""
+    workflow = (spec or {}).get("workflow")
+    if not workflow:
+        return
+    step = workflow["step"] + 1
+    staged = rt.store.workflow_messages(workflow["id"]).get(f"ready:{step}")
+    if staged is not None:
+        nxt = JobMessage.from_wire(json.loads(staged))
+        publish(app, rt.settings, nxt.to_wire(), nxt.task_id, request_id)
+        rt.store.unstage(workflow["id"], step)
+
+
+def _end_workflow(rt: Runtime, message: JobMessage, spec: dict[str, Any],
+                  workflow: dict[str, Any], body: dict[str, Any]) -> None:
+    """The last step, or a failed one: store its result and a `skipped` result for every step
+    after it, and drop the workflow record, in one transaction."""
+    later = [
+        JobMessage.from_wire(json.loads(wire))
+        for field, wire in rt.store.workflow_messages(workflow["id"]).items()
+        if field.isdigit() and int(field) > workflow["step"]
+    ]
+    skipped = {
+        "status": "skipped", "result": None, "stdout": "", "usage": None,
+        "error": {"code": "skipped", "type": "WorkflowStepSkipped",
+                  "message": f"step {workflow['step']} ({spec.get('function', '?')}) did not "
+                             f"succeed: {body['error']['code'] if body['error'] else '?'}",
+                  "failed_step": workflow["step"], "failed_result_key": message.result_key},
+    }
+    bodies = {message.result_key: body, **{m.result_key: skipped for m in later}}
+    rt.store.put_many(seal_results(rt.transit, bodies, message.client), message.client,
+                      workflow["id"])
+    for m in later:
+        rt.audit.record(EventType.EXECUTION_FINISHED, task_id=m.task_id, status="skipped",
+                        client=m.client, result_key=m.result_key, workflow_id=workflow["id"])
 
 
 def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
@@ -211,13 +366,25 @@ def _strings(value: Any) -> list[str]:
 @app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=None)
 def run_job(self: Task, message: Any) -> str:
     """The only task: its argument is identifiers and ciphertext."""
+    request_id = getattr(self.request, "appliance_request_id", None)
+    token = current_request_id.set(request_id)
+    started = time.perf_counter()
     try:
-        return execute(runtime(), JobMessage.from_wire(message))
+        status = execute(runtime(), JobMessage.from_wire(message), request_id)
+        JOB_DURATION.observe(time.perf_counter() - started)
+        log.info("job finished", extra={"task_id": self.request.id, "status": status})
+        return status
+    except InFlight as exc:
+        # Running on a live worker (a duplicate delivery): look again once it may have finished.
+        raise self.retry(countdown=runtime().settings.heartbeat_seconds, exc=exc) from exc
     except MessageRejected as exc:
         log.warning("refused task message %s: %s", self.request.id, exc.reason)
         runtime().audit.record(EventType.TASK_REJECTED, code=exc.reason.replace(" ", "_"),
-                               task_id=str(self.request.id))
+                               task_id=str(self.request.id), request_id=request_id)
+        JOBS.labels("rejected").inc()
         return "rejected"
     except DependencyUnavailable as exc:
         # Accepted work is never dropped: wait for Redis or OpenBao to come back.
         raise self.retry(countdown=2, exc=exc) from exc
+    finally:
+        current_request_id.reset(token)

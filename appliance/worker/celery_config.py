@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from ..redis_conn import broker_url, ssl_options
@@ -22,7 +24,7 @@ def make_celery(settings: Settings, name: str = "appliance") -> Celery:
         broker_use_ssl=ssl_options(settings),
         broker_transport_options={
             "global_keyprefix": BROKER_KEY_PREFIX,
-            "visibility_timeout": 3600,
+            "visibility_timeout": settings.visibility_timeout_seconds,
         },
         broker_connection_retry_on_startup=True,
         # JSON only, everywhere: a pickled message is refused before it is deserialized.
@@ -45,3 +47,12 @@ def make_celery(settings: Settings, name: str = "appliance") -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def publish(app: Celery, settings: Settings, wire: dict[str, Any], task_id: str,
+            request_id: str | None = None) -> None:
+    """Enqueue a signed job message; Flower and task events see only `[sealed job]`. The
+    request id (not secret) rides in a header so logs can follow the job."""
+    app.send_task(TASK_NAME, args=[wire], task_id=task_id, queue=settings.queue_name,
+                  argsrepr="[sealed job]", kwargsrepr="{}",
+                  headers={"appliance_request_id": request_id} if request_id else None)

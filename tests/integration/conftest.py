@@ -95,7 +95,7 @@ class Stack:
 def appliance_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("stack")
     try:
-        status = stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0})
+        status = stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0, "metrics": 0})
         yield Stack(state, status)
     finally:
         stack.down(state)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def lonely_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("vault-down")
     try:
-        yield Stack(state, stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0}))
+        yield Stack(state, stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0, "metrics": 0}))
     finally:
         stack.down(state)
 
