@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import stack
-from ._stack import StackError
+from ._stack import StackError, operator_token_file
 from .audit import audit_cli
 from .errors import ApplianceError
 from .signatures import sign_request
@@ -128,19 +128,28 @@ def clients() -> None:
 @click.option("--allow-function", "functions", multiple=True, help="glob of callable functions")
 @click.option("--allow-secret", "secrets", multiple=True, help="glob of readable secret paths")
 @click.option("--allow-import", "imports", multiple=True, help="module the client may import")
+@click.option("--rate-per-minute", type=click.IntRange(min=1), default=120, show_default=True,
+              help="jobs the client may submit per minute (a workflow step counts as one)")
+@click.option("--daily-quota", type=click.IntRange(min=0), default=0, show_default=True,
+              help="jobs per UTC day (0: no daily quota)")
 @click.pass_context
 def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tuple[str, ...],
-                secrets: tuple[str, ...], imports: tuple[str, ...]) -> None:
+                secrets: tuple[str, ...], imports: tuple[str, ...], rate_per_minute: int,
+                daily_quota: int) -> None:
     """Register (or replace) a client with its public key and what it may do."""
+    import dataclasses
+
     from .registry import Registry, make_client
     from .vault import VaultSession
 
     try:
         client = make_client(keyid, Path(public_key).read_text(), functions, secrets, imports)
+        client = dataclasses.replace(client, rate_per_minute=rate_per_minute,
+                                     daily_quota=daily_quota)
     except (ApplianceError, ValueError) as exc:
         _fail(f"cannot register {keyid}: {exc}")
     st = _require_stack(ctx)
-    token_file = _state(ctx) / "secrets" / "bao-root.token"
+    token_file = operator_token_file(_state(ctx))
     registry = Registry(VaultSession.from_token_file(st["vault_addr"], token_file))
     try:
         registry.put(client)
@@ -169,7 +178,7 @@ def keys_rotate(ctx: click.Context, names: tuple[str, ...],
     from .vault import Transit, VaultSession
 
     st = _require_stack(ctx)
-    token_file = _state(ctx) / "secrets" / "bao-root.token"
+    token_file = operator_token_file(_state(ctx))
     transit = Transit(VaultSession.from_token_file(st["vault_addr"], token_file))
     from .audit import AuditLog, EventType, TransitSigner
 
@@ -298,6 +307,56 @@ def submit(ctx: click.Context, module: str, function: str, args_json: str | None
     if resp.status_code != 202 or not wait:
         sys.exit(_print_response(resp))
     sys.exit(_print_response(_wait_for(client, resp.json()["result_key"])))
+
+
+def _read_steps(path: Path) -> list[dict[str, Any]]:
+    """Steps from STEPS.json: `{"steps": [...]}` or a bare list; a step may name its module by
+    `module_file` (relative to STEPS.json) instead of giving its source as `module`."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        _fail(f"cannot read {path}: {exc}")
+    steps = raw.get("steps") if isinstance(raw, dict) else raw
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
+        _fail(f"{path}: expected a non-empty list of steps (objects), or {{\"steps\": [...]}}")
+    out = []
+    for i, step in enumerate(steps):
+        step = dict(step)
+        if "module_file" in step:
+            if "module" in step:
+                _fail(f"{path}: step {i} has both module and module_file")
+            source = path.parent / str(step.pop("module_file"))
+            try:
+                step["module"] = source.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                _fail(f"{path}: step {i}: cannot read {source}: {exc}")
+        out.append(step)
+    return out
+
+
+@main.command()
+@_state_option
+@click.argument("steps_file", metavar="STEPS.json", type=click.Path(dir_okay=False))
+@click.option("--key-id", help="client key id (default: the stack's local client)")
+@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@click.option("--wait", is_flag=True, help="wait for every step and print their results")
+@click.pass_context
+def workflow(ctx: click.Context, steps_file: str, key_id: str | None, private_key: str | None,
+             wait: bool) -> None:
+    """Submit a workflow: each step's result is the next step's first argument."""
+    steps = _read_steps(Path(steps_file))
+    client = _client(ctx, key_id, private_key)
+    resp = client.request("POST", "/v1/workflows", {"steps": steps})
+    if resp.status_code != 202 or not wait:
+        sys.exit(_print_response(resp))
+    accepted = resp.json()
+    results = []
+    for step in accepted["steps"]:
+        body = _wait_for(client, step["result_key"])
+        results.append(body.json() if body.headers.get("content-type", "").endswith("json")
+                       else {"status": body.status_code})
+    click.echo(json.dumps({"workflow_id": accepted["workflow_id"], "steps": results}, indent=2))
+    sys.exit(0 if all(r.get("status") == "succeeded" for r in results) else 1)
 
 
 @main.command()

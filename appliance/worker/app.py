@@ -369,10 +369,14 @@ def run_job(self: Task, message: Any) -> str:
     request_id = getattr(self.request, "appliance_request_id", None)
     token = current_request_id.set(request_id)
     started = time.perf_counter()
+    # The task id the message claims (the API's), else the broker's: refusals are audited
+    # under the id that links them to a submission.
+    claimed = message.get("task_id") if isinstance(message, dict) else None
+    task_id = claimed if isinstance(claimed, str) else str(self.request.id)
     try:
         status = execute(runtime(), JobMessage.from_wire(message), request_id)
         JOB_DURATION.observe(time.perf_counter() - started)
-        log.info("job finished", extra={"task_id": self.request.id, "status": status})
+        log.info("job finished", extra={"task_id": task_id, "status": status})
         return status
     except InFlight as exc:
         # Running on a live worker (a duplicate delivery): look again once it may have finished.
@@ -380,7 +384,7 @@ def run_job(self: Task, message: Any) -> str:
     except MessageRejected as exc:
         log.warning("refused task message %s: %s", self.request.id, exc.reason)
         runtime().audit.record(EventType.TASK_REJECTED, code=exc.reason.replace(" ", "_"),
-                               task_id=str(self.request.id), request_id=request_id)
+                               task_id=task_id, request_id=request_id)
         JOBS.labels("rejected").inc()
         return "rejected"
     except DependencyUnavailable as exc:

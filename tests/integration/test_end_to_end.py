@@ -206,30 +206,6 @@ def test_forbidden_secret_is_403_before_queueing(appliance_stack: Stack) -> None
 # ---- nothing in plaintext at rest ------------------------------------------------------------
 
 
-def _all_redis_bytes(stack: Stack) -> bytes:
-    admin = stack.admin_redis()
-    chunks: list[bytes] = []
-    for key in admin.scan_iter():
-        chunks.append(key)
-        kind = admin.type(key)
-        if kind == b"string":
-            chunks.append(admin.get(key) or b"")
-        elif kind == b"list":
-            chunks.extend(admin.lrange(key, 0, -1))
-        elif kind == b"hash":
-            for f, v in admin.hgetall(key).items():
-                chunks += [f, v]
-        elif kind == b"set":
-            chunks.extend(admin.smembers(key))
-        elif kind == b"zset":
-            chunks.extend(m for m, _ in admin.zrange(key, 0, -1, withscores=True))
-        elif kind == b"stream":
-            for _id, fields in admin.xrange(key):
-                for f, v in fields.items():
-                    chunks += [f, v]
-    return b"\n".join(chunks)
-
-
 def test_no_canary_in_redis_or_logs(appliance_stack: Stack) -> None:
     src_canary, arg_canary, result_canary = (f"CANARY{secrets.token_hex(6)}" for _ in range(3))
     module = (
@@ -243,11 +219,11 @@ def test_no_canary_in_redis_or_logs(appliance_stack: Stack) -> None:
     slow = "def slow(x):\n    i = 0\n    while i < 3000000:\n        i += 1\n    return x\n"
     slow_key = submit(client, slow, "slow", args=[arg_canary]).json()["result_key"]
     key = submit(client, module, "leak", args=[arg_canary]).json()["result_key"]
-    in_flight = _all_redis_bytes(appliance_stack)
+    in_flight = appliance_stack.all_redis_bytes()
     body = appliance_stack.wait_result(client, key).json()
     assert body["result"] == arg_canary + result_canary
     appliance_stack.wait_result(client, slow_key)
-    everything = in_flight + _all_redis_bytes(appliance_stack) + appliance_stack.logs().encode()
+    everything = in_flight + appliance_stack.all_redis_bytes() + appliance_stack.logs().encode()
     for canary in (src_canary, arg_canary, result_canary):
         assert canary.encode() not in everything
 

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from .conftest import Stack, is_problem, submit
-from .test_end_to_end import _all_redis_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +33,7 @@ def test_secret_reaches_the_function_and_nothing_else(appliance_stack: Stack) ->
     resp = submit(client, module, "use", args=["x-"], secrets=["db"])
     assert resp.status_code == 202, resp.text
     key = resp.json()["result_key"]
-    in_flight = _all_redis_bytes(appliance_stack)
+    in_flight = appliance_stack.all_redis_bytes()
     body = appliance_stack.wait_result(client, key).json()
     assert body["status"] == "succeeded", body
     assert body["result"]["length"] == len(canary)
@@ -42,7 +41,7 @@ def test_secret_reaches_the_function_and_nothing_else(appliance_stack: Stack) ->
     assert body["result"]["echo"] == "x-[redacted]"
     assert canary not in body["stdout"]
     time.sleep(0.2)
-    everything = in_flight + _all_redis_bytes(appliance_stack) + appliance_stack.logs().encode()
+    everything = in_flight + appliance_stack.all_redis_bytes() + appliance_stack.logs().encode()
     assert canary.encode() not in everything
 
 

@@ -11,7 +11,7 @@ import pytest
 from appliance import stack
 from appliance._stack import stop_openbao
 
-from .conftest import Stack, is_problem, submit
+from .conftest import FREE_PORTS, Stack, is_problem, submit
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def lonely_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("vault-down")
     try:
-        yield Stack(state, stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0, "metrics": 0}))
+        yield Stack(state, stack.up(state, FREE_PORTS))
     finally:
         stack.down(state)
 
