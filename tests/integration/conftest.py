@@ -27,6 +27,10 @@ from appliance.vault import Transit, VaultSession
 from appliance.worker.celery_config import BROKER_KEY_PREFIX
 
 
+#: Every port of a test stack: any free one (0).
+FREE_PORTS = {"redis": 0, "bao": 0, "api": 0, "flower": 0, "metrics": 0}
+
+
 @dataclass
 class Stack:
     """A running stack and handles on it."""
@@ -82,6 +86,30 @@ class Stack:
         files = [*(self.state / "run").rglob("*.log"), *(self.state / "audit").glob("*")]
         return "\n".join(p.read_text(errors="replace") for p in files if p.is_file())
 
+    def all_redis_bytes(self) -> bytes:
+        """Every key and value of every type in Redis: what a canary scan searches."""
+        admin = self.admin_redis()
+        chunks: list[bytes] = []
+        for key in admin.scan_iter():
+            chunks.append(key)
+            kind = admin.type(key)
+            if kind == b"string":
+                chunks.append(admin.get(key) or b"")
+            elif kind == b"list":
+                chunks.extend(admin.lrange(key, 0, -1))
+            elif kind == b"hash":
+                for f, v in admin.hgetall(key).items():
+                    chunks += [f, v]
+            elif kind == b"set":
+                chunks.extend(admin.smembers(key))
+            elif kind == b"zset":
+                chunks.extend(m for m, _ in admin.zrange(key, 0, -1, withscores=True))
+            elif kind == b"stream":
+                for _id, fields in admin.xrange(key):
+                    for f, v in fields.items():
+                        chunks += [f, v]
+        return b"\n".join(chunks)
+
     def wait_result(self, client: SignedClient, key: str, timeout: float = 30) -> httpx.Response:
         deadline = time.monotonic() + timeout
         while True:
@@ -95,7 +123,7 @@ class Stack:
 def appliance_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("stack")
     try:
-        status = stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0, "metrics": 0})
+        status = stack.up(state, FREE_PORTS)
         yield Stack(state, status)
     finally:
         stack.down(state)
