@@ -6,6 +6,7 @@ never passed inline, only paths to files readable by the service alone.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,7 +73,13 @@ class Settings(BaseSettings):
         return self.redis_password_file.read_text().strip()
 
 
+#: Operator tuning read by every service of a stack: `APPLIANCE_*=value` lines in
+#: `<state>/appliance.env` (the process environment wins over it).
+SETTINGS_FILE = "appliance.env"
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, built once."""
-    return Settings()
+    """The process-wide settings, built once: the environment, then `<state>/appliance.env`."""
+    state = Path(os.environ.get("APPLIANCE_STATE_DIR", ".appliance"))
+    return Settings(_env_file=state / SETTINGS_FILE)  # type: ignore[call-arg]

@@ -24,7 +24,11 @@ def make_celery(settings: Settings, name: str = "appliance") -> Celery:
         broker_use_ssl=ssl_options(settings),
         broker_transport_options={
             "global_keyprefix": BROKER_KEY_PREFIX,
+            # A message whose worker died is delivered again once it has been unacknowledged
+            # this long; the sweep that finds it runs every few seconds.
             "visibility_timeout": settings.visibility_timeout_seconds,
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_seconds // 4)),
+            "unacked_restore_throttle": 1,
         },
         broker_connection_retry_on_startup=True,
         # JSON only, everywhere: a pickled message is refused before it is deserialized.
