@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,8 +32,22 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _reply(body: str) -> NoReturn:
+    _deliver(body.encode("utf-8", "surrogatepass"))
+
+
+def _deliver(data: bytes) -> NoReturn:
+    """Write the whole reply, close the channel, and wait to be killed.
+
+    The closed channel tells the parent that the reply is whole. It then reads this process's
+    CPU time and peak memory while the process still exists and kills it. Exiting instead would
+    make the parent wait for the kernel to tear down the address space (over a millisecond)
+    before it saw the end of the reply.
+    """
     try:
-        _write_all(_isolation.REPLY_FD, body.encode("utf-8", "surrogatepass"))
+        _write_all(_isolation.REPLY_FD, data)
+        os.close(_isolation.REPLY_FD)
+        while True:
+            signal.pause()
     finally:
         os._exit(0)
 
@@ -237,6 +252,5 @@ def _run(run: PreparedRun, executor: Executor) -> NoReturn:
         state = _restricted.RunState(run.limits.output_bytes, abort)
         body = executor(run, state)
     except MemoryError:
-        _write_all(_isolation.REPLY_FD, _MEMORY_REPLY)
-        os._exit(0)
+        _deliver(_MEMORY_REPLY)
     _reply(body)

@@ -100,6 +100,8 @@ class _Child:
     overflowed: bool = False
     timed_out: bool = False
     reaped: bool = False
+    #: Killed after a whole reply, its usage read while it lived; reaped without waiting.
+    finished_alive: bool = False
 
 
 class Supervisor:
@@ -324,7 +326,10 @@ class Supervisor:
             assert child.pid is not None
             _kill_group(child.pid)
             try:
-                self._wait(child)
+                if child.finished_alive:
+                    self._discard(child)
+                else:
+                    self._wait(child)
             except OSError:
                 pass  # its zygote is gone, and took the child with it
         os.close(child.reply_fd)
@@ -359,6 +364,12 @@ class Supervisor:
                         if not chunk:
                             pipe_open = False
                             poller.unregister(read_fd)
+                            if not exited and (usage := _usage_if_alive(child.pid)):
+                                # The child closed its reply channel itself and waits to be
+                                # killed (see `_child._deliver`): its reply is whole.
+                                _kill_group(child.pid)
+                                child.finished_alive = True
+                                return 0, usage
                         elif len(child.reply) + len(chunk) > cap:
                             child.overflowed = True
                             pipe_open = False
@@ -387,6 +398,19 @@ class Supervisor:
         except OSError:
             self._drop_zygote()  # it died, and its children with it
             raise
+
+    def _discard(self, child: _Child) -> None:
+        """Have a killed child reaped without waiting for it (its usage is already known)."""
+        assert child.pid is not None
+        child.reaped = True
+        if child.zygote is None:
+            os.waitpid(child.pid, 0)
+        elif child.zygote is self._zygote:
+            try:
+                child.zygote.discard(child.pid)
+            except OSError:
+                self._drop_zygote()
+                raise
 
     def _outcome(
         self, child: _Child, status: int, rusage: Any, wall_ms: int, run: PreparedRun
@@ -476,6 +500,31 @@ def _proc_checks(pid: int, layers: dict[str, str]) -> dict[str, str]:
     except OSError as exc:
         out.setdefault("netns", f"cannot inspect child: {exc}")
     return out
+
+
+def _usage_if_alive(pid: int) -> _zygote.Usage | None:
+    """CPU time and peak memory of a child that has not exited; None once it is exiting.
+
+    Read from the kernel's own accounting (the same figures wait4 reports), never from the child.
+    The peak resident size is gone once the process has released its memory, which it does
+    before its descriptors are closed when it exits: so a child whose channel reached its end
+    and whose peak can still be read closed the channel itself and is still alive.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb", buffering=0) as f:
+            cpu_ns = int(f.read().split()[0])
+        with open(f"/proc/{pid}/status", "rb", buffering=0) as f:
+            status = f.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    start = status.find(b"\nVmHWM:")
+    if start < 0:
+        return None
+    try:
+        peak_kb = int(status[start + 7:status.index(b"\n", start + 1)].split()[0])
+    except (ValueError, IndexError):
+        return None
+    return _zygote.Usage(cpu_ns / 1e9, 0.0, peak_kb)
 
 
 def _isolation_reason(untrusted: bytes) -> str:

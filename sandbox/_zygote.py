@@ -12,7 +12,8 @@ process group; the zygote dies with the supervisor, and every spare with the zyg
 
 The protocol is JSON over a SOCK_SEQPACKET socket pair, answered strictly in order:
 {"op": "spawn", "workdir", "skip"} with the spare's two pipe ends attached -> {"pid"};
-{"op": "reap", "pid"} -> {"status", "utime", "stime", "maxrss"}; {"error"} for a failure.
+{"op": "reap", "pid"} -> {"status", "utime", "stime", "maxrss"}; {"error"} for a failure;
+{"op": "discard", "pid"} (a spare killed after its whole reply) -> no answer.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class Zygote:
             if answer is not None:
                 return answer
 
+    def discard(self, pid: int) -> None:
+        """Have a spare that was already killed reaped, without an answer."""
+        self._socket.send(json.dumps({"op": "discard", "pid": pid}).encode())
+
     def _read_answer(self) -> tuple[int, Usage] | None:
         data = self._socket.recv(_MAX_MESSAGE)
         if not data:
@@ -137,11 +142,13 @@ def _serve(
             os._exit(0)
         if not message:
             os._exit(0)  # The supervisor closed its end; the spares die with this process.
-        answer: dict[str, Any]
+        answer: dict[str, Any] | None
         try:
             request = json.loads(message)
             if request["op"] == "spawn":
                 answer = {"pid": _spawn(request, fds, make_setup, executor)}
+            elif request["op"] == "discard":
+                answer = _discard(int(request["pid"]))
             else:
                 answer = _reap(int(request["pid"]))
         except (OSError, ValueError, KeyError) as exc:
@@ -149,7 +156,8 @@ def _serve(
         finally:
             for fd in fds:
                 os.close(fd)
-        sock.send(json.dumps(answer).encode())
+        if answer is not None:
+            sock.send(json.dumps(answer).encode())
 
 
 def _spawn(
@@ -164,6 +172,17 @@ def _spawn(
         finally:
             os._exit(70)
     return pid
+
+
+def _discard(pid: int) -> None:  # pragma: no cover - runs in the zygote
+    # The supervisor has killed it already; only spares are ever waited for (os.wait4 would
+    # refuse any other pid).
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass
+    return None
 
 
 def _reap(pid: int) -> dict[str, Any]:  # pragma: no cover - runs in the zygote
