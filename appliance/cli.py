@@ -61,7 +61,7 @@ def _state_option(fn: Any) -> Any:
 @click.option("--metrics-port", type=int, default=None,
               help="the worker's metrics port (0: any free port)")
 @click.pass_context
-def up(ctx: click.Context, **ports: int | None) -> None:
+def up(ctx: click.Context, /, **ports: int | None) -> None:
     """Start the whole local stack (idempotent) and print its URLs."""
     requested = {k.removesuffix("_port"): v for k, v in ports.items() if v is not None}
     try:
@@ -69,8 +69,7 @@ def up(ctx: click.Context, **ports: int | None) -> None:
     except StackError as exc:
         _fail(str(exc), 1)
     click.echo(f"API     {st['api_url']}")
-    click.echo(f"Flower  {st['flower_url']}  (user operator, password in "
-               f"{_state(ctx) / 'secrets' / 'flower.pass'})")
+    click.echo(f"Flower  {st['flower_url']}  (read-only; login: appliance flower-credentials)")
     click.echo(f"Audit   {st['audit_log']}")
     click.echo(f"Client  key id {st['client']['key_id']}, key {st['client']['private_key']}")
 
@@ -203,6 +202,31 @@ def keys_rotate(ctx: click.Context, names: tuple[str, ...],
         audit.close()
 
 
+@main.command("flower-credentials")
+@_state_option
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.pass_context
+def flower_credentials(ctx: click.Context, as_json: bool) -> None:
+    """Show Flower's URL and login, read from OpenBao with the operator token.
+
+    The password goes to this terminal only: the stack writes it to no file and no log.
+    """
+    from .vault import VaultSession, read_flower_credential
+
+    st = _require_stack(ctx)
+    session = VaultSession.from_token_file(st["vault_addr"], operator_token_file(_state(ctx)))
+    try:
+        credential = read_flower_credential(session)
+    except ApplianceError as exc:
+        _fail(f"cannot read Flower's login from OpenBao: {exc.detail}", 1)
+    if as_json:
+        click.echo(json.dumps({"url": st["flower_url"], "username": credential.username,
+                               "password": credential.password}))
+        return
+    click.echo(f"url      {st['flower_url']}\nusername {credential.username}\n"
+               f"password {credential.password}")
+
+
 def _require_stack(ctx: click.Context) -> dict[str, Any]:
     if not (_state(ctx) / "stack.json").is_file():
         _fail(f"no stack in {_state(ctx)}: run `appliance up` first")
@@ -228,10 +252,13 @@ class SignedClient:
         self.key = key
 
     def request(self, method: str, path: str, body: Any = None,
-                params: dict[str, str] | None = None) -> httpx.Response:
-        """Send a signed request (JSON body when given)."""
+                params: dict[str, str] | None = None,
+                headers: dict[str, str] | None = None) -> httpx.Response:
+        """Send a signed request (JSON body when given; extra headers are not signed)."""
         content = json.dumps(body).encode() if body is not None else None
-        headers = {"content-type": "application/json"} if content is not None else {}
+        headers = dict(headers or {})
+        if content is not None:
+            headers["content-type"] = "application/json"
         req = self.http.build_request(method, path, content=content, headers=headers,
                                       params=params)
         sign_request(req, self.keyid, self.key, content)

@@ -99,6 +99,7 @@ def configure_logging(service: str, level: int = logging.INFO) -> None:
     """Every stdlib log line of this process as one JSON object on stderr."""
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
+            structlog.stdlib.ExtraAdder(),
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -116,6 +117,7 @@ def configure_logging(service: str, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings too become JSON lines, not bare stderr text
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "tornado"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -115,12 +115,13 @@ def audit_log(state: Path) -> Path:
 def _argv(name: str, ports: Ports, state: Path) -> list[str]:
     py = sys.executable
     if name == "worker":
-        return [py, "-m", "celery", "-A", "appliance.worker.app", "worker", "--pool", "threads",
-                "-c", str(WORKER_CONCURRENCY), "-Q", "appliance", "-n", f"worker-{ports.api}@%h",
+        return [py, "-m", "celery", "--quiet", "-A", "appliance.worker.app", "worker",
+                "--pool", "threads", "-c", str(WORKER_CONCURRENCY), "-Q", "appliance",
+                "-n", f"worker-{ports.api}@%h",
                 "-E", "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
     if name == "api":
         return [py, "-m", "uvicorn", "appliance.api.main:app", "--host", HOST, "--port",
-                str(ports.api), "--no-server-header", "--log-level", "info"]
+                str(ports.api), "--no-server-header", "--no-access-log", "--log-level", "info"]
     # Flower's credentials come through its environment (FLOWER_BASIC_AUTH), never argv.
     return [py, "-m", "celery", "-A", "appliance.worker.flower", "flower", f"--address={HOST}",
             f"--port={ports.flower}", "--purge_offline_workers=60"]

@@ -60,6 +60,7 @@ from ..vault import Transit, VaultSession
 from ..worker.celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery, publish
 
 WORKER_FRESH_SECONDS = 20
+access_log = logging.getLogger("appliance.api.access")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -438,8 +439,13 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
             status = response.status_code
         finally:
             route = getattr(request.scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - started
             HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
-            HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - started)
+            HTTP_LATENCY.labels(route, request.method).observe(elapsed)
+            # The access log: the route template, never the path (it may hold a result key).
+            access_log.info("request", extra={"method": request.method, "route": route,
+                                              "status": status,
+                                              "duration_ms": round(elapsed * 1000, 2)})
             current_request_id.reset(token)
         response.headers["X-Request-ID"] = rid
         return response

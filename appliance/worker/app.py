@@ -89,9 +89,11 @@ def runtime() -> Runtime:
     return _runtime
 
 
+@signals.celeryd_init.connect
 @signals.setup_logging.connect
 def _on_setup_logging(**_: Any) -> None:
-    # Connecting here stops Celery from configuring logging: every line is JSON instead.
+    # Connecting to setup_logging stops Celery from configuring logging: every line is JSON
+    # instead; celeryd_init comes earlier, before Celery's own start-up warnings.
     configure_logging("worker")
 
 
