@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(redis-server libseccomp2 python3-venv)
+# Only for `./dev.sh test`: the Flower browser test drives Debian's chromium with Playwright.
+TEST_APT_PACKAGES=(chromium)
 
 need_apt() {
   local missing=()
@@ -55,7 +57,7 @@ case "$cmd" in
     exec .venv/bin/appliance up "$@"
     ;;
   test)
-    need_apt "${APT_PACKAGES[@]}"
+    need_apt "${APT_PACKAGES[@]}" "${TEST_APT_PACKAGES[@]}"
     ensure_venv
     exec .venv/bin/python -m pytest "$@"
     ;;

@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,9 +62,6 @@ class Settings(BaseSettings):
     # Prometheus: `/metrics` (API) and the worker's endpoint answer only this bearer token.
     metrics_token_file: Path | None = None
     metrics_port: int = 0  # the worker's metrics port on loopback; 0: not served
-
-    flower_user: str = "operator"
-    flower_password: SecretStr | None = None
 
     def redis_password(self) -> str | None:
         """Read the Redis password from its file, if one is configured."""

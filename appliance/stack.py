@@ -122,9 +122,8 @@ def _argv(name: str, ports: Ports, state: Path) -> list[str]:
     if name == "api":
         return [py, "-m", "uvicorn", "appliance.api.main:app", "--host", HOST, "--port",
                 str(ports.api), "--no-server-header", "--no-access-log", "--log-level", "info"]
-    # Flower's credentials come through its environment (FLOWER_BASIC_AUTH), never argv.
-    return [py, "-m", "celery", "-A", "appliance.worker.flower", "flower", f"--address={HOST}",
-            f"--port={ports.flower}", "--purge_offline_workers=60"]
+    # Flower reads its login from OpenBao itself (AppRole `flower`): no secret in argv or env.
+    return [py, "-m", "appliance.worker.flower", "--address", HOST, "--port", str(ports.flower)]
 
 
 def _start_service(state: Path, name: str, ports: Ports, pki: _stack.Pki,
@@ -137,13 +136,10 @@ def _start_service(state: Path, name: str, ports: Ports, pki: _stack.Pki,
         raise _stack.StackError(f"port {port} for the {name} is taken: free it or choose "
                                 f"another with --{name}-port on a new --state")
     extra: dict[str, str] = {}
-    if name in ("worker", "api"):
+    if name in ("worker", "api", "flower"):
         role_id_file, wrap_file = bao.write_service_credentials(name, _service_dir(state, name))
         extra = {"APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
                  "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file)}
-    if name == "flower":
-        password = (state / "secrets" / "flower.pass").read_text().strip()
-        extra = {"FLOWER_BASIC_AUTH": f"operator:{password}"}
     role = name
     _stack.start_detached(
         _argv(name, ports, state),
@@ -198,9 +194,9 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
     export_audit_keys(state, bao.addr, bao.root_token)
     if not metrics_token_file(state).is_file():
         _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
-    flower_pass = state / "secrets" / "flower.pass"
-    if not flower_pass.is_file():
-        _stack.write_private(flower_pass, secrets.token_urlsafe(24).encode())
+    # Flower's login lives in OpenBao now (`appliance flower-credentials`); drop the file of
+    # older stacks so that no stale password is left lying around.
+    (state / "secrets" / "flower.pass").unlink(missing_ok=True)
     _ensure_local_client(state, bao)
     for name in SERVICES:
         _start_service(state, name, ports, pki, bao)
@@ -253,6 +249,9 @@ def status(state: Path) -> dict[str, Any]:
         "state_dir": str(state),
         "api_url": f"http://{HOST}:{ports.api}",
         "flower_url": f"http://{HOST}:{ports.flower}",
+        # Never the password itself: where it is, and the command that shows it.
+        "flower_credentials": {"vault_path": "kv/appliance/flower",
+                               "command": "appliance flower-credentials"},
         "vault_addr": f"http://{HOST}:{ports.bao}",
         "audit_log": str(audit_log(state)),
         "metrics": {

@@ -10,6 +10,7 @@ import base64
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,6 +108,13 @@ class VaultSession:
         self._call(self._maybe_renew)
         return self._call(lambda: fn(self._client))
 
+    def close(self) -> None:
+        """Revoke this session's token and forget how to log in again (for one-shot readers)."""
+        self._login = None
+        self._renew_at = float("inf")
+        self._call(lambda: self._client.auth.token.revoke_self())
+        self._client.token = None
+
     def healthy(self) -> bool:
         """Whether OpenBao answers and is unsealed."""
         try:
@@ -125,6 +133,29 @@ def read_secrets(session: VaultSession, names: list[str], mount: str = "kv") -> 
             )
         )["data"]["data"]
     return values
+
+
+#: Flower's basic-auth credential in KV v2, made by the stack's bootstrap
+#: (`appliance/_stack/openbao.py`); `policies/flower.hcl` lets Flower's AppRole read only this.
+FLOWER_CREDENTIAL_PATH = "appliance/flower"
+
+
+@dataclass(frozen=True)
+class FlowerCredential:
+    """Flower's basic-auth login; the password never appears in a repr."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def read_flower_credential(session: VaultSession, mount: str = "kv") -> FlowerCredential:
+    """Flower's login from KV v2 (the Flower launcher with its AppRole, or the operator)."""
+    data = session.call(
+        lambda c: c.secrets.kv.v2.read_secret_version(
+            path=FLOWER_CREDENTIAL_PATH, mount_point=mount, raise_on_deleted_version=True
+        )
+    )["data"]["data"]
+    return FlowerCredential(str(data["username"]), str(data["password"]))
 
 
 class Transit:

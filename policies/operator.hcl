@@ -27,6 +27,12 @@ path "kv/metadata/appliance/secrets/*" {
   capabilities = ["list", "delete"]
 }
 
+# Flower's basic-auth credential: read only (`appliance flower-credentials`); the bootstrap makes
+# it and only Flower's AppRole reads it otherwise.
+path "kv/data/appliance/flower" {
+  capabilities = ["read"]
+}
+
 # Transit key metadata (versions, and the public key of `audit` for offline verification).
 path "transit/keys" {
   capabilities = ["list"]

@@ -55,7 +55,13 @@ TRANSIT_KEYS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 )
 
 #: AppRoles of the services: each gets only the policy of the same name.
-SERVICE_ROLES: tuple[str, ...] = ("api", "worker")
+SERVICE_ROLES: tuple[str, ...] = ("api", "worker", "flower")
+
+#: Flower's basic-auth credential (KV v2 under `kv/`): made once by the bootstrap, read by the
+#: Flower launcher (`policies/flower.hcl` grants exactly this path) and by the operator
+#: (`appliance flower-credentials`). Read through `appliance.vault.read_flower_credential`.
+FLOWER_CREDENTIAL_PATH = "appliance/flower"
+FLOWER_USERNAME = "operator"
 
 _APPROLE_SETTINGS: Mapping[str, Any] = MappingProxyType(
     {
@@ -196,8 +202,25 @@ def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> B
     _ensure_transit_keys(client)
     _load_policies(client, policies_dir)
     _ensure_approles(client)
+    _ensure_flower_credential(client)
     role_ids = {role: _read_role_id(client, role) for role in SERVICE_ROLES}
     return Bootstrap(handle, MappingProxyType(role_ids))
+
+
+def _ensure_flower_credential(client: hvac.Client) -> None:
+    """Flower's login, made once: a random password that exists only in OpenBao."""
+    try:
+        client.secrets.kv.v2.read_secret_version(
+            FLOWER_CREDENTIAL_PATH, mount_point=KV_MOUNT, raise_on_deleted_version=True
+        )
+        return
+    except hvac.exceptions.InvalidPath:
+        pass  # Not made yet (or deleted): make it below.
+    client.secrets.kv.v2.create_or_update_secret(
+        FLOWER_CREDENTIAL_PATH,
+        secret={"username": FLOWER_USERNAME, "password": secrets.token_urlsafe(24)},
+        mount_point=KV_MOUNT,
+    )
 
 
 def _ensure_secrets_engine(
