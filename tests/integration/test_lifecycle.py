@@ -123,5 +123,10 @@ def test_revoking_a_queued_job(tuned_stack: Stack) -> None:
     assert done.json()["status"] == "succeeded"
     other = tuned_stack.client("other", tuned_stack.add_client("other"))
     assert is_problem(other.request("DELETE", f"/v1/results/{running}"), 403)
-    assert client.request("DELETE", f"/v1/results/{running}").json()["status"] == "deleted"
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    deleted = CliRunner().invoke(main, ["--state", str(tuned_stack.state), "revoke", running])
+    assert deleted.exit_code == 0 and json.loads(deleted.output)["status"] == "deleted"
     assert is_problem(client.request("GET", "/get-result", params={"key": running}), 404)
