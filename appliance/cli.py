@@ -402,6 +402,18 @@ def result(ctx: click.Context, key: str, key_id: str | None, private_key: str | 
     sys.exit(_print_response(client.request("GET", "/get-result", params={"key": key})))
 
 
+@main.command()
+@_state_option
+@click.argument("key")
+@click.option("--key-id", help="client key id (default: the stack's local client)")
+@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@click.pass_context
+def revoke(ctx: click.Context, key: str, key_id: str | None, private_key: str | None) -> None:
+    """Revoke the queued job of KEY (it will not run), or delete its finished result."""
+    client = _client(ctx, key_id, private_key)
+    sys.exit(_print_response(client.request("DELETE", f"/v1/results/{key}")))
+
+
 main.add_command(audit_cli, "audit")
 
 
