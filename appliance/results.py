@@ -127,11 +127,13 @@ class ResultStore:
             created, raw = pipe.execute()
         return None if created else Claim.parse(raw)
 
-    def take_over(self, nonce: str, ttl_seconds: int, owner: str, previous: Claim) -> bool:
-        """Take a claim whose owner died; False if someone else changed it first."""
+    def take_over(self, nonce: str, ttl_seconds: int, owner: str, previous: Claim,
+                  count: bool = True) -> bool:
+        """Take a claim whose owner died (`count`: one more attempt) or that we left to retry;
+        False if someone else changed it first."""
         name = f"claim:{nonce}"
         record = json.dumps(
-            {"state": "running", "owner": owner, "attempts": previous.attempts + 1}
+            {"state": "running", "owner": owner, "attempts": previous.attempts + int(count)}
         )
         with self._redis_errors(), self.redis.pipeline(transaction=True) as pipe:
             try:

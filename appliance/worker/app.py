@@ -12,6 +12,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,24 +179,58 @@ def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> 
     if claim is None:
         if rt.store.has_result(message.result_key):
             raise MessageRejected("replayed")
-        return _run_and_store(rt, message, spec, ttl, request_id)
+        return _run_claimed(rt, message, spec, ttl, request_id)
     if claim.state == "done":
         raise MessageRejected("replayed")
+    # Ours and not running here: our own retry after OpenBao or Redis failed mid-job.
+    retry = claim.owner == owner() and not _in_hand.holds(message.nonce)
     fresh = 3 * rt.settings.heartbeat_seconds
-    if claim.owner == owner() or rt.store.worker_alive(claim.owner, HEARTBEAT_KEY, fresh, now):
+    if not retry and (claim.owner == owner()
+                      or rt.store.worker_alive(claim.owner, HEARTBEAT_KEY, fresh, now)):
         raise InFlight(message.task_id)
     if rt.store.has_result(message.result_key):
         _enqueue_staged(rt, message, spec, request_id)  # It died between storing and enqueuing.
         rt.store.finish_claim(message.nonce, ttl)
         return "recovered"
-    if claim.attempts >= rt.settings.max_attempts:
+    if not retry and claim.attempts >= rt.settings.max_attempts:
         body = _failure("worker_lost", f"the job's worker died {claim.attempts} times while "
                         "running it; it is not retried again")
         _finish(rt, message, spec, body, ttl, request_id)
         return "worker_lost"
-    if not rt.store.take_over(message.nonce, ttl, owner(), claim):
+    if not rt.store.take_over(message.nonce, ttl, owner(), claim, count=not retry):
         raise InFlight(message.task_id)
-    return _run_and_store(rt, message, spec, ttl, request_id)
+    return _run_claimed(rt, message, spec, ttl, request_id)
+
+
+class _InHand:
+    """Nonces of the messages this process is running right now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nonces: set[str] = set()
+
+    def holds(self, nonce: str) -> bool:
+        with self._lock:
+            return nonce in self._nonces
+
+    @contextmanager
+    def hold(self, nonce: str) -> Iterator[None]:
+        with self._lock:
+            self._nonces.add(nonce)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._nonces.discard(nonce)
+
+
+_in_hand = _InHand()
+
+
+def _run_claimed(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int,
+                 request_id: str | None) -> str:
+    with _in_hand.hold(message.nonce):
+        return _run_and_store(rt, message, spec, ttl, request_id)
 
 
 def _open(rt: Runtime, message: JobMessage) -> dict[str, Any] | None:
@@ -278,8 +314,15 @@ def _advance(rt: Runtime, message: JobMessage, workflow: dict[str, Any], body: d
     nxt = attach_carry(rt.transit, JobMessage.from_wire(json.loads(stored)), body["result"])
     rt.store.put_and_stage(message.result_key, message.client, sealed, workflow["id"], step,
                            json.dumps(nxt.to_wire()))
-    publish(app, rt.settings, nxt.to_wire(), nxt.task_id, request_id)
+    _publish(rt, nxt, request_id)
     rt.store.unstage(workflow["id"], step)
+
+
+def _publish(rt: Runtime, message: JobMessage, request_id: str | None) -> None:
+    try:
+        publish(app, rt.settings, message.to_wire(), message.task_id, request_id)
+    except Exception as exc:  # kombu raises many types; the retry enqueues the staged step.
+        raise DependencyUnavailable("the broker is unreachable") from exc
 
 
 def _enqueue_staged(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None,
@@ -292,7 +335,7 @@ def _enqueue_staged(rt: Runtime, message: JobMessage, spec: dict[str, Any] | Non
     staged = rt.store.workflow_messages(workflow["id"]).get(f"ready:{step}")
     if staged is not None:
         nxt = JobMessage.from_wire(json.loads(staged))
-        publish(app, rt.settings, nxt.to_wire(), nxt.task_id, request_id)
+        _publish(rt, nxt, request_id)
         rt.store.unstage(workflow["id"], step)
 
 
