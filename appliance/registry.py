@@ -18,7 +18,7 @@ import hvac.exceptions
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import BadRequest
+from .errors import BadRequest, DependencyUnavailable
 from .vault import VaultSession
 
 KEYID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -115,7 +115,11 @@ class Registry:
                 return c.secrets.kv.v2.read_secret_version(  # type: ignore[no-any-return]
                     path=_PATH.format(keyid), mount_point=self.mount, raise_on_deleted_version=True
                 )["data"]["data"]
-            except hvac.exceptions.InvalidPath:
+            except hvac.exceptions.InvalidPath as exc:
+                if exc.errors:
+                    # "no handler for route": the KV mount is not there (yet): OpenBao is just
+                    # unsealed, or misconfigured. Not "unknown client", which is an empty 404.
+                    raise DependencyUnavailable("the client registry is not available") from exc
                 return None
 
         data = self.session.call(read)

@@ -24,7 +24,7 @@ from http_message_signatures import (
 )
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
-from .errors import Unauthorized
+from .errors import DependencyUnavailable, Unauthorized
 
 TAG = "appliance"
 MAX_AGE_SECONDS = 300
@@ -147,8 +147,11 @@ def verify_request(
     except Unauthorized:
         raise
     except (InvalidSignature, HTTPMessageSignaturesException) as exc:
-        cause = exc.__cause__
+        cause = exc.__cause__ or exc.__context__
         if isinstance(cause, Unauthorized):
+            raise cause from None
+        if isinstance(cause, DependencyUnavailable):
+            # The key could not be looked up (OpenBao down or sealed): 503, not a bad signature.
             raise cause from None
         raise Unauthorized(f"signature does not verify: {exc}", code="invalid_signature") from exc
     keyid = str(params["keyid"])

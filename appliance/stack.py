@@ -1,6 +1,7 @@
 """`appliance up` / `status` / `down`: the whole local stack under one state directory.
 
-up: PKI → Redis (TLS, ACL users) → OpenBao (bootstrapped from policies/*.hcl) → worker → API →
+up: PKI → Redis (TLS, ACL users) → OpenBao (persistent, unsealed from the state's key shares,
+bootstrapped from policies/*.hcl with a root token that is revoked at the end) → worker → API →
 Flower. Each service gets only its own credentials: a role_id and a single-use wrapped secret_id
 for OpenBao, its Redis user's password file and client certificate. Idempotent: a service whose
 pid is alive is left alone.
@@ -156,7 +157,7 @@ def _ensure_local_client(state: Path, bao: _stack.BaoHandle) -> None:
     private, public = keys / f"{LOCAL_CLIENT}.key", keys / f"{LOCAL_CLIENT}.pub"
     if not private.is_file():
         write_keypair(keys, LOCAL_CLIENT)
-    registry = Registry(VaultSession(bao.addr, bao.root_token))
+    registry = Registry(VaultSession(bao.addr, bao.operator_token()))
     if registry.get(LOCAL_CLIENT) is None:
         registry.put(Client(LOCAL_CLIENT, public.read_text(), ("*",)))
 
@@ -183,23 +184,27 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
     _config_file(state).write_text(json.dumps({"ports": asdict(ports)}))
     pki = _stack.ensure_pki(state / "tls")
     _stack.start_redis(state, ports.redis, pki)
-    bao_was_running = _stack.read_pid_file(state / "bao" / "bao.pid") is not None
     bao = _stack.start_openbao(state, ports.bao)
-    if not bao_was_running:
-        # A new dev-mode OpenBao has none of the old identities: services must log in afresh.
-        for name in reversed(SERVICES):
-            _stack.stop_by_pid_file(_pid_file(state, name))
-    _stack.bootstrap(bao)
-    (state / "audit").mkdir(exist_ok=True, mode=0o700)
-    export_audit_keys(state, bao.addr, bao.root_token)
-    if not metrics_token_file(state).is_file():
-        _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
-    # Flower's login lives in OpenBao now (`appliance flower-credentials`); drop the file of
-    # older stacks so that no stale password is left lying around.
-    (state / "secrets" / "flower.pass").unlink(missing_ok=True)
-    _ensure_local_client(state, bao)
-    for name in SERVICES:
-        _start_service(state, name, ports, pki, bao)
+    try:
+        if bao.initialized_now:
+            # A new, empty OpenBao has none of the old identities: services must log in afresh.
+            for name in reversed(SERVICES):
+                _stack.stop_by_pid_file(_pid_file(state, name))
+        _stack.bootstrap(bao)
+        (state / "audit").mkdir(exist_ok=True, mode=0o700)
+        export_audit_keys(state, bao.addr, bao.operator_token())
+        if not metrics_token_file(state).is_file():
+            _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
+        # Flower's login lives in OpenBao now (`appliance flower-credentials`); drop the file of
+        # older stacks so that no stale password is left lying around.
+        (state / "secrets" / "flower.pass").unlink(missing_ok=True)
+        _ensure_local_client(state, bao)
+        for name in SERVICES:
+            _start_service(state, name, ports, pki, bao)
+    finally:
+        # The root token served the bootstrap only; the operator token (an orphan) and the
+        # services' AppRole tokens are not its children and stay valid.
+        bao.revoke_root()
     _wait_ready(state, ports, wait_ready)
     return status(state)
 

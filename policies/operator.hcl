@@ -58,6 +58,11 @@ path "transit/keys/+/trim" {
   capabilities = ["update"]
 }
 
+# Sign the checkpoints of the audit entries it writes (key rotation).
+path "transit/sign/audit" {
+  capabilities = ["update"]
+}
+
 # Re-issue service credentials: a secret_id only ever as a response-wrapped token.
 path "auth/approle/role/+/role-id" {
   capabilities = ["read"]
@@ -66,6 +71,16 @@ path "auth/approle/role/+/secret-id" {
   capabilities = ["update"]
   min_wrapping_ttl = "1s"
   max_wrapping_ttl = "300s"
+}
+
+# Generate a root token for `appliance up`'s bootstrap (revoked when it is done). OpenBao 2.6+
+# refuses the unauthenticated `sys/generate-root/*`: this authenticated flow needs this token AND a
+# quorum of unseal key shares, so neither the token alone nor the shares alone make a root token.
+path "sys/generate-root-token/attempt" {
+  capabilities = ["read", "update", "delete"]
+}
+path "sys/generate-root-token/update" {
+  capabilities = ["update"]
 }
 
 # Its own token.

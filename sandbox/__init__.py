@@ -10,7 +10,7 @@ namespaces, rlimits, an unprivileged uid, no_new_privs and a seccomp filter. Usa
 
 from __future__ import annotations
 
-import threading
+import _thread
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 _default: Sandbox | None = None
-_default_lock = threading.Lock()
+_default_lock = _thread.allocate_lock()  # not threading: see _client.py
 
 
 def _default_sandbox() -> Sandbox:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import _thread
 import json
-import subprocess
 import sys
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidRequest, IsolationUnavailable, SandboxError
 from ._limits import Limits
@@ -16,6 +15,12 @@ from ._outcome import Outcome, outcome_from_dict
 from ._policy import Policy, _default_policy_path
 from ._request import prepare
 from ._server import read_frame, write_frame
+
+# The fork server imports this package, and so this module: nothing here may import threading
+# at import time (subprocess does). Once imported, threading's after-fork hook runs in every
+# child the server's zygote forks, at a cost of about 120 page faults and half a millisecond.
+if TYPE_CHECKING:
+    import subprocess
 
 _ERRORS: dict[str, type[SandboxError]] = {
     "invalid_request": InvalidRequest,
@@ -44,7 +49,7 @@ class Sandbox:
     def __init__(self, policy_path: Path | None = None) -> None:
         self.policy_path = Path(policy_path or _default_policy_path())
         self.policy = Policy.load(self.policy_path)
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self.layers: dict[str, str] = {}
 
@@ -57,6 +62,8 @@ class Sandbox:
     def _ensure_started(self) -> subprocess.Popen[bytes]:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
+        import subprocess  # see the note on imports above
+
         proc = subprocess.Popen(
             [sys.executable, "-I", "-c", self._boot, _PROJECT_ROOT, str(self.policy_path)],
             stdin=subprocess.PIPE,
@@ -77,6 +84,8 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the fork server."""
+        import subprocess  # see the note on imports above
+
         with self._lock:
             if self._proc is not None:
                 assert self._proc.stdin is not None

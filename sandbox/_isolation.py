@@ -18,11 +18,14 @@ import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import pyseccomp
+from typing import TYPE_CHECKING
 
 from ._limits import Limits
 from ._policy import Policy
+
+if TYPE_CHECKING:
+    # Never imported by the fork server itself (see `export_seccomp_program`).
+    import pyseccomp
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -120,6 +123,8 @@ def build_seccomp_filter() -> pyseccomp.SyscallFilter:
     write side is refused with EPERM. Calls for other architectures are killed (libseccomp's
     default bad-architecture action), which closes the 32-bit and x32 entry points.
     """
+    import pyseccomp
+
     flt = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
     try:
         # A binary tree instead of a list: the kernel's per-syscall verdict cache, built when
@@ -160,19 +165,56 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+def export_bpf(flt: pyseccomp.SyscallFilter) -> bytes:
+    """The BPF program libseccomp generates for a filter (what `load()` would install)."""
+    with tempfile.TemporaryFile() as f:
+        flt.export_bpf(f)
+        f.seek(0)
+        return f.read()
+
+
+def export_seccomp_program() -> bytes:
+    """Build the filter and export its BPF program in a throwaway child; return the program.
+
+    pyseccomp imports ctypes.util, which imports subprocess and threading. Once threading is
+    imported, every fork runs its after-fork hook in the child: about 120 page faults and half
+    a millisecond per run on a virtual machine. So the fork server never imports pyseccomp.
+    """
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - helper child
+        code = 1
+        try:
+            os.close(read_fd)
+            view = memoryview(export_bpf(build_seccomp_filter()))
+            while view:
+                view = view[os.write(write_fd, view):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    try:
+        while chunk := os.read(read_fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        raise RuntimeError("libseccomp could not build the filter")
+    return b"".join(chunks)
+
+
 class SeccompProgram:
-    """The BPF program libseccomp generated for a filter, exported once in the parent.
+    """A BPF program libseccomp generated (see `export_seccomp_program`), ready to install.
 
     libseccomp builds the program anew on every `load()`, which costs each child more than half
     a millisecond; children install these exact bytes instead, from a `struct sock_fprog` the
     parent has already laid out.
     """
 
-    def __init__(self, flt: pyseccomp.SyscallFilter) -> None:
-        with tempfile.TemporaryFile() as f:
-            flt.export_bpf(f)
-            f.seek(0)
-            self.program = f.read()
+    def __init__(self, program: bytes) -> None:
+        self.program = bytes(program)
         if not self.program or len(self.program) % _BPF_INSTRUCTION_SIZE:
             raise RuntimeError("libseccomp exported no valid BPF program")
         self._buffer = ctypes.create_string_buffer(self.program, len(self.program))

@@ -125,7 +125,7 @@ class Supervisor:
         _restricted.preload(sorted(policy.importable))
         self._seccomp: _isolation.SeccompProgram | None
         try:
-            self._seccomp = _isolation.SeccompProgram(_isolation.build_seccomp_filter())
+            self._seccomp = _isolation.SeccompProgram(_isolation.export_seccomp_program())
         except Exception:  # noqa: BLE001 - reported by the child as a missing layer
             self._seccomp = None
         self._netns_fd: int | None = None

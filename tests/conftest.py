@@ -65,7 +65,8 @@ def redis_server(stack_state: Path, pki: Pki) -> Iterator[RedisHandle]:
 
 @pytest.fixture(scope="session")
 def openbao(stack_state: Path) -> Iterator[BaoHandle]:
-    """A dev-mode OpenBao with its file audit device (not yet bootstrapped)."""
+    """A sealed-storage OpenBao (raft), initialised and unsealed, with its file audit device and
+    a root token in memory (not yet bootstrapped)."""
     try:
         yield _start_on_free_port(lambda port: start_openbao(stack_state, port))
     finally:

@@ -12,9 +12,12 @@ from .openbao import (
     Bootstrap,
     audit_log_path,
     bootstrap,
-    root_token_file,
+    data_dir,
+    generate_root_token,
+    operator_token_file,
     start_openbao,
     stop_openbao,
+    unseal_keys_file,
 )
 from .pki import CLIENT_ROLES, Pki, ensure_pki, write_private
 from .procs import (
@@ -51,7 +54,10 @@ __all__ = [
     "pid_alive",
     "read_pid_file",
     "render_acl",
-    "root_token_file",
+    "data_dir",
+    "generate_root_token",
+    "operator_token_file",
+    "unseal_keys_file",
     "start_detached",
     "start_openbao",
     "start_redis",

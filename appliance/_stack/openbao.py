@@ -1,18 +1,30 @@
 """A local OpenBao (Vault API) for the stack, and its bootstrap: engines, keys, policies, AppRoles.
 
-The server runs in dev mode (in-memory storage, unsealed) with a random root token and a file audit
-device declared in its config: OpenBao refuses to enable audit devices through the API. The root
-token travels to the child in its environment (not its argv, which every local user can read in
-`ps`) and is kept in `<state>/secrets/bao-root.token` (0600). Everything the dev server writes
-(its log prints the root token and unseal key, and it drops a `.vault-token` in `$HOME`) stays in
-the 0700 directory `<state>/bao`.
+The server is a real, sealed OpenBao with integrated (raft) storage in `<state>/bao/data`,
+listening on loopback only. On first start it is initialised with Shamir key shares (3 shares,
+threshold 2) kept in `<state>/secrets/bao-unseal.json` (0600); every start unseals it from that
+file. A real install keeps no unseal keys beside the data: it uses auto-unseal through a KMS or
+HSM (a `seal` block in the server configuration), or hands the shares to different people.
 
-Services never get the root token: each logs in with its AppRole, from a `role_id` file and a
-response-wrapped, single-use `secret_id` that only the service itself unwraps.
+There is no long-lived root token. The one `bao operator init` returns, and the ones generated
+later for a re-run of the bootstrap (operator token plus a quorum of unseal key shares through
+`sys/generate-root-token`, one-time-pad flow), live in this process's memory only and are revoked
+when `appliance up` is done (`BaoHandle.revoke_root`). The operator's CLI uses an orphan token
+with `policies/operator.hcl` only, kept in `<state>/secrets/bao-operator.token` (0600).
+
+The listener is plain HTTP on 127.0.0.1, not TLS: traffic on the loopback interface never leaves
+the host, reading it needs `CAP_NET_RAW` (root), and root on this host reads the state directory
+(unseal keys included) anyway; the service tokens are bound to 127.0.0.1 (`token_bound_cidrs`).
+A deployment where OpenBao is on another host must use TLS (`tls_cert_file`/`tls_key_file`).
+
+Services never get a root or operator token: each logs in with its AppRole, from a `role_id` file
+and a response-wrapped, single-use `secret_id` that only the service itself unwraps. With
+persistent storage their tokens survive a restart of OpenBao.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import shutil
@@ -29,7 +41,14 @@ from typing import Any
 import hvac
 
 from .pki import write_private
-from .procs import StackError, read_pid_file, start_detached, stop_by_pid_file, wait_for_port
+from .procs import (
+    StackError,
+    free_port,
+    read_pid_file,
+    start_detached,
+    stop_by_pid_file,
+    wait_for_port,
+)
 
 HOST = "127.0.0.1"
 
@@ -80,15 +99,40 @@ _APPROLE_SETTINGS: Mapping[str, Any] = MappingProxyType(
 )
 WRAP_TTL = "120s"
 
+#: Shamir split of the unseal key. All shares sit in one 0600 file here, so the split protects
+#: nothing locally: it is there so that the file format and the unseal loop are those of a real
+#: install, where the shares go to different people (or a KMS auto-unseals).
+UNSEAL_SHARES = 3
+UNSEAL_THRESHOLD = 2
+
+#: The operator's token: an orphan (it outlives the revoked root token that made it), renewed by
+#: every `appliance up`, re-created there once expired.
+_OPERATOR_TOKEN: Mapping[str, Any] = MappingProxyType(
+    {
+        "policies": ["operator"],
+        "no_default_policy": True,
+        "no_parent": True,
+        "ttl": "720h",
+        "renewable": True,
+        "display_name": "appliance-operator",
+    }
+)
+
 
 @dataclass(frozen=True)
 class BaoHandle:
-    """A running stack OpenBao: its address, root token and process."""
+    """A running, unsealed stack OpenBao: its address, process, and a root token for bootstrap.
+
+    `root_token` lives in memory only: it came from `bao operator init` or was generated from the
+    unseal keys for this handle. Revoke it (`revoke_root`) as soon as the bootstrap is done.
+    """
 
     addr: str
     root_token: str = field(repr=False)
     pid: int
     state_dir: Path
+    #: True when this start initialised a new, empty storage (no identity of before exists).
+    initialized_now: bool = False
 
     @property
     def audit_log(self) -> Path:
@@ -106,16 +150,34 @@ class BaoHandle:
         its wrapping token, which the service unwraps once (a second unwrap fails).
         """
         _check_service_role(role)
-        role_id = _read_role_id(self.client(), role)
-        wrap_token = _wrapped_secret_id(self.client(), role)
+        # With the operator token, not the root token: the root token is revoked at the end of
+        # `appliance up`, possibly before the service has unwrapped its secret_id.
+        operator = self.operator_client()
+        role_id = _read_role_id(operator, role)
+        wrap_token = _wrapped_secret_id(operator, role)
         role_id_file = directory / f"vault-{role}.role-id"
         wrap_file = directory / f"vault-{role}.secret-id.wrap"
         write_private(role_id_file, role_id.encode() + b"\n")
         write_private(wrap_file, wrap_token.encode() + b"\n")
         return role_id_file, wrap_file
 
+    def operator_client(self) -> hvac.Client:
+        """An hvac client with the operator's token (policy `operator`)."""
+        return hvac.Client(url=self.addr, token=self.operator_token(), timeout=10)
+
+    def operator_token(self) -> str:
+        """The operator's token (policy `operator` only), as kept in its 0600 file."""
+        return operator_token_file(self.state_dir).read_text().strip()
+
+    def revoke_root(self) -> None:
+        """Revoke this handle's root token; the operator token (an orphan) stays valid."""
+        try:
+            self.client().auth.token.revoke_self()
+        except hvac.exceptions.Forbidden:
+            pass  # Already revoked (or never valid): nothing left to do.
+
     def stop(self) -> bool:
-        """Stop this OpenBao (its in-memory data is gone); True when it was running."""
+        """Stop this OpenBao (its sealed storage stays on disk); True when it was running."""
         return stop_openbao(self.state_dir)
 
 
@@ -147,15 +209,26 @@ def audit_log_path(state_dir: Path) -> Path:
     return bao_dir(state_dir) / "audit.log"
 
 
-def root_token_file(state_dir: Path) -> Path:
-    """Where the root token is kept (0600)."""
-    return state_dir / "secrets" / "bao-root.token"
+def data_dir(state_dir: Path) -> Path:
+    """OpenBao's raft storage (encrypted by its barrier key: useless without the unseal keys)."""
+    return bao_dir(state_dir) / "data"
 
 
-def start_openbao(state_dir: Path, port: int, *, timeout: float = 20.0) -> BaoHandle:
-    """Start a dev-mode OpenBao on `127.0.0.1:port` with a file audit device; wait until unsealed.
+def unseal_keys_file(state_dir: Path) -> Path:
+    """The Shamir unseal key shares and threshold (0600). A real install uses auto-unseal."""
+    return state_dir / "secrets" / "bao-unseal.json"
 
-    Idempotent: when this state's OpenBao already runs, its handle is returned and `port` ignored.
+
+def operator_token_file(state_dir: Path) -> Path:
+    """The operator's token (policy `operator`), used by the `appliance` CLI (0600)."""
+    return state_dir / "secrets" / "bao-operator.token"
+
+
+def start_openbao(state_dir: Path, port: int, *, timeout: float = 30.0) -> BaoHandle:
+    """Start this state's OpenBao on `127.0.0.1:port`, initialise it once, unseal it.
+
+    Idempotent: when this state's OpenBao already runs, it is unsealed if needed and its handle
+    returned (`port` is then ignored). The handle carries a fresh root token in memory.
     """
     running = _running_handle(state_dir)
     if running is not None:
@@ -164,37 +237,104 @@ def start_openbao(state_dir: Path, port: int, *, timeout: float = 20.0) -> BaoHa
     workdir = bao_dir(state_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)
-    (workdir / "config.hcl").write_text(_config_hcl(audit_log_path(state_dir)))
-    root_token = secrets.token_urlsafe(32)
-    write_private(root_token_file(state_dir), root_token.encode() + b"\n")
-    root_token_file(state_dir).parent.chmod(0o700)
+    data_dir(state_dir).mkdir(mode=0o700, exist_ok=True)
+    addr = f"http://{HOST}:{port}"
+    (workdir / "config.hcl").write_text(_config_hcl(state_dir, port))
     pid = start_detached(
-        _argv(binary, workdir, port),
+        _argv(binary, workdir),
         log_file=workdir / "bao.log",
         pid_file=workdir / "bao.pid",
-        env=_child_env(workdir, root_token),
+        env=_child_env(workdir),
         cwd=workdir,
     )
-    addr = f"http://{HOST}:{port}"
     (workdir / "endpoint.json").write_text(json.dumps({"addr": addr}))
     try:
         wait_for_port(HOST, port, pid=pid, timeout=timeout)
-        _wait_unsealed(addr, timeout)
-    except StackError as exc:
+        return _open(state_dir, addr, pid, timeout)
+    except (StackError, hvac.exceptions.VaultError) as exc:
         stop_openbao(state_dir)
         raise StackError(f"{exc}; see {workdir / 'bao.log'}") from exc
-    return BaoHandle(addr, root_token, pid, state_dir)
 
 
 def stop_openbao(state_dir: Path) -> bool:
-    """Stop this state's OpenBao if it runs; True when it was running."""
+    """Stop this state's OpenBao if it runs; True when it was running. Its storage stays."""
     return stop_by_pid_file(bao_dir(state_dir) / "bao.pid")
 
 
-def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> Bootstrap:
-    """Configure engines, transit keys, policies and AppRoles; safe to run again on the same server.
+def generate_root_token(addr: str, state_dir: Path) -> str:
+    """A new root token from the operator token plus a quorum of unseal key shares.
 
-    Policies are loaded from `policies_dir/*.hcl`, each named after its file stem.
+    OpenBao 2.6+ serves this only through the authenticated `sys/generate-root-token/*` (the
+    unauthenticated `sys/generate-root/*` is off by default: anyone could cancel an attempt).
+    One-time-pad flow: the token comes back XORed with an OTP that only this call saw. For the
+    bootstrap only: the caller revokes it when done. A half-finished attempt is cancelled first.
+    """
+    shares = _read_unseal_keys(state_dir)
+    try:
+        operator_token = operator_token_file(state_dir).read_text().strip()
+    except FileNotFoundError:
+        raise StackError(f"no operator token in {operator_token_file(state_dir)}") from None
+    client = hvac.Client(url=addr, token=operator_token, timeout=10)
+    path = "/v1/sys/generate-root-token"
+    try:
+        client.adapter.delete(f"{path}/attempt")
+        attempt = client.adapter.put(f"{path}/attempt", json={})["data"]
+        result: dict[str, Any] = {}
+        for key in shares["keys"][: shares["threshold"]]:
+            result = client.adapter.put(
+                f"{path}/update", json={"key": key, "nonce": attempt["nonce"]}
+            )["data"]
+    except hvac.exceptions.Forbidden:
+        raise StackError(
+            f"the operator token in {operator_token_file(state_dir)} is expired or revoked: "
+            "no root token can be generated for the bootstrap (see SECURITY.md, recovery)"
+        ) from None
+    if not result.get("complete"):
+        raise StackError("OpenBao did not complete the root token generation")
+    encoded = result["encoded_token"]
+    raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4))
+    return bytes(a ^ b for a, b in zip(raw, attempt["otp"].encode(), strict=True)).decode()
+
+
+def _open(state_dir: Path, addr: str, pid: int, timeout: float) -> BaoHandle:
+    """Initialise (first start only) and unseal; return a handle with a root token."""
+    client = hvac.Client(url=addr, timeout=10)
+    _wait_responding(addr, timeout)
+    root_token: str | None = None
+    if not client.sys.is_initialized():
+        init = client.sys.initialize(secret_shares=UNSEAL_SHARES, secret_threshold=UNSEAL_THRESHOLD)
+        keys = {"keys": init["keys_base64"], "threshold": UNSEAL_THRESHOLD}
+        write_private(unseal_keys_file(state_dir), json.dumps(keys).encode() + b"\n")
+        root_token = str(init["root_token"])
+    if client.sys.is_sealed():
+        shares = _read_unseal_keys(state_dir)
+        for key in shares["keys"][: shares["threshold"]]:
+            if not client.sys.submit_unseal_key(key)["sealed"]:
+                break
+    _wait_unsealed(addr, timeout)
+    initialized_now = root_token is not None
+    if root_token is None:
+        root_token = generate_root_token(addr, state_dir)
+    return BaoHandle(addr, root_token, pid, state_dir, initialized_now)
+
+
+def _read_unseal_keys(state_dir: Path) -> dict[str, Any]:
+    path = unseal_keys_file(state_dir)
+    try:
+        shares: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StackError(
+            f"OpenBao's storage in {data_dir(state_dir)} is initialised but its unseal keys "
+            f"({path}) are missing"
+        ) from None
+    return shares
+
+
+def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> Bootstrap:
+    """Configure engines, transit keys, policies, AppRoles and the operator token.
+
+    Safe to run again on the same (persistent) server: what exists is kept (mounts, keys, role
+    ids), policies are rewritten from `policies_dir/*.hcl` (each named after its file stem).
     """
     client = handle.client()
     _ensure_secrets_engine(client, TRANSIT_MOUNT, "transit", {})
@@ -203,8 +343,23 @@ def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> B
     _load_policies(client, policies_dir)
     _ensure_approles(client)
     _ensure_flower_credential(client)
+    _ensure_operator_token(handle)
     role_ids = {role: _read_role_id(client, role) for role in SERVICE_ROLES}
     return Bootstrap(handle, MappingProxyType(role_ids))
+
+
+def _ensure_operator_token(handle: BaoHandle) -> None:
+    """Renew the operator's token, or create it (first start, or expired since)."""
+    path = operator_token_file(handle.state_dir)
+    if path.is_file():
+        operator = hvac.Client(url=handle.addr, token=path.read_text().strip(), timeout=10)
+        try:
+            operator.auth.token.renew_self()
+            return
+        except hvac.exceptions.VaultError:
+            pass  # Expired or revoked: issue a new one below.
+    created = handle.client().auth.token.create(**_OPERATOR_TOKEN)
+    write_private(path, str(created["auth"]["client_token"]).encode() + b"\n")
 
 
 def _ensure_flower_credential(client: hvac.Client) -> None:
@@ -282,38 +437,57 @@ def _check_service_role(role: str) -> None:
         raise ValueError(f"unknown service role {role!r}; expected one of {SERVICE_ROLES}")
 
 
-def _config_hcl(audit_log: Path) -> str:
-    # Every request and response is logged with secrets HMAC'ed; declared here because OpenBao
-    # refuses to enable audit devices through the API (CVE-2025-54997).
+def _config_hcl(state_dir: Path, port: int) -> str:
+    # Integrated storage (raft, one node) in files under the state directory: OpenBao 2.x has no
+    # `file` backend any more ("unknown storage type file"). Raft needs a cluster address even
+    # with one node; its port is chosen once and kept, since raft records it. The listener is
+    # loopback-only (see the module docstring for why it is not TLS). The audit device is
+    # declared here because OpenBao refuses to enable audit devices through the API
+    # (CVE-2025-54997). OpenBao has no mlock (`disable_mlock` is unknown to it): a production
+    # host runs without swap, or with encrypted swap.
+    cluster = f"{HOST}:{_cluster_port(state_dir)}"
     return (
+        'storage "raft" {\n'
+        f"  path = {json.dumps(str(data_dir(state_dir)))}\n"
+        '  node_id = "appliance-bao"\n'
+        # One node: the election timers need no slack for slow peers (starts in ~1 s, not ~8 s).
+        "  performance_multiplier = 1\n"
+        "}\n"
+        'listener "tcp" {\n'
+        f'  address = "{HOST}:{port}"\n'
+        f'  cluster_address = "{cluster}"\n'
+        "  tls_disable = true\n"
+        "}\n"
+        f'api_addr = "http://{HOST}:{port}"\n'
+        f'cluster_addr = "http://{cluster}"\n'
+        "ui = false\n"
         'audit "file" "file" {\n'
         '  description = "appliance stack audit"\n'
         "  options {\n"
-        f"    file_path = {json.dumps(str(audit_log))}\n"
+        f"    file_path = {json.dumps(str(audit_log_path(state_dir)))}\n"
         '    mode = "0600"\n'
         "  }\n"
         "}\n"
     )
 
 
-def _argv(binary: str, workdir: Path, port: int) -> list[str]:
-    return [
-        binary,
-        "server",
-        "-dev",
-        f"-dev-listen-address={HOST}:{port}",
-        f"-config={workdir / 'config.hcl'}",
-    ]
+def _cluster_port(state_dir: Path) -> int:
+    """Raft's cluster port: picked free on first start, then the same for the storage's life."""
+    path = bao_dir(state_dir) / "cluster.json"
+    if path.is_file():
+        return int(json.loads(path.read_text())["cluster_port"])
+    port = free_port(HOST)
+    path.write_text(json.dumps({"cluster_port": port}))
+    return port
 
 
-def _child_env(workdir: Path, root_token: str) -> dict[str, str]:
+def _argv(binary: str, workdir: Path) -> list[str]:
+    return [binary, "server", f"-config={workdir / 'config.hcl'}"]
+
+
+def _child_env(workdir: Path) -> dict[str, str]:
     # Only what the server needs: nothing of the caller's environment (tokens, proxies) leaks in.
-    # `BAO_DEV_ROOT_TOKEN_ID` is `-dev-root-token-id` without exposing the token in argv.
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(workdir),
-        "BAO_DEV_ROOT_TOKEN_ID": root_token,
-    }
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir)}
 
 
 def _bao_binary() -> str:
@@ -325,17 +499,34 @@ def _bao_binary() -> str:
     return binary
 
 
+def _wait_responding(addr: str, timeout: float) -> None:
+    """Wait until the HTTP API answers at all (sealed or not initialised is fine)."""
+    _poll_health(addr, timeout, accept=lambda status: status < 500 or status in (501, 503))
+
+
 def _wait_unsealed(addr: str, timeout: float) -> None:
+    """Wait until OpenBao is unsealed and active (health 200)."""
+    _poll_health(addr, timeout, accept=lambda status: status == 200)
+
+
+def _poll_health(addr: str, timeout: float, accept: Any) -> None:
     deadline = time.monotonic() + timeout
+    last = "no answer"
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{addr}/v1/sys/health", timeout=1) as response:  # noqa: S310
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+                status = int(response.status)
+        except urllib.error.HTTPError as exc:
+            status = int(exc.code)
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+            time.sleep(0.05)
+            continue
+        if accept(status):
+            return
+        last = f"health status {status}"
         time.sleep(0.05)
-    raise StackError(f"OpenBao at {addr} not unsealed after {timeout:.0f} s")
+    raise StackError(f"OpenBao at {addr} not ready after {timeout:.0f} s ({last})")
 
 
 def _running_handle(state_dir: Path) -> BaoHandle | None:
@@ -343,5 +534,4 @@ def _running_handle(state_dir: Path) -> BaoHandle | None:
     if pid is None:
         return None
     addr = json.loads((bao_dir(state_dir) / "endpoint.json").read_text())["addr"]
-    token = root_token_file(state_dir).read_text().strip()
-    return BaoHandle(addr, token, pid, state_dir)
+    return _open(state_dir, addr, pid, timeout=30.0)

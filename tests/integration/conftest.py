@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance import stack
+from appliance._stack import generate_root_token, operator_token_file
 from appliance.cli import SignedClient
 from appliance.registry import Client, Registry
 from appliance.vault import Transit, VaultSession
@@ -56,8 +57,10 @@ class Stack:
         return SignedClient(self.status["api_url"], keyid, self.local_key(key_file))
 
     def root_transit(self) -> Transit:
-        """Transit as the operator (root token): mints what only the API could otherwise."""
-        return Transit(self.registry().session)
+        """Transit with a root token (generated from the operator token and the unseal keys, as
+        `appliance up` does): mints what only the API could otherwise."""
+        token = generate_root_token(self.status["vault_addr"], self.state)
+        return Transit(VaultSession(self.status["vault_addr"], token))
 
     def broker_producer(self, name: str, **conf: Any) -> Celery:
         """A Celery producer holding the admin's broker credentials: an intruder's view."""
@@ -73,7 +76,7 @@ class Stack:
         return app
 
     def registry(self) -> Registry:
-        token = (self.state / "secrets" / "bao-root.token").read_text().strip()
+        token = operator_token_file(self.state).read_text().strip()
         return Registry(VaultSession(self.status["vault_addr"], token))
 
     def add_client(self, keyid: str, functions: tuple[str, ...] = ("*",), **kw: Any) -> Path:

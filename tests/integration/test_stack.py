@@ -392,7 +392,10 @@ def fixtures_in_bao(openbao: BaoHandle, bao_bootstrap: Bootstrap) -> dict[str, s
 def test_credential_files_are_private(openbao: BaoHandle, bao_bootstrap: Bootstrap, tmp_path: Path):
     for path in openbao.write_service_credentials("api", tmp_path):
         assert path.stat().st_mode & 0o777 == 0o600
-    assert (openbao.state_dir / "secrets" / "bao-root.token").stat().st_mode & 0o777 == 0o600
+    secrets = openbao.state_dir / "secrets"
+    for name in ("bao-unseal.json", "bao-operator.token"):
+        assert (secrets / name).stat().st_mode & 0o777 == 0o600
+    assert not (secrets / "bao-root.token").exists()  # No root token is ever written.
 
 
 def test_service_tokens_carry_only_their_policy(api_bao: hvac.Client, worker_bao: hvac.Client):

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.errors import Unauthorized
+from appliance.errors import DependencyUnavailable, Unauthorized
 from appliance.signatures import UnverifiedRequest, sign_request, verify_request
 
 KEY = Ed25519PrivateKey.generate()
@@ -110,6 +110,19 @@ def test_unknown_key() -> None:
     with pytest.raises(Unauthorized) as exc:
         _verify(_signed(keyid="nobody"))
     assert exc.value.code == "unknown_key"
+
+
+def test_registry_down_is_503_not_a_bad_signature() -> None:
+    """A key lookup that fails because OpenBao is down or sealed (cold registry cache during an
+    outage) is a dependency failure (503 with Retry-After), never a 401 the client would not
+    retry."""
+
+    class DownKeys:
+        def public_key(self, keyid: str) -> None:
+            raise DependencyUnavailable("OpenBao is unreachable")
+
+    with pytest.raises(DependencyUnavailable):
+        verify_request(_signed(), b'{"a": 1}', DownKeys(), Nonces(), lambda: NOW)
 
 
 @settings(max_examples=200, deadline=None)
