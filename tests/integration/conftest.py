@@ -27,7 +27,6 @@ from appliance.registry import Client, Registry
 from appliance.vault import Transit, VaultSession
 from appliance.worker.celery_config import BROKER_KEY_PREFIX
 
-
 #: Every port of a test stack: any free one (0).
 FREE_PORTS = {"redis": 0, "bao": 0, "api": 0, "flower": 0, "metrics": 0}
 
