@@ -170,11 +170,15 @@ def warm_up(items, scale=2):
 """
 
 
+# The warm-up goes through the same steps as a request: decoding it, then `execute`.
+_WARM_UP_REQUEST = json.dumps(
+    PreparedRun(_WARM_UP_SOURCE, "warm_up", [[1, 2, 3]], {"scale": 3}).to_wire()
+).encode()
+
+
 def _warm_up() -> None:
-    state = _restricted.RunState(1024)
-    namespace = _restricted.build_globals(state, ())
-    exec(_restricted.compile_module(_WARM_UP_SOURCE), namespace)  # noqa: S102 - constant
-    _finish(namespace["warm_up"](*json.loads("[[1, 2, 3]]")), state)
+    run = trusted_from_wire(json.loads(_WARM_UP_REQUEST))
+    execute(run, _restricted.RunState(run.limits.output_bytes))
 
 
 def _request_arrives(within: float) -> bool:

@@ -505,26 +505,23 @@ def _proc_checks(pid: int, layers: dict[str, str]) -> dict[str, str]:
 def _usage_if_alive(pid: int) -> _zygote.Usage | None:
     """CPU time and peak memory of a child that has not exited; None once it is exiting.
 
-    Read from the kernel's own accounting (the same figures wait4 reports), never from the child.
-    The peak resident size is gone once the process has released its memory, which it does
-    before its descriptors are closed when it exits: so a child whose channel reached its end
-    and whose peak can still be read closed the channel itself and is still alive.
+    Both come from the kernel's own accounting (the figures wait4 would report, less the
+    teardown), never from the child. The peak resident size is gone once the process has
+    released its memory, which an exiting process does before its descriptors are closed: so a
+    child whose channel reached its end and whose peak can still be read closed the channel
+    itself and is still alive.
     """
     try:
-        with open(f"/proc/{pid}/schedstat", "rb", buffering=0) as f:
-            cpu_ns = int(f.read().split()[0])
         with open(f"/proc/{pid}/status", "rb", buffering=0) as f:
             status = f.read()
+        start = status.index(b"\nVmHWM:") + 7
+        peak_kb = int(status[start:status.index(b"\n", start)].split()[0])
+        # The process's CPU clock (Linux's MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)): unlike
+        # /proc/<pid>/schedstat it includes the slice the process is running right now.
+        cpu_seconds = time.clock_gettime((~pid << 3) | 2)
     except (OSError, ValueError, IndexError):
         return None
-    start = status.find(b"\nVmHWM:")
-    if start < 0:
-        return None
-    try:
-        peak_kb = int(status[start + 7:status.index(b"\n", start + 1)].split()[0])
-    except (ValueError, IndexError):
-        return None
-    return _zygote.Usage(cpu_ns / 1e9, 0.0, peak_kb)
+    return _zygote.Usage(cpu_seconds, 0.0, peak_kb)
 
 
 def _isolation_reason(untrusted: bytes) -> str:
