@@ -16,6 +16,7 @@ import pytest
 
 from appliance import stack
 from appliance._stack import generate_root_token, stop_openbao
+from appliance.vault import Transit
 
 from .conftest import FREE_PORTS, Stack, submit
 
@@ -127,6 +128,22 @@ def test_restart_keeps_identities_and_leaves_no_root_token(restart_stack: Stack)
         root.auth.token.revoke_self()
     assert not (restart_stack.state / "secrets" / "bao-root.token").exists()
     assert "-dev" not in (restart_stack.state / "bao" / "config.hcl").read_text()
+
+
+def test_down_and_up_keeps_clients_and_keys(restart_stack: Stack) -> None:
+    """A whole `down` + `up`: OpenBao comes back from its storage (registry, key versions), the
+    services log in afresh with new wrapped secret_ids, and a client registered before runs."""
+    private = restart_stack.add_client("kept", ("double",))
+    operator = Transit(restart_stack.registry().session)
+    version = operator.rotate("jobs")
+    stack.down(restart_stack.state)
+    restart_stack.status = stack.up(restart_stack.state)
+    assert Transit(restart_stack.registry().session).rotate("jobs") == version + 1
+    client = restart_stack.client("kept", private)
+    accepted = submit(client, DOUBLE, "double", args=[21])
+    assert accepted.status_code == 202, accepted.text
+    resp = restart_stack.wait_result(client, accepted.json()["result_key"], timeout=60)
+    assert resp.status_code == 200 and resp.json()["result"] == 42, resp.text
 
 
 def _wait_until(predicate: object, timeout: float, message: str) -> None:
