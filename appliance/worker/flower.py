@@ -12,8 +12,8 @@
    each behind basic auth, `/metrics` included. Every route that would act on the cluster (task
    apply/send/abort/revoke, timeouts, rate limits, worker shutdown, pool and consumer control) is
    answered 403, and Flower's own `read_only` mode is on as a second lock. A route that a newer
-   Flower adds is refused until it is listed here (default deny). `/healthcheck` stays open: it
-   answers `OK` and nothing else.
+   Flower adds is refused until it is listed here (default deny); an unknown path is 401, then
+   404. `/healthcheck` stays open: it answers `OK` and nothing else.
 4. redacts task events as they arrive, before Flower stores them: arguments, results, exception
    messages and tracebacks never reach its pages, its API or its metrics. Our task messages carry
    only identifiers and ciphertext anyway (`argsrepr="[sealed job]"`); this is the second layer.
@@ -62,7 +62,7 @@ _EXCEPTION_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,100}")
 _READ_ROUTES = frozenset({
     "/", "/workers", "/worker/(.+)", "/task/(.+)", "/tasks", "/tasks/datatable", "/broker",
     "/api/workers", "/api/tasks", "/api/task/types", "/api/queues/length", "/api/task/info/(.*)",
-    "/healthcheck", "/static/(.*)", "/logout", ".*",
+    "/healthcheck", "/static/(.*)", "/logout",
 })
 
 
@@ -109,6 +109,15 @@ class Refused(BaseHandler):  # type: ignore[misc]
         )
 
 
+class NotFound(BaseHandler):  # type: ignore[misc]
+    """Any other path: 401 without the login, then 404 (an unknown path reveals nothing)."""
+
+    def prepare(self) -> None:
+        if not self.current_user:
+            raise web.HTTPError(401)
+        raise web.HTTPError(404)
+
+
 def _pattern(handler: Any) -> str:
     if isinstance(handler, URLSpec):
         return str(handler.regex.pattern).removesuffix("$")
@@ -122,6 +131,8 @@ def read_only_handlers(handlers: list[Any] = flower_handlers) -> list[Any]:
         pattern = _pattern(handler)
         if pattern == "/metrics":
             routed.append((pattern, AuthenticatedMetrics))
+        elif pattern == ".*":
+            routed.append((pattern, NotFound))
         elif pattern in _READ_ROUTES:
             routed.append(handler)
         else:
