@@ -213,9 +213,9 @@ class Supervisor:
             self._drop_zygote()  # its spares died with it
         while self._spares:
             child = self._spares.popleft()
-            if child.zygote is self._zygote and self._resolve(child):
+            if child.zygote is self._zygote and self._resolve(child) and _waiting(child):
                 return child
-            self._release(child)
+            self._release(child)  # a spare that died waiting (killed from outside, say)
         return None
 
     def _resolve(self, child: _Child) -> bool:
@@ -500,6 +500,14 @@ def _proc_checks(pid: int, layers: dict[str, str]) -> dict[str, str]:
     except OSError as exc:
         out.setdefault("netns", f"cannot inspect child: {exc}")
     return out
+
+
+def _waiting(child: _Child) -> bool:
+    """Whether a spare still holds the read end of its request pipe (that is, still lives)."""
+    assert child.request_fd is not None
+    poller = select.poll()
+    poller.register(child.request_fd, select.POLLOUT)
+    return not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _usage_if_alive(pid: int) -> _zygote.Usage | None:

@@ -1,0 +1,77 @@
+"""Abusing the reply channel: closing it early to outlive the run, or to forge a finished run.
+
+A child that closes its reply channel is taken at its word: its reply is whole. The parent then
+reads the child's usage from the kernel and kills it. Code that closes the channel on purpose
+(only possible after a RestrictedPython escape) must gain nothing: no process outlives its run,
+the usage is the kernel's, and garbage is still a `crashed` outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import assert_status, attempt_raw
+
+pytestmark = pytest.mark.timeout(60)
+
+_CLOSE_THEN_SPIN = """
+import os
+def f():
+    pid = os.getpid()
+    os.write(3, ('{"status": "ok", "value": %d, "stdout": "", "error": null}' % pid).encode())
+    os.close(3)
+    while True:
+        pass
+"""
+
+_CLOSE_THEN_SLEEP_UNDER_SIGNALS = """
+import os, signal, time
+def f():
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    pid = os.getpid()
+    os.write(3, ('{"status": "ok", "value": %d, "stdout": "", "error": null}' % pid).encode())
+    os.close(3)
+    time.sleep(30)
+"""
+
+_CLOSE_WITH_GARBAGE = """
+import os
+def f():
+    os.write(3, b'{"status": "ok", "value": ')
+    os.close(3)
+    while True:
+        pass
+"""
+
+
+def _wait_until_gone(pid: int) -> None:
+    # A liveness bound, not a speed check: a killed child is normally gone within milliseconds.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in "ZX":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"child {pid} outlived its run")
+
+
+@pytest.mark.parametrize("source", [_CLOSE_THEN_SPIN, _CLOSE_THEN_SLEEP_UNDER_SIGNALS])
+def test_raw_child_that_closes_its_channel_does_not_outlive_its_run(raw, source):
+    outcome = attempt_raw(raw, source)
+    # The forged reply is the child's own outcome to give; what it cannot do is keep running.
+    assert_status(outcome, "ok")
+    assert isinstance(outcome.value, int) and outcome.value > 1
+    _wait_until_gone(outcome.value)
+    assert outcome.usage.max_rss_kb > 0
+
+
+def test_raw_child_that_closes_its_channel_mid_reply_has_crashed(raw):
+    outcome = attempt_raw(raw, _CLOSE_WITH_GARBAGE)
+    assert_status(outcome, "crashed", "Crashed")
