@@ -2,10 +2,12 @@
 
 A trivial function is run through `sandbox.Sandbox` (fork server, RestrictedPython, namespaces,
 chroot, rlimits, uid, no_new_privs, seccomp) back to back, and through a fresh isolated
-interpreter (`python -I -c`), in alternating blocks of one process run. The compile cost of the
-RestrictedPython layer is measured on its own, in-process.
+interpreter (`python -I -c`), in alternating blocks of one process run. A second, labelled
+baseline has the fresh interpreter import RestrictedPython and compile the function with it, as
+the sandbox does. The compile cost of the RestrictedPython layer is measured on its own,
+in-process, and inside the sandbox (a 123-line module against the trivial one).
 
-    .venv/bin/python bench/sandbox_overhead.py [--runs 500] [--fresh-runs 100] [--json PATH]
+    .venv/bin/python bench/sandbox_overhead.py [--runs 500] [--fresh-runs 500] [--json PATH]
 """
 
 from __future__ import annotations
@@ -36,7 +38,17 @@ MEDIUM = "\n".join(
     for i in range(20)
 ) + "\ndef f(x):\n    return helper_3([x])['total']\n"
 FRESH = TRIVIAL + "import json\nprint(json.dumps(f(21)))\n"
-BLOCKS = 5
+# The same, compiled and run with RestrictedPython's own guards (what a one-process-per-run
+# design would pay at least); labelled separately, the strict baseline is FRESH.
+FRESH_RESTRICTED = (
+    "import json\n"
+    "from RestrictedPython import compile_restricted_exec, safe_globals\n"
+    f"code = compile_restricted_exec({TRIVIAL!r}).code\n"
+    "namespace = dict(safe_globals)\n"
+    "exec(code, namespace)\n"
+    "print(json.dumps(namespace['f'](21)))\n"
+)
+BLOCKS = 10
 PACED_GAP_S = 0.010
 
 
@@ -64,13 +76,45 @@ def sandbox_once(box: Sandbox, child_ms: list[float]) -> float:
     return elapsed
 
 
-def fresh_once() -> float:
+def fresh_once(program: str = FRESH) -> float:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-I", "-c", FRESH], capture_output=True, check=True,
-                          env={}, cwd="/")
+    done = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True,
+                          check=True, env={}, cwd="/")
     elapsed = (time.perf_counter() - started) * 1000
     assert json.loads(done.stdout) == 42
     return elapsed
+
+
+def _proc_cpu(pid: int) -> tuple[float, float, int]:
+    """(own CPU s, CPU s of reaped children, minor faults) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return ((int(fields[11]) + int(fields[12])) / tick,
+            (int(fields[13]) + int(fields[14])) / tick, int(fields[7]))
+
+
+def _tree(box: Sandbox) -> dict[str, int]:
+    assert box._proc is not None
+    server = box._proc.pid
+    children = Path(f"/proc/{server}/task/{server}/children").read_text().split()
+    return {"server": server, "zygote": int(children[0])} if children else {"server": server}
+
+
+def cpu_per_run(box: Sandbox, runs: int, child_ms: list[float]) -> tuple[list[float], dict]:
+    """Back-to-back runs, and the CPU each process of the sandbox spent per run on them."""
+    tree = _tree(box)
+    client0 = time.process_time()
+    before = {name: _proc_cpu(pid) for name, pid in tree.items()}
+    elapsed = [sandbox_once(box, child_ms) for _ in range(runs)]
+    after = {name: _proc_cpu(pid) for name, pid in tree.items()}
+    cpu = {"client": (time.process_time() - client0) * 1000 / runs}
+    for name in tree:
+        cpu[name] = (after[name][0] - before[name][0]) * 1000 / runs
+        cpu[f"{name}_faults"] = (after[name][2] - before[name][2]) / runs
+    if "zygote" in tree:  # the zygote reaps the children, so their CPU adds up there
+        cpu["children"] = (after["zygote"][1] - before["zygote"][1]) * 1000 / runs
+    cpu["total"] = sum(v for k, v in cpu.items() if not k.endswith("_faults"))
+    return elapsed, cpu
 
 
 def compile_cost(source: str, rounds: int) -> dict[str, float]:
@@ -89,7 +133,11 @@ def compile_cost(source: str, rounds: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=500, help="sandbox runs (back to back)")
-    parser.add_argument("--fresh-runs", type=int, default=100, help="fresh interpreter runs")
+    parser.add_argument("--fresh-runs", type=int, default=500, help="fresh interpreter runs")
+    parser.add_argument("--fresh-restricted-runs", type=int, default=200,
+                        help="fresh interpreter runs that import and use RestrictedPython")
+    parser.add_argument("--medium-runs", type=int, default=200,
+                        help="sandbox runs of a 123-line module (compile cost in the child)")
     parser.add_argument("--paced-runs", type=int, default=200,
                         help="sandbox runs with 10 ms between them, as a busy worker sees them")
     parser.add_argument("--json", type=Path,
@@ -98,24 +146,39 @@ def main() -> None:
 
     sandbox_ms: list[float] = []
     fresh_ms: list[float] = []
+    fresh_restricted_ms: list[float] = []
+    medium_ms: list[float] = []
+    cpu_blocks: list[dict] = []
     paced_ms: list[float] = []
     child_ms: list[float] = []
     paced_child_ms: list[float] = []
     started = time.perf_counter()
+    load_before = os.getloadavg()
     with Sandbox() as box:
         missing = [layer for layer, why in box.layers.items() if why]
         assert not missing, f"layers missing on this host: {missing}"
         for _ in range(20):  # warm both paths
             sandbox_once(box, [])
         fresh_once()
+        fresh_once(FRESH_RESTRICTED)
         for block in range(BLOCKS):
             share = ns.runs // BLOCKS + (block < ns.runs % BLOCKS)
-            sandbox_ms.extend(sandbox_once(box, child_ms) for _ in range(share))
+            elapsed, cpu = cpu_per_run(box, share, child_ms)
+            sandbox_ms.extend(elapsed)
+            cpu_blocks.append(cpu)
             fresh_share = ns.fresh_runs // BLOCKS + (block < ns.fresh_runs % BLOCKS)
             fresh_ms.extend(fresh_once() for _ in range(fresh_share))
+            restricted_share = (ns.fresh_restricted_runs // BLOCKS
+                                + (block < ns.fresh_restricted_runs % BLOCKS))
+            fresh_restricted_ms.extend(
+                fresh_once(FRESH_RESTRICTED) for _ in range(restricted_share))
         for _ in range(ns.paced_runs):
             time.sleep(PACED_GAP_S)
             paced_ms.append(sandbox_once(box, paced_child_ms))
+        for _ in range(ns.medium_runs):
+            t = time.perf_counter()
+            assert box.run(MEDIUM, "f", [21]).value == 63
+            medium_ms.append((time.perf_counter() - t) * 1000)
 
     report = {
         "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
@@ -124,19 +187,39 @@ def main() -> None:
         "sandbox_child_wall_ms": summary(child_ms),
         "sandbox_paced_ms": summary(paced_ms) if paced_ms else None,
         "fresh_interpreter_ms": summary(fresh_ms),
+        "fresh_interpreter_restricted_ms": (
+            summary(fresh_restricted_ms) if fresh_restricted_ms else None),
+        "sandbox_medium_module_ms": summary(medium_ms) if medium_ms else None,
+        "cpu_ms_per_run": {key: statistics.median(block[key] for block in cpu_blocks)
+                           for key in cpu_blocks[0]} if cpu_blocks else None,
+        "load_average": {"before": load_before, "after": os.getloadavg()},
         "compile_ms": {"trivial": compile_cost(TRIVIAL, 2000), "medium": compile_cost(MEDIUM, 300)},
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     report["speedup_p50"] = report["fresh_interpreter_ms"]["p50"] / report["sandbox_ms"]["p50"]
+    if paced_ms:
+        report["speedup_p50_paced"] = (report["fresh_interpreter_ms"]["p50"]
+                                       / report["sandbox_paced_ms"]["p50"])
 
     print(f"{'':<28}{'p50 ms':>9}{'p99 ms':>9}{'runs':>7}")
     rows = [("sandbox, back to back", report["sandbox_ms"]),
             ("sandbox, 10 ms apart", report["sandbox_paced_ms"]),
-            ("fresh python -I", report["fresh_interpreter_ms"])]
+            ("sandbox, 123-line module", report["sandbox_medium_module_ms"]),
+            ("fresh python -I", report["fresh_interpreter_ms"]),
+            ("fresh python -I + RPython", report["fresh_interpreter_restricted_ms"])]
     for name, row in rows:
         if row:
             print(f"{name:<28}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['n']:>7}")
-    print(f"fresh / sandbox at p50: {report['speedup_p50']:.1f}x")
+    print(f"fresh / sandbox at p50: {report['speedup_p50']:.1f}x back to back"
+          + (f", {report['speedup_p50_paced']:.1f}x 10 ms apart" if paced_ms else ""))
+    if report["cpu_ms_per_run"]:
+        print("CPU per back-to-back run (ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in report["cpu_ms_per_run"].items()
+            if not k.endswith("_faults"))
+              + "; minor faults: " + ", ".join(
+            f"{k[:-7]} {v:.0f}" for k, v in report["cpu_ms_per_run"].items()
+            if k.endswith("_faults")))
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     for name, cost in report["compile_ms"].items():
         print(f"compile ({name}, {cost['source_lines']} lines): RestrictedPython "
               f"{cost['restricted_p50']:.3f} ms, plain compile() {cost['plain_p50']:.3f} ms")
