@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,6 +17,16 @@ from appliance.results import Claim, ResultStore, new_result_key
 from appliance.worker.celery_config import HEARTBEAT_KEY
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _clean(redis_server: RedisHandle) -> Iterator[None]:
+    """Leave the session's Redis holding broker keys only, as other tests expect."""
+    yield
+    admin = redis_server.client("admin")
+    ours = [k for k in admin.scan_iter(count=1000) if not k.startswith(b"celery:")]
+    if ours:
+        admin.delete(*ours)
 
 
 @pytest.fixture
