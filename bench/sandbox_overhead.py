@@ -2,9 +2,10 @@
 
 A trivial function is run through `sandbox.Sandbox` (fork server, RestrictedPython, namespaces,
 chroot, rlimits, uid, no_new_privs, seccomp) back to back, and through a fresh isolated
-interpreter (`python -I -c`), in alternating blocks of one process run. A second, labelled
-baseline has the fresh interpreter import RestrictedPython and compile the function with it, as
-the sandbox does. The compile cost of the RestrictedPython layer is measured on its own,
+interpreter (`python -I -c`, which defines the function, calls it and prints the result), in
+alternating blocks of one process run. Two more baselines, labelled as such, have the fresh
+interpreter print the result through `json` (as the sandbox replies), and also compile the
+function with RestrictedPython (as the sandbox does). The compile cost of the RestrictedPython layer is measured on its own,
 in-process, and inside the sandbox (a 123-line module against the trivial one).
 
     .venv/bin/python bench/sandbox_overhead.py [--runs 500] [--fresh-runs 500] [--json PATH]
@@ -37,7 +38,9 @@ MEDIUM = "\n".join(
     f"    return {{'total': total, 'n': len(items)}}\n"
     for i in range(20)
 ) + "\ndef f(x):\n    return helper_3([x])['total']\n"
-FRESH = TRIVIAL + "import json\nprint(json.dumps(f(21)))\n"
+# The strict baseline: nothing imported, nothing but the function and a print.
+FRESH = TRIVIAL + "print(f(21))\n"
+FRESH_JSON = TRIVIAL + "import json\nprint(json.dumps(f(21)))\n"
 # The same, compiled and run with RestrictedPython's own guards (what a one-process-per-run
 # design would pay at least); labelled separately, the strict baseline is FRESH.
 FRESH_RESTRICTED = (
@@ -81,7 +84,7 @@ def fresh_once(program: str = FRESH) -> float:
     done = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True,
                           check=True, env={}, cwd="/")
     elapsed = (time.perf_counter() - started) * 1000
-    assert json.loads(done.stdout) == 42
+    assert int(done.stdout) == 42
     return elapsed
 
 
@@ -134,6 +137,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=500, help="sandbox runs (back to back)")
     parser.add_argument("--fresh-runs", type=int, default=500, help="fresh interpreter runs")
+    parser.add_argument("--fresh-json-runs", type=int, default=200,
+                        help="fresh interpreter runs that print through json")
     parser.add_argument("--fresh-restricted-runs", type=int, default=200,
                         help="fresh interpreter runs that import and use RestrictedPython")
     parser.add_argument("--medium-runs", type=int, default=200,
@@ -146,6 +151,7 @@ def main() -> None:
 
     sandbox_ms: list[float] = []
     fresh_ms: list[float] = []
+    fresh_json_ms: list[float] = []
     fresh_restricted_ms: list[float] = []
     medium_ms: list[float] = []
     cpu_blocks: list[dict] = []
@@ -160,6 +166,7 @@ def main() -> None:
         for _ in range(20):  # warm both paths
             sandbox_once(box, [])
         fresh_once()
+        fresh_once(FRESH_JSON)
         fresh_once(FRESH_RESTRICTED)
         for block in range(BLOCKS):
             share = ns.runs // BLOCKS + (block < ns.runs % BLOCKS)
@@ -168,6 +175,8 @@ def main() -> None:
             cpu_blocks.append(cpu)
             fresh_share = ns.fresh_runs // BLOCKS + (block < ns.fresh_runs % BLOCKS)
             fresh_ms.extend(fresh_once() for _ in range(fresh_share))
+            json_share = ns.fresh_json_runs // BLOCKS + (block < ns.fresh_json_runs % BLOCKS)
+            fresh_json_ms.extend(fresh_once(FRESH_JSON) for _ in range(json_share))
             restricted_share = (ns.fresh_restricted_runs // BLOCKS
                                 + (block < ns.fresh_restricted_runs % BLOCKS))
             fresh_restricted_ms.extend(
@@ -187,6 +196,7 @@ def main() -> None:
         "sandbox_child_wall_ms": summary(child_ms),
         "sandbox_paced_ms": summary(paced_ms) if paced_ms else None,
         "fresh_interpreter_ms": summary(fresh_ms),
+        "fresh_interpreter_json_ms": summary(fresh_json_ms) if fresh_json_ms else None,
         "fresh_interpreter_restricted_ms": (
             summary(fresh_restricted_ms) if fresh_restricted_ms else None),
         "sandbox_medium_module_ms": summary(medium_ms) if medium_ms else None,
@@ -206,7 +216,8 @@ def main() -> None:
             ("sandbox, 10 ms apart", report["sandbox_paced_ms"]),
             ("sandbox, 123-line module", report["sandbox_medium_module_ms"]),
             ("fresh python -I", report["fresh_interpreter_ms"]),
-            ("fresh python -I + RPython", report["fresh_interpreter_restricted_ms"])]
+            ("fresh python -I, + json", report["fresh_interpreter_json_ms"]),
+            ("fresh, + json + RPython", report["fresh_interpreter_restricted_ms"])]
     for name, row in rows:
         if row:
             print(f"{name:<28}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['n']:>7}")
