@@ -349,7 +349,7 @@ class Supervisor:
             poller = select.poll()
             poller.register(read_fd, select.POLLIN)
             poller.register(pidfd, select.POLLIN)
-            pipe_open, exited = True, False
+            pipe_open, exited, closed_alive = True, False, False
             while pipe_open or not exited:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -364,12 +364,17 @@ class Supervisor:
                         if not chunk:
                             pipe_open = False
                             poller.unregister(read_fd)
-                            if not exited and (usage := _usage_if_alive(child.pid)):
-                                # The child closed its reply channel itself and waits to be
-                                # killed (see `_child._deliver`): its reply is whole.
+                            if not exited:
+                                # The child closed its reply channel and waits to be killed
+                                # (see `_child._deliver`), or it is exiting: either way it has
+                                # nothing more to say. Its usage is read while it still lives;
+                                # if that fails, it is reaped and wait4 tells instead.
+                                usage = _usage_if_alive(child.pid)
                                 _kill_group(child.pid)
-                                child.finished_alive = True
-                                return 0, usage
+                                closed_alive = True
+                                if usage is not None:
+                                    child.finished_alive = True
+                                    return 0, usage
                         elif len(child.reply) + len(chunk) > cap:
                             child.overflowed = True
                             pipe_open = False
@@ -380,7 +385,17 @@ class Supervisor:
                     break
             if child.timed_out or child.overflowed:
                 _kill_group(child.pid)
-            return self._wait(child)
+            status, rusage = self._wait(child)
+            if (
+                closed_alive
+                and os.WIFSIGNALED(status)
+                and os.WTERMSIG(status) == signal.SIGKILL
+                and parse_reply(bytes(child.reply)) is not None
+            ):
+                # A whole reply, then the kill this process sent. (A child the kernel killed
+                # for its CPU limit, say, never wrote one: its status stands.)
+                status = 0
+            return status, rusage
         finally:
             os.close(pidfd)
 

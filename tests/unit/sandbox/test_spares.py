@@ -192,3 +192,20 @@ def test_the_fork_server_never_imports_threading():
         timeout=60,
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_finished_child_whose_usage_cannot_be_read_is_reaped_not_waited_for(
+    supervisor, monkeypatch
+):
+    # If the kernel's figures cannot be read while the child lives, it is killed and reaped,
+    # and its whole reply still counts: a child waiting to be killed must never run into the
+    # wall clock (a `timeout`) instead.
+    import sandbox._supervisor as supervisor_module
+
+    monkeypatch.setattr(supervisor_module, "_usage_if_alive", lambda pid: None)
+    limits = Limits(cpu_seconds=1, wall_seconds=5, memory_mb=64)
+    outcome = supervisor.run(
+        prepare(POLICY, "def f(x):\n    return x + 1\n", "f", [1], limits=limits)
+    )
+    assert outcome.status == "ok" and outcome.value == 2, outcome
+    assert outcome.usage.max_rss_kb > 0  # from wait4
