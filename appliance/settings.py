@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     redis_username: str = "default"
     redis_password_file: Path | None = None
     redis_db: int = 0
+    # When set, this service's Redis user is a short-lived one from OpenBao's database engine
+    # (`database/creds/<role>`), not the static user and password file above.
+    redis_lease_role: str | None = None
 
     # OpenBao (Vault API). The service logs in with its own AppRole: role_id in a file, and a
     # response-wrapped, single-use secret_id whose wrapping token is in another file.

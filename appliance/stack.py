@@ -99,6 +99,10 @@ def service_env(state: Path, role: str, ports: Ports, pki: _stack.Pki,
         "APPLIANCE_METRICS_TOKEN_FILE": str(metrics_token_file(state)),
         "APPLIANCE_METRICS_PORT": str(ports.metrics),
     }
+    if role in _stack.load_leased_roles():
+        # The role's Redis user comes from OpenBao; its static user is off and has no password.
+        del env["APPLIANCE_REDIS_PASSWORD_FILE"]
+        env["APPLIANCE_REDIS_LEASE_ROLE"] = role
     env.update(extra or {})
     return env
 
@@ -183,14 +187,19 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
     ports = load_ports(state, requested_ports)
     _config_file(state).write_text(json.dumps({"ports": asdict(ports)}))
     pki = _stack.ensure_pki(state / "tls")
-    _stack.start_redis(state, ports.redis, pki)
+    leased = _stack.load_leased_roles()
+    redis_was_running = _stack.read_pid_file(state / "redis" / "redis.pid") is not None
+    _stack.start_redis(state, ports.redis, pki, leased=leased)
+    relay_port = _stack.start_relay(state, ports.redis, pki)
     bao = _stack.start_openbao(state, ports.bao)
     try:
-        if bao.initialized_now:
-            # A new, empty OpenBao has none of the old identities: services must log in afresh.
+        if bao.initialized_now or not redis_was_running:
+            # A new, empty OpenBao has none of the old identities, and a new Redis none of the
+            # leased users: services must log in afresh.
             for name in reversed(SERVICES):
                 _stack.stop_by_pid_file(_pid_file(state, name))
         _stack.bootstrap(bao)
+        _configure_redis_leases(state, bao, pki, relay_port, leased)
         (state / "audit").mkdir(exist_ok=True, mode=0o700)
         export_audit_keys(state, bao.addr, bao.operator_token())
         if not metrics_token_file(state).is_file():
@@ -207,6 +216,16 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
         bao.revoke_root()
     _wait_ready(state, ports, wait_ready)
     return status(state)
+
+
+def _configure_redis_leases(state: Path, bao: _stack.BaoHandle, pki: _stack.Pki,
+                            relay_port: int, leased: tuple[str, ...]) -> None:
+    """The database engine issues the leased roles' Redis users, with the ACL rules of
+    `policies/redis-acl.json` as creation statements."""
+    policy = _stack.load_acl_policy()
+    _stack.configure_redis_leases(
+        bao, port=relay_port, password=_stack.password_file(state, "vault").read_text().strip(),
+        ca_pem=pki.ca.read_text(), roles={r: _stack.lease_rules(policy[r]) for r in leased})
 
 
 def export_audit_keys(state: Path, addr: str, token: str) -> None:
@@ -244,6 +263,7 @@ def status(state: Path) -> dict[str, Any]:
     pid_files = {
         "redis": state / "redis" / "redis.pid",
         "openbao": state / "bao" / "bao.pid",
+        "redis-relay": state / "redis" / "relay.pid",
         **{name: _pid_file(state, name) for name in SERVICES},
     }
     services = {}
@@ -279,5 +299,6 @@ def down(state: Path) -> dict[str, bool]:
     for name in reversed(SERVICES):
         stopped[name] = _stack.stop_by_pid_file(_pid_file(state, name))
     stopped["openbao"] = _stack.stop_openbao(state)
+    stopped["redis-relay"] = _stack.stop_relay(state)
     stopped["redis"] = _stack.stop_redis(state)
     return stopped

@@ -30,6 +30,15 @@ path "transit/sign/audit" {
   capabilities = ["update"]
 }
 
+# Its Redis user: a short-lived one from the database engine (rules from policies/redis-acl.json),
+# renewed at half-life and replaced when renewal fails (a revoked lease) or nears its max TTL.
+path "database/creds/api" {
+  capabilities = ["read"]
+}
+path "sys/leases/renew" {
+  capabilities = ["update"]
+}
+
 # Its own token: the AppRole tokens carry no `default` policy, so these are listed here.
 path "auth/token/lookup-self" {
   capabilities = ["read"]

@@ -34,6 +34,15 @@ path "kv/data/appliance/secrets/*" {
   capabilities = ["read"]
 }
 
+# Its Redis user: a short-lived one from the database engine (rules from policies/redis-acl.json),
+# renewed at half-life and replaced when renewal fails (a revoked lease) or nears its max TTL.
+path "database/creds/worker" {
+  capabilities = ["read"]
+}
+path "sys/leases/renew" {
+  capabilities = ["update"]
+}
+
 # Its own token: the AppRole tokens carry no `default` policy, so these are listed here.
 path "auth/token/lookup-self" {
   capabilities = ["read"]

@@ -348,6 +348,58 @@ def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> B
     return Bootstrap(handle, MappingProxyType(role_ids))
 
 
+#: Where the database engine is mounted, and its Redis connection's name.
+DATABASE_MOUNT = "database"
+REDIS_CONNECTION = "redis"
+#: Leases of the services' Redis users: minutes, renewed by the services at half-life; past the
+#: max TTL a service takes a new user (the old one is deleted when its lease ends).
+REDIS_LEASE_TTL = "5m"
+REDIS_LEASE_MAX_TTL = "1h"
+
+
+def configure_redis_leases(
+    handle: BaoHandle,
+    *,
+    port: int,
+    password: str,
+    ca_pem: str,
+    roles: Mapping[str, list[str]],
+) -> None:
+    """Point the database engine at Redis (through the relay on `port`, as the `vault` user)
+    and define one role per leased Redis role; idempotent.
+
+    `roles` maps a role to its ACL rules (the creation statements), generated from
+    `policies/redis-acl.json` so that the ACL is defined in one place.
+    """
+    client = handle.client()
+    _ensure_secrets_engine(client, DATABASE_MOUNT, "database", {})
+    base = f"/v1/{DATABASE_MOUNT}"
+    client.adapter.post(
+        f"{base}/config/{REDIS_CONNECTION}",
+        json={
+            "plugin_name": "redis-database-plugin",
+            "host": HOST,
+            "port": port,
+            "username": "vault",
+            "password": password,
+            "tls": True,
+            "ca_cert": ca_pem,
+            "allowed_roles": ",".join(roles),
+            "verify_connection": True,
+        },
+    )
+    for role, rules in roles.items():
+        client.adapter.post(
+            f"{base}/roles/{role}",
+            json={
+                "db_name": REDIS_CONNECTION,
+                "creation_statements": json.dumps(rules),
+                "default_ttl": REDIS_LEASE_TTL,
+                "max_ttl": REDIS_LEASE_MAX_TTL,
+            },
+        )
+
+
 def _ensure_operator_token(handle: BaoHandle) -> None:
     """Renew the operator's token, or create it (first start, or expired since)."""
     path = operator_token_file(handle.state_dir)

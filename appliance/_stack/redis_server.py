@@ -106,11 +106,18 @@ def password_file(state_dir: Path, role: str) -> Path:
 
 
 def start_redis(
-    state_dir: Path, port: int, pki: Pki, *, acl_policy: Path = DEFAULT_ACL_POLICY
+    state_dir: Path,
+    port: int,
+    pki: Pki,
+    *,
+    acl_policy: Path = DEFAULT_ACL_POLICY,
+    leased: tuple[str, ...] = (),
 ) -> RedisHandle:
     """Start the stack's Redis on `127.0.0.1:port` (TLS only) and wait until it accepts connections.
 
-    Idempotent: when this state's Redis already runs, its handle is returned and `port` is ignored.
+    Roles in `leased` get their users from OpenBao's database engine: their static users are
+    rendered off, without a password. Idempotent: when this state's Redis already runs, its
+    handle is returned and `port` is ignored.
     """
     running = _running_handle(state_dir, pki)
     if running is not None:
@@ -119,7 +126,7 @@ def start_redis(
     workdir = redis_dir(state_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)
-    acl = render_acl(state_dir, load_acl_policy(acl_policy))
+    acl = render_acl(state_dir, load_acl_policy(acl_policy), leased)
     write_private(workdir / "users.acl", acl.encode())
     pid = start_detached(
         _argv(binary, workdir, port, pki),
@@ -160,18 +167,40 @@ def load_acl_policy(path: Path = DEFAULT_ACL_POLICY) -> dict[str, dict[str, list
     return {name: _validated_role(name, spec, command_sets) for name, spec in roles.items()}
 
 
-def render_acl(state_dir: Path, roles: dict[str, dict[str, list[str]]]) -> str:
+def render_acl(
+    state_dir: Path, roles: dict[str, dict[str, list[str]]], leased: tuple[str, ...] = ()
+) -> str:
     """The ACL file: `default` off, then one user per role with its password's SHA-256.
 
     A role's password is created on first use and kept afterwards, so a restart keeps credentials.
+    A role in `leased` is rendered `off` with no password: its users come from OpenBao.
     """
     lines = ["user default off resetkeys resetchannels -@all"]
     for role, spec in roles.items():
-        digest = hashlib.sha256(_ensure_password(state_dir, role).encode()).hexdigest()
-        rules = ["on", f"#{digest}", "resetkeys", "resetchannels", "-@all"]
-        rules += spec["keys"] + spec["channels"] + spec["commands"]
-        lines.append(f"user {role} " + " ".join(rules))
+        if role in leased:
+            login = ["off", "resetpass"]
+        else:
+            digest = hashlib.sha256(_ensure_password(state_dir, role).encode()).hexdigest()
+            login = ["on", f"#{digest}"]
+        lines.append(f"user {role} " + " ".join(login + lease_rules(spec)))
     return "\n".join(lines) + "\n"
+
+
+def lease_rules(spec: dict[str, list[str]]) -> list[str]:
+    """A role's ACL rules after the login: what the static user gets, and what OpenBao's database
+    engine puts in a leased user's creation statements (so both come from the same file)."""
+    return ["resetkeys", "resetchannels", "-@all", *spec["keys"], *spec["channels"],
+            *spec["commands"]]
+
+
+def load_leased_roles(path: Path = DEFAULT_ACL_POLICY) -> tuple[str, ...]:
+    """The roles whose Redis users come from OpenBao (`leased_roles` in the policy file)."""
+    leased = json.loads(path.read_text()).get("leased_roles", [])
+    roles = load_acl_policy(path)
+    unknown = [r for r in _string_list(leased, "leased_roles") if r not in roles]
+    if unknown:
+        raise ValueError(f"{path}: leased_roles names unknown roles {unknown}")
+    return tuple(leased)
 
 
 def _validated_role(name: str, spec: Any, command_sets: Any) -> dict[str, list[str]]:

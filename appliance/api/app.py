@@ -164,7 +164,7 @@ class Services:
         session = VaultSession.from_approle(
             settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
         )
-        client = connect(settings)
+        client = connect(settings, session)
         transit = Transit(session, settings.transit_mount)
         assert settings.audit_log is not None
         audit = AuditLog.open(settings.audit_log, TransitSigner(transit), source="api")

@@ -76,7 +76,8 @@ def build_runtime(settings: Settings, concurrency: int) -> Runtime:
     session = VaultSession.from_approle(
         settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
     )
-    store = ResultStore(connect(settings), settings.result_prefix, settings.result_ttl_seconds)
+    store = ResultStore(connect(settings, session), settings.result_prefix,
+                        settings.result_ttl_seconds)
     transit = Transit(session, settings.transit_mount)
     assert settings.audit_log is not None
     audit = AuditLog.open(settings.audit_log, TransitSigner(transit), source="worker")
