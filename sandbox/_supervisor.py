@@ -32,6 +32,8 @@ _REPLY_OVERHEAD = 64 * 1024
 #: Children kept forked and isolated ahead of their request (see `Supervisor.prepare_next`).
 #: Two, so that back-to-back runs find one whose set-up finished during the previous run.
 SPARE_CHILDREN = 2
+#: Runs of the warm-up request in this process before any child is forked (see __init__).
+WARM_UP_ROUNDS = 20
 
 
 def _check_depth(value: Any) -> bool:
@@ -141,8 +143,15 @@ class Supervisor:
         missing = {layer for layer, why in self.layers.items() if why}
         self.unavailable = sorted(layer for layer in missing if not policy.may_skip(layer))
         self._skip = frozenset(missing - set(self.unavailable))
+        # CPython 3.11 rewrites a function's bytecode in place while it warms up and again as it
+        # specialises it. Run a child's request path here, on a constant and trusted request, so
+        # that children inherit that code already specialised: otherwise each child rewrites,
+        # and so copies, every page of code it runs, and runs it unspecialised.
+        for _ in range(WARM_UP_ROUNDS):
+            _child.warm_up()
         # Everything loaded so far lives as long as this process: keep the collector from ever
         # walking it, so that a collection in a child does not copy those pages.
+        gc.collect()
         gc.freeze()
 
     def close(self) -> None:
