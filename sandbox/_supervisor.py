@@ -122,6 +122,7 @@ class Supervisor:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._spares: collections.deque[_Child] = collections.deque()
+        self._finished: list[_Child] = []
         self._zygote: _zygote.Zygote | None = None
         self._awaiting_pid: collections.deque[_Child] = collections.deque()
         _restricted.preload(sorted(policy.importable))
@@ -156,6 +157,7 @@ class Supervisor:
 
     def close(self) -> None:
         """Stop the spares and the zygote, remove the working directories, drop the namespace."""
+        self._release_finished()
         while self._spares:
             self._release(self._spares.popleft())
         if self._zygote is not None:
@@ -169,6 +171,7 @@ class Supervisor:
     def run(self, run: PreparedRun) -> Outcome:
         """Run one request; raise IsolationUnavailable if a required layer is missing."""
         self._check_available()
+        self._release_finished()
         child = self._take_spare() or self._spawn(probe=False)
         try:
             started = time.monotonic()
@@ -177,7 +180,16 @@ class Supervisor:
             wall_ms = int((time.monotonic() - started) * 1000)
             return self._outcome(child, status, rusage, wall_ms, run)
         finally:
-            self._release(child)
+            if child.finished_alive:
+                # Already killed: reaped, and its directory removed, once the caller has the
+                # outcome (by `prepare_next`, the next run or `close`).
+                self._finished.append(child)
+            else:
+                self._release(child)
+
+    def _release_finished(self) -> None:
+        while self._finished:
+            self._release(self._finished.pop())
 
     def prepare_next(self) -> None:
         """Have spares forked and isolated for the next runs, off the caller's critical path.
@@ -185,6 +197,7 @@ class Supervisor:
         The zygote (see `_zygote.py`) forks them while this process goes back to its caller.
         Without a zygote, run() forks its own child.
         """
+        self._release_finished()
         if self.unavailable:
             return
         try:

@@ -209,3 +209,15 @@ def test_a_finished_child_whose_usage_cannot_be_read_is_reaped_not_waited_for(
     )
     assert outcome.status == "ok" and outcome.value == 2, outcome
     assert outcome.usage.max_rss_kb > 0  # from wait4
+
+
+def test_finished_children_are_released_even_without_prepare_next():
+    # The `sandbox run` CLI calls run() alone; nothing may pile up between runs.
+    sup = Supervisor(POLICY)
+    try:
+        for _ in range(3):
+            assert sup.run(RUN).value == 2
+            assert len(sup._finished) <= 1
+    finally:
+        sup.close()
+    assert not sup._finished
