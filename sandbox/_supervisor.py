@@ -126,6 +126,7 @@ class Supervisor:
         self._zygote: _zygote.Zygote | None = None
         self._awaiting_pid: collections.deque[_Child] = collections.deque()
         _restricted.preload(sorted(policy.importable))
+        _isolation.prepare_parent()
         self._seccomp: _isolation.SeccompProgram | None
         try:
             self._seccomp = _isolation.SeccompProgram(_isolation.export_seccomp_program())
