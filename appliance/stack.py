@@ -191,6 +191,11 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
     redis_was_running = _stack.read_pid_file(state / "redis" / "redis.pid") is not None
     _stack.start_redis(state, ports.redis, pki, leased=leased)
     relay_port = _stack.start_relay(state, ports.redis, pki)
+    # Files older stacks left: the dev-mode OpenBao's root token (that server is gone) and the
+    # static passwords of roles whose users now come from OpenBao.
+    (state / "secrets" / "bao-root.token").unlink(missing_ok=True)
+    for role in leased:
+        _stack.password_file(state, role).unlink(missing_ok=True)
     bao = _stack.start_openbao(state, ports.bao)
     try:
         if bao.initialized_now or not redis_was_running:
