@@ -1,7 +1,8 @@
-"""Inside the isolated child: compile, run the entry function, write one JSON reply, exit.
+"""Inside the isolated child: compile, run the entry function, write one JSON reply, be killed.
 
 Nothing here is trusted by the parent: the reply is parsed there as untrusted JSON, and usage is
-measured there too.
+read there from the kernel. Once the reply is written the child closes its channel and waits;
+the parent kills it (see `_deliver`).
 """
 
 from __future__ import annotations
