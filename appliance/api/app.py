@@ -426,6 +426,13 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
         svc: Services = request.app.state.services
         return svc
 
+    async def signed(request: Request) -> tuple[Services, bytes, Client]:
+        """The services, the body (under the size cap) and the client whose signature
+        verified; raises before anything else happens."""
+        svc = services(request)
+        body = await read_body(request, svc.settings.max_body_bytes)
+        return svc, body, await run_in_threadpool(authenticate, svc, request, body)
+
     @app.middleware("http")
     async def _observe(request: Request, call_next: Any) -> Response:
         """A request id for every request (the client's `X-Request-ID` if well-formed), and
@@ -470,9 +477,7 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
 
     @app.post("/v1/tasks", status_code=202)
     async def submit_task(request: Request) -> JSONResponse:
-        svc = services(request)
-        body = await read_body(request, svc.settings.max_body_bytes)
-        client = await run_in_threadpool(authenticate, svc, request, body)
+        svc, body, client = await signed(request)
         task = parse_body(request, body, TaskIn)
         spec = authorize(svc, client, task)
         await run_in_threadpool(svc.limiter.hit, client, 1, svc.clock())
@@ -481,9 +486,7 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
 
     @app.post("/v1/workflows", status_code=202)
     async def submit_workflow(request: Request) -> JSONResponse:
-        svc = services(request)
-        body = await read_body(request, svc.settings.max_body_bytes)
-        client = await run_in_threadpool(authenticate, svc, request, body)
+        svc, body, client = await signed(request)
         workflow = parse_body(request, body, WorkflowIn)
         if len(workflow.steps) > svc.settings.workflow_max_steps:
             raise BadRequest(f"a workflow has at most {svc.settings.workflow_max_steps} steps",
@@ -495,9 +498,7 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
         return JSONResponse(accepted, status_code=202)
 
     async def _result(request: Request, key: str) -> JSONResponse:
-        svc = services(request)
-        body = await read_body(request, svc.settings.max_body_bytes)
-        client = await run_in_threadpool(authenticate, svc, request, body)
+        svc, _, client = await signed(request)
         status, payload = await run_in_threadpool(read_result, svc, client, key)
         return JSONResponse(payload, status_code=status)
 
@@ -511,9 +512,7 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
 
     @app.delete("/v1/results/{key}")
     async def revoke_result(request: Request, key: str) -> JSONResponse:
-        svc = services(request)
-        body = await read_body(request, svc.settings.max_body_bytes)
-        client = await run_in_threadpool(authenticate, svc, request, body)
+        svc, _, client = await signed(request)
         return JSONResponse(await run_in_threadpool(revoke, svc, client, key))
 
     @app.get("/metrics", include_in_schema=False)
