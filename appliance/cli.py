@@ -284,12 +284,15 @@ def _json_option(text: str | None, what: str, kind: type) -> Any:
     return value
 
 
-def _print_response(resp: httpx.Response) -> int:
+def _json_body(resp: httpx.Response) -> Any:
     try:
-        body = resp.json()
+        return resp.json()
     except ValueError:
-        body = {"status": resp.status_code, "detail": resp.text}
-    click.echo(json.dumps(body, indent=2))
+        return {"status": resp.status_code, "detail": resp.text}
+
+
+def _print_response(resp: httpx.Response) -> int:
+    click.echo(json.dumps(_json_body(resp), indent=2))
     if resp.status_code >= 400:
         return 1
     return 0
@@ -377,11 +380,7 @@ def workflow(ctx: click.Context, steps_file: str, key_id: str | None, private_ke
     if resp.status_code != 202 or not wait:
         sys.exit(_print_response(resp))
     accepted = resp.json()
-    results = []
-    for step in accepted["steps"]:
-        body = _wait_for(client, step["result_key"])
-        results.append(body.json() if body.headers.get("content-type", "").endswith("json")
-                       else {"status": body.status_code})
+    results = [_json_body(_wait_for(client, step["result_key"])) for step in accepted["steps"]]
     click.echo(json.dumps({"workflow_id": accepted["workflow_id"], "steps": results}, indent=2))
     sys.exit(0 if all(r.get("status") == "succeeded" for r in results) else 1)
 

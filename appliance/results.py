@@ -26,6 +26,15 @@ RESULT_KEY_PATTERN = re.compile(
 PENDING_TTL_SECONDS = 24 * 3600
 
 
+@contextmanager
+def redis_unavailable() -> Iterator[None]:
+    """Translate Redis errors at the seam: the request or job waits for Redis (503, retry)."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise DependencyUnavailable("Redis is unreachable") from exc
+
+
 def new_result_key(function: str, now_ms: int) -> str:
     """`{function}_{unix_time_ms}_{128 random bits, hex}`."""
     return f"{function}_{now_ms}_{secrets.token_hex(16)}"
@@ -81,16 +90,14 @@ class ResultStore:
     def mark(self, key: str, client: str, state: str, task_id: str) -> None:
         """Record that the job for `key` is queued or running."""
         record = json.dumps({"client": client, "state": state, "task_id": task_id})
-        try:
+        with redis_unavailable():
             self.redis.set(self._pending(key), record, ex=PENDING_TTL_SECONDS)
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
 
     def start(self, key: str, client: str, task_id: str) -> bool:
         """Mark the job for `key` as running, unless it was revoked (then False)."""
         name = self._pending(key)
         record = json.dumps({"client": client, "state": "running", "task_id": task_id})
-        with self._redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+        with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(name)  # type: ignore[no-untyped-call]
                 raw = pipe.get(name)
@@ -105,7 +112,7 @@ class ResultStore:
 
     def put(self, key: str, client: str, sealed: str) -> None:
         """Store the sealed result with the TTL and drop the pending record, atomically."""
-        with self._redis_errors():
+        with redis_unavailable():
             pipe = self.redis.pipeline(transaction=True)
             self._put(pipe, key, client, sealed)
             pipe.execute()
@@ -120,7 +127,7 @@ class ResultStore:
         else the existing claim (running elsewhere, or done). Kept until the message expires,
         so a replay is known."""
         record = json.dumps({"state": "running", "owner": owner, "attempts": 1})
-        with self._redis_errors():
+        with redis_unavailable():
             pipe = self.redis.pipeline(transaction=True)
             pipe.set(f"claim:{nonce}", record, nx=True, ex=max(1, ttl_seconds))
             pipe.get(f"claim:{nonce}")
@@ -135,7 +142,7 @@ class ResultStore:
         record = json.dumps(
             {"state": "running", "owner": owner, "attempts": previous.attempts + int(count)}
         )
-        with self._redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+        with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(name)  # type: ignore[no-untyped-call]
                 if Claim.parse(pipe.get(name)) != previous:
@@ -150,13 +157,13 @@ class ResultStore:
     def finish_claim(self, nonce: str, ttl_seconds: int) -> None:
         """Mark a message's nonce as done: any later delivery of it is a replay."""
         record = json.dumps({"state": "done", "owner": "", "attempts": 0})
-        with self._redis_errors():
+        with redis_unavailable():
             self.redis.set(f"claim:{nonce}", record, ex=max(1, ttl_seconds))
 
     def worker_alive(self, owner: str, heartbeat_key: str, fresh_seconds: float,
                      now: float) -> bool:
         """Whether `owner` (host:pid) sent a heartbeat within `fresh_seconds`."""
-        with self._redis_errors():
+        with redis_unavailable():
             score = self.redis.zscore(heartbeat_key, owner)
         return score is not None and float(score) >= now - fresh_seconds
 
@@ -166,7 +173,7 @@ class ResultStore:
         """Keep the wire messages of steps 1.. until the worker enqueues each."""
         if not messages:
             return
-        with self._redis_errors():
+        with redis_unavailable():
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(f"workflow:{workflow_id}", mapping={str(i): m for i, m in messages.items()})
             pipe.expire(f"workflow:{workflow_id}", max(1, ttl_seconds))
@@ -174,7 +181,7 @@ class ResultStore:
 
     def workflow_messages(self, workflow_id: str) -> dict[str, str]:
         """Every field of the workflow record: step number -> message, `ready:<n>` -> staged."""
-        with self._redis_errors():
+        with redis_unavailable():
             raw = self.redis.hgetall(f"workflow:{workflow_id}")
         return {_text(k): _text(v) for k, v in raw.items()}
 
@@ -182,7 +189,7 @@ class ResultStore:
                       message: str) -> None:
         """Store a step's result and stage the next step's message, atomically: if the worker
         dies before enqueuing it, the redelivered step finds it here and enqueues it."""
-        with self._redis_errors():
+        with redis_unavailable():
             pipe = self.redis.pipeline(transaction=True)
             self._put(pipe, key, client, sealed)
             pipe.hset(f"workflow:{workflow_id}", f"ready:{step}", message)
@@ -190,14 +197,14 @@ class ResultStore:
 
     def unstage(self, workflow_id: str, step: int) -> None:
         """The staged message of `step` was enqueued: forget it and the step's own copy."""
-        with self._redis_errors():
+        with redis_unavailable():
             self.redis.hdel(f"workflow:{workflow_id}", f"ready:{step}", str(step))
 
     def put_many(self, results: dict[str, str], client: str,
                  workflow_id: str | None = None) -> None:
         """Store several sealed results at once (a failed step and the steps it skips), and drop
         the workflow record: nothing after them will run."""
-        with self._redis_errors():
+        with redis_unavailable():
             pipe = self.redis.pipeline(transaction=True)
             for key, sealed in results.items():
                 self._put(pipe, key, client, sealed)
@@ -208,7 +215,7 @@ class ResultStore:
     def revoke(self, key: str, client: str) -> str | None:
         """Mark a queued job as revoked; return the state it was in (None if unknown)."""
         name = self._pending(key)
-        with self._redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+        with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(name)  # type: ignore[no-untyped-call]
                 raw = pipe.get(name)
@@ -227,39 +234,28 @@ class ResultStore:
 
     def state(self, key: str) -> str | None:
         """The pending state of `key` ("queued", "running", "revoked"), or None."""
-        with self._redis_errors():
+        with redis_unavailable():
             raw = self.redis.get(self._pending(key))
         return None if raw is None else str(json.loads(raw)["state"])
 
     def delete(self, key: str) -> None:
         """Forget a stored result before its TTL."""
-        with self._redis_errors():
+        with redis_unavailable():
             self.redis.delete(self.prefix + key, self._pending(key))
-
-    @contextmanager
-    def _redis_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
 
     def has_result(self, key: str) -> bool:
         """Whether a sealed result already exists (a job never runs twice for one key)."""
-        try:
+        with redis_unavailable():
             return bool(self.redis.exists(self.prefix + key))
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
 
     def get(self, key: str) -> Stored | None:
         """The record for `key`, or None when unknown or expired."""
-        try:
+        with redis_unavailable():
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.prefix + key)
             pipe.pttl(self.prefix + key)
             pipe.get(self._pending(key))
             raw, ttl_ms, pending = pipe.execute()
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
         if raw is not None:
             body: dict[str, Any] = json.loads(raw)
             return Stored(body["client"], "done", body["sealed"], max(0, int(ttl_ms)))

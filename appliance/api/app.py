@@ -53,7 +53,7 @@ from ..observability import (
     read_token,
 )
 from ..registry import Client, Registry
-from ..results import ResultStore, check_result_key, new_result_key
+from ..results import ResultStore, Stored, check_result_key, new_result_key, redis_unavailable
 from ..settings import Settings
 from ..signatures import UnverifiedRequest, verify_request
 from ..vault import Transit, VaultSession
@@ -103,23 +103,20 @@ class RateLimiter:
             windows.append((f"d:{int(now // 86400)}", client.daily_quota,
                             86400 - int(now % 86400)))
         keys = [f"ratelimit:{client.keyid}:{suffix}" for suffix, _, _ in windows]
-        try:
+        with redis_unavailable():
             pipe = self.redis.pipeline(transaction=True)
             for key, (_, _, left) in zip(keys, windows, strict=True):
                 pipe.incrby(key, cost)
                 pipe.expire(key, left + 1)
             counts = pipe.execute()[::2]
-            over = [(w, key) for w, key, count in zip(windows, keys, counts, strict=True)
-                    if count > w[1]]
+            over = [w for w, count in zip(windows, counts, strict=True) if count > w[1]]
             if over:
                 pipe = self.redis.pipeline(transaction=True)
                 for key in keys:
                     pipe.decrby(key, cost)
                 pipe.execute()
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
         if over:
-            (suffix, limit, left), _ = over[0]
+            suffix, limit, left = over[0]
             what = "jobs per minute" if suffix.startswith("m:") else "jobs per day"
             raise RateLimited(f"over the client's limit of {limit} {what}", retry_after=left)
 
@@ -132,10 +129,8 @@ class RedisNonces:
 
     def claim(self, keyid: str, nonce: str, ttl_seconds: int) -> bool:
         digest = hashlib.sha256(nonce.encode()).hexdigest()
-        try:
+        with redis_unavailable():
             return bool(self.redis.set(f"nonce:{keyid}:{digest}", "1", nx=True, ex=ttl_seconds))
-        except redis.RedisError as exc:
-            raise DependencyUnavailable("Redis is unreachable") from exc
 
 
 @dataclass
@@ -348,14 +343,20 @@ def enqueue_workflow(services: Services, client: Client, specs: list[dict[str, A
     }
 
 
-def revoke(services: Services, client: Client, untrusted_key: str) -> dict[str, str]:
-    """Revoke a queued job (it will not run), or forget a finished result early."""
+def _own_record(services: Services, client: Client, untrusted_key: str) -> tuple[str, Stored]:
+    """The well-formed key and its record, when it exists and belongs to `client`."""
     key = check_result_key(untrusted_key)
     stored = services.store.get(key)
     if stored is None:
         raise NotFound("no such result, or it has expired", code="result_not_found")
     if stored.client != client.keyid:
         raise Forbidden("this result belongs to another client", code="not_your_result")
+    return key, stored
+
+
+def revoke(services: Services, client: Client, untrusted_key: str) -> dict[str, str]:
+    """Revoke a queued job (it will not run), or forget a finished result early."""
+    key, stored = _own_record(services, client, untrusted_key)
     if stored.state == "done":
         services.store.delete(key)
         outcome = "deleted"
@@ -373,12 +374,7 @@ def read_result(
     services: Services, client: Client, untrusted_key: str
 ) -> tuple[int, dict[str, Any]]:
     """The status and body for a result read by `client`."""
-    key = check_result_key(untrusted_key)
-    stored = services.store.get(key)
-    if stored is None:
-        raise NotFound("no such result, or it has expired", code="result_not_found")
-    if stored.client != client.keyid:
-        raise Forbidden("this result belongs to another client", code="not_your_result")
+    key, stored = _own_record(services, client, untrusted_key)
     if stored.sealed is None:
         # "queued", "running", or "revoked" until a worker drains the revoked message.
         return 202, {"key": key, "status": stored.state}
