@@ -176,18 +176,23 @@ def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> 
     verify_message(rt.transit, message, TASK_NAME, now)
     ttl = message.expires - int(now)
     spec = _open(rt, message)
+    with _in_hand.only(message):
+        return _claim_and_run(rt, message, spec, ttl, now, request_id)
+
+
+def _claim_and_run(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int,
+                   now: float, request_id: str | None) -> str:
     claim = rt.store.claim(message.nonce, ttl, owner())
     if claim is None:
         if rt.store.has_result(message.result_key):
             raise MessageRejected("replayed")
-        return _run_claimed(rt, message, spec, ttl, request_id)
+        return _run_and_store(rt, message, spec, ttl, request_id)
     if claim.state == "done":
         raise MessageRejected("replayed")
-    # Ours and not running here: our own retry after OpenBao or Redis failed mid-job.
-    retry = claim.owner == owner() and not _in_hand.holds(message.nonce)
+    # Ours, yet not running here (`_in_hand`): our own retry after OpenBao or Redis failed.
+    retry = claim.owner == owner()
     fresh = 3 * rt.settings.heartbeat_seconds
-    if not retry and (claim.owner == owner()
-                      or rt.store.worker_alive(claim.owner, HEARTBEAT_KEY, fresh, now)):
+    if not retry and rt.store.worker_alive(claim.owner, HEARTBEAT_KEY, fresh, now):
         raise InFlight(message.task_id)
     if rt.store.has_result(message.result_key):
         _enqueue_staged(rt, message, spec, request_id)  # It died between storing and enqueuing.
@@ -200,38 +205,31 @@ def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> 
         return "worker_lost"
     if not rt.store.take_over(message.nonce, ttl, owner(), claim, count=not retry):
         raise InFlight(message.task_id)
-    return _run_claimed(rt, message, spec, ttl, request_id)
+    return _run_and_store(rt, message, spec, ttl, request_id)
 
 
 class _InHand:
-    """Nonces of the messages this process is running right now."""
+    """Nonces of the messages this process is handling right now: a second delivery of one of
+    them to this process waits (InFlight) instead of being taken for a retry."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nonces: set[str] = set()
 
-    def holds(self, nonce: str) -> bool:
-        with self._lock:
-            return nonce in self._nonces
-
     @contextmanager
-    def hold(self, nonce: str) -> Iterator[None]:
+    def only(self, message: JobMessage) -> Iterator[None]:
         with self._lock:
-            self._nonces.add(nonce)
+            if message.nonce in self._nonces:
+                raise InFlight(message.task_id)
+            self._nonces.add(message.nonce)
         try:
             yield
         finally:
             with self._lock:
-                self._nonces.discard(nonce)
+                self._nonces.discard(message.nonce)
 
 
 _in_hand = _InHand()
-
-
-def _run_claimed(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int,
-                 request_id: str | None) -> str:
-    with _in_hand.hold(message.nonce):
-        return _run_and_store(rt, message, spec, ttl, request_id)
 
 
 def _open(rt: Runtime, message: JobMessage) -> dict[str, Any] | None:
