@@ -1,14 +1,16 @@
 """Per-run overhead of the sandbox (every layer on) beside a fresh `python -I` doing the same.
 
 A trivial function is run through `sandbox.Sandbox` (fork server, RestrictedPython, namespaces,
-chroot, rlimits, uid, no_new_privs, seccomp) back to back, and through a fresh isolated
-interpreter (`python -I -c`, which defines the function, calls it and prints the result), in
-alternating blocks of one process run. Two more baselines, labelled as such, have the fresh
-interpreter print the result through `json` (as the sandbox replies), and also compile the
-function with RestrictedPython (as the sandbox does). The compile cost of the RestrictedPython layer is measured on its own,
+chroot, rlimits, uid, no_new_privs, seccomp) and through a fresh isolated interpreter
+(`python -I -c`, which defines the function, calls it and prints the result), in alternating
+blocks of one process run, two ways: back to back, and with 10 ms before each run (as one fork
+server of the appliance's worker sees its runs: each job's OpenBao and Redis calls come between
+them). Two more baselines, labelled as such, have the fresh interpreter print the result through
+`json` (as the sandbox replies), and also compile the function with RestrictedPython (as the
+sandbox does). The compile cost of the RestrictedPython layer is measured on its own,
 in-process, and inside the sandbox (a 123-line module against the trivial one).
 
-    .venv/bin/python bench/sandbox_overhead.py [--runs 500] [--fresh-runs 500] [--json PATH]
+    .venv/bin/python bench/sandbox_overhead.py [--runs 500] [--paced-runs 500] [--json PATH]
 """
 
 from __future__ import annotations

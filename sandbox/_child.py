@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from . import _isolation, _restricted
 from ._limits import Limits
 from ._outcome import error
-from ._request import PreparedRun
+from ._request import REQUEST_HEADER, PreparedRun
 
 # Exit codes the parent recognises before any user code has run.
 EXIT_ISOLATION_FAILED = 71
@@ -190,14 +190,27 @@ def _request_arrives(within: float) -> bool:
 
 
 def _receive_request() -> PreparedRun:
-    """Block until the parent sends the (already validated) request, then close its channel."""
-    chunks = []
-    while chunk := os.read(_isolation.REQUEST_FD, 1 << 20):
-        chunks.append(chunk)
+    """Block until the (already validated) request has arrived whole, then close its channel.
+
+    It is length-prefixed (see `frame_request`) rather than ended by closing the channel: the
+    process that wrote it may have forked since, and a copy of the channel's write end held by
+    such a child would keep the end from ever coming.
+    """
+    header = _read_exactly(REQUEST_HEADER.size)
+    (size,) = REQUEST_HEADER.unpack(header)
+    body = _read_exactly(size)
     os.close(_isolation.REQUEST_FD)
-    if not chunks:
-        os._exit(0)  # The supervisor closed without a request: nothing to run.
-    return trusted_from_wire(json.loads(b"".join(chunks)))
+    return trusted_from_wire(json.loads(body))
+
+
+def _read_exactly(size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.read(_isolation.REQUEST_FD, size - len(data))
+        if not chunk:
+            os._exit(0)  # Closed before a whole request came: nothing to run.
+        data += chunk
+    return bytes(data)
 
 
 def trusted_from_wire(wire: dict[str, Any]) -> PreparedRun:

@@ -22,8 +22,7 @@ from .conftest import FREE_PORTS, Stack, submit
 
 pytestmark = pytest.mark.integration
 
-# Slow enough (a few hundred ms) that a backlog builds up and jobs are queued and running when
-# OpenBao stops: the worker meets DependencyUnavailable and retries them.
+# A steady stream of small jobs, some of them queued or running when OpenBao stops.
 DOUBLE = (
     "def double(i):\n"
     "    n = 0\n"
@@ -31,6 +30,18 @@ DOUBLE = (
     "        for _ in range(500):\n"
     "            n += 1\n"
     "    return i * 2\n"
+)
+# About a second of work (7.5 million guarded additions), submitted just before OpenBao stops:
+# whatever the machine's speed, the worker meets the outage with it (opening or sealing) and
+# must retry rather than drop it.
+SLOW = (
+    "def slow():\n"
+    "    n = 0\n"
+    "    for _ in range(500):\n"
+    "        for _ in range(500):\n"
+    "            for _ in range(30):\n"
+    "                n += 1\n"
+    "    return n\n"
 )
 
 
@@ -79,6 +90,9 @@ def test_openbao_restart_under_load_loses_nothing(restart_stack: Stack) -> None:
     submitter.start()
     try:
         _wait_until(lambda: len(stream.accepted) >= 10, 60, "no submissions accepted")
+        slow = submit(restart_stack.client(), SLOW, "slow")
+        assert slow.status_code == 202, slow.text
+        time.sleep(0.3)  # picked up and opened by the worker, not yet sealed
         down_at = time.monotonic()
         assert stop_openbao(restart_stack.state)
         _wait_until(lambda: any(t > down_at for t, _, _ in stream.refused), 30,
@@ -105,6 +119,8 @@ def test_openbao_restart_under_load_loses_nothing(restart_stack: Stack) -> None:
         assert resp.status_code == 200, (key, resp.text)
         body = resp.json()
         assert (body["status"], body["result"]) == ("succeeded", 2 * i), body
+    body = restart_stack.wait_result(client, slow.json()["result_key"], timeout=120).json()
+    assert (body["status"], body["result"]) == ("succeeded", 7_500_000), body
     # Nobody logged in again from scratch: the same API and worker processes serve on.
     assert _service_pids(restart_stack) == pids
     worker_log = (restart_stack.state / "run" / "worker" / "worker.log").read_text()
