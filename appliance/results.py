@@ -213,24 +213,32 @@ class ResultStore:
             pipe.execute()
 
     def revoke(self, key: str, client: str) -> str | None:
-        """Mark a queued job as revoked; return the state it was in (None if unknown)."""
+        """Mark a queued job as revoked; return the state it was in (None if unknown).
+
+        "queued" means this call revoked it; "revoked", that another revocation already had.
+        """
         name = self._pending(key)
         with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(name)  # type: ignore[no-untyped-call]
-                raw = pipe.get(name)
-                if raw is None:
-                    return None
-                record: dict[str, Any] = json.loads(raw)
-                if record["client"] != client or record["state"] != "queued":
-                    return str(record["state"]) if record["client"] == client else None
-                record["state"] = "revoked"
-                pipe.multi()
-                pipe.set(name, json.dumps(record), keepttl=True)
-                pipe.execute()
-            except redis.WatchError:
-                return "running"
-        return "queued"
+            while True:
+                try:
+                    pipe.watch(name)  # type: ignore[no-untyped-call]
+                    raw = pipe.get(name)
+                    if raw is None:
+                        return None
+                    record: dict[str, Any] = json.loads(raw)
+                    if record["client"] != client:
+                        return None
+                    if record["state"] != "queued":
+                        return str(record["state"])
+                    record["state"] = "revoked"
+                    pipe.multi()
+                    pipe.set(name, json.dumps(record), keepttl=True)
+                    pipe.execute()
+                    return "queued"
+                except redis.WatchError:
+                    # The record changed under us (a worker started the job, or another
+                    # revocation won): read it again and answer from what it is now.
+                    continue
 
     def state(self, key: str) -> str | None:
         """The pending state of `key` ("queued", "running", "revoked"), or None."""

@@ -360,7 +360,9 @@ def revoke(services: Services, client: Client, untrusted_key: str) -> dict[str, 
     if stored.state == "done":
         services.store.delete(key)
         outcome = "deleted"
-    elif stored.state == "revoked" or services.store.revoke(key, client.keyid) == "queued":
+    elif stored.state == "revoked" or services.store.revoke(key, client.keyid) in (
+        "queued", "revoked"
+    ):
         outcome = "revoked"
     else:
         raise Conflict("the job is already running; it cannot be revoked",

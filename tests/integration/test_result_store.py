@@ -107,6 +107,28 @@ def test_revoke_wins_or_loses_against_start_never_both(api: ResultStore,
         assert worker.state(key) == ("revoked" if revoked else "running")
 
 
+def test_concurrent_revocations_of_one_job_all_see_it_revoked(api: ResultStore) -> None:
+    # A revocation that loses the WATCH race to another one must not report "running" (a 409
+    # for a job that never ran); exactly one call does the revoking.
+    for _ in range(30):
+        key = new_result_key("f", int(time.time() * 1000))
+        api.mark(key, "alice", "queued", "t")
+        barrier = threading.Barrier(4)
+        answers: list[str | None] = []
+
+        def revoke(key: str = key) -> None:
+            barrier.wait()
+            answers.append(api.revoke(key, "alice"))
+
+        threads = [threading.Thread(target=revoke) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(answers, key=str) == ["queued", "revoked", "revoked", "revoked"], answers
+        assert api.state(key) == "revoked"
+
+
 def test_revoke_is_for_the_owner_and_queued_jobs_only(api: ResultStore) -> None:
     key = new_result_key("f", int(time.time() * 1000))
     assert api.revoke(key, "alice") is None  # unknown
