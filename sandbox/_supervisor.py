@@ -16,14 +16,12 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import _child, _isolation, _restricted, _zygote
-from ._errors import IsolationUnavailable, SandboxError
-from ._limits import Limits
+from ._errors import IsolationUnavailable
 from ._outcome import STATUSES, Outcome, Usage, error
 from ._policy import LAYERS, Policy
 from ._request import PreparedRun, frame_request
@@ -88,12 +86,6 @@ def parse_reply(untrusted_output: bytes) -> dict[str, Any] | None:
     return reply
 
 
-class SpareLost(SandboxError):
-    """The spare whose request channel was handed out is gone: send the request again."""
-
-    code = "spare_lost"
-
-
 @dataclass
 class _Child:
     """A forked child that has isolated itself (or is doing so) and waits for one request."""
@@ -130,8 +122,6 @@ class Supervisor:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._spares: collections.deque[_Child] = collections.deque()
-        #: The spare whose request channel the caller holds (see `hand_out`).
-        self._handed: _Child | None = None
         self._finished: list[_Child] = []
         self._zygote: _zygote.Zygote | None = None
         self._awaiting_pid: collections.deque[_Child] = collections.deque()
@@ -169,7 +159,6 @@ class Supervisor:
     def close(self) -> None:
         """Stop the spares and the zygote, remove the working directories, drop the namespace."""
         self._release_finished()
-        self._release_handed()
         while self._spares:
             self._release(self._spares.popleft())
         if self._zygote is not None:
@@ -184,50 +173,13 @@ class Supervisor:
         """Run one request; raise IsolationUnavailable if a required layer is missing."""
         self._check_available()
         self._release_finished()
-        self._release_handed()  # its holder sent the request here instead
         child = self._take_spare() or self._spawn(probe=False)
-        return self._attend(child, run.limits, lambda: self._dispatch(child, run))
-
-    def hand_out(self) -> int | None:
-        """The request channel of the next spare, for the caller to write a request into.
-
-        The caller owns the descriptor (this process keeps no copy, so the spare reads its
-        request to the end once the caller closes it) and then calls `run_dispatched` with the
-        request's limits. It saves the fork server a hop on the critical path: reading,
-        decoding, re-encoding and forwarding the request. None when no spare is to be had, or
-        one is already out.
-        """
-        if self._handed is not None or not self._spares:
-            return None
-        child = self._spares.popleft()
-        assert child.request_fd is not None
-        fd, child.request_fd = child.request_fd, None
-        self._handed = child
-        return fd
-
-    def run_dispatched(self, limits: Limits) -> Outcome:
-        """Attend to the handed-out spare, whose request the caller wrote itself (`hand_out`).
-
-        Raises SpareLost when no spare was handed out or it cannot be attended to: the caller
-        then sends its request to `run` instead.
-        """
-        self._check_available()
-        self._release_finished()
-        child, self._handed = self._handed, None
-        if child is None:
-            raise SpareLost("no spare was handed out")
-        if child.zygote is not self._zygote or not self._resolve(child):
-            self._release(child)
-            raise SpareLost("the spare that was handed out is gone")
-        return self._attend(child, limits, lambda: None)
-
-    def _attend(self, child: _Child, limits: Limits, dispatch: Callable[[], None]) -> Outcome:
         try:
             started = time.monotonic()
-            dispatch()
-            status, rusage = self._supervise(child, limits, started)
+            self._dispatch(child, run)
+            status, rusage = self._supervise(child, run, started)
             wall_ms = int((time.monotonic() - started) * 1000)
-            return self._outcome(child, status, rusage, wall_ms, limits)
+            return self._outcome(child, status, rusage, wall_ms, run)
         finally:
             if child.finished_alive:
                 # Already killed: reaped, and its directory removed, once the caller has the
@@ -235,11 +187,6 @@ class Supervisor:
                 self._finished.append(child)
             else:
                 self._release(child)
-
-    def _release_handed(self) -> None:
-        if self._handed is not None:
-            child, self._handed = self._handed, None
-            self._release(child)
 
     def _release_finished(self) -> None:
         while self._finished:
@@ -261,7 +208,7 @@ class Supervisor:
                     self.executor,
                     keep_fds=[] if self._netns_fd is None else [self._netns_fd],
                 )
-            while len(self._spares) + (self._handed is not None) < SPARE_CHILDREN:
+            while len(self._spares) < SPARE_CHILDREN:
                 self._spares.append(self._request_spare(self._zygote))
         except OSError:
             self._drop_zygote()  # run() forks its own children; reported there if it fails
@@ -415,9 +362,9 @@ class Supervisor:
             shutil.rmtree(child.workdir, ignore_errors=True)
 
 
-    def _supervise(self, child: _Child, limits: Limits, started: float) -> tuple[int, Any]:
-        cap = 2 * limits.output_bytes * 6 + _REPLY_OVERHEAD
-        deadline = started + limits.wall_seconds
+    def _supervise(self, child: _Child, run: PreparedRun, started: float) -> tuple[int, Any]:
+        cap = 2 * run.limits.output_bytes * 6 + _REPLY_OVERHEAD
+        deadline = started + run.limits.wall_seconds
         assert child.pid is not None
         read_fd = child.reply_fd
         pidfd = os.pidfd_open(child.pid)
@@ -504,7 +451,7 @@ class Supervisor:
                 raise
 
     def _outcome(
-        self, child: _Child, status: int, rusage: Any, wall_ms: int, limits: Limits
+        self, child: _Child, status: int, rusage: Any, wall_ms: int, run: PreparedRun
     ) -> Outcome:
         usage = Usage(
             cpu_ms=int((rusage.ru_utime + rusage.ru_stime) * 1000),
@@ -521,7 +468,7 @@ class Supervisor:
             return Outcome("output_limit", error=error("OutputLimit", "reply exceeded its cap"),
                            usage=usage, degraded=degraded)
         if os.WIFSIGNALED(status):
-            return self._signalled(os.WTERMSIG(status), usage, limits, degraded)
+            return self._signalled(os.WTERMSIG(status), usage, run, degraded)
         reply = parse_reply(bytes(child.reply))
         if reply is None or os.WEXITSTATUS(status) != 0:
             return Outcome("crashed", error=error("Crashed", "the child gave no valid reply"),
@@ -536,15 +483,15 @@ class Supervisor:
                        degraded=degraded)
 
     def _signalled(
-        self, sig: int, usage: Usage, limits: Limits, degraded: tuple[str, ...]
+        self, sig: int, usage: Usage, run: PreparedRun, degraded: tuple[str, ...]
     ) -> Outcome:
         if sig == signal.SIGXCPU or (
-            sig == signal.SIGKILL and usage.cpu_ms >= limits.cpu_seconds * 1000
+            sig == signal.SIGKILL and usage.cpu_ms >= run.limits.cpu_seconds * 1000
         ):
             return Outcome("timeout", error=error("Timeout", "CPU time limit reached"),
                            usage=usage, degraded=degraded)
         if sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS) and (
-            usage.max_rss_kb >= limits.memory_mb * 1024 * 0.9
+            usage.max_rss_kb >= run.limits.memory_mb * 1024 * 0.9
         ):
             return Outcome("memory_limit", error=error("MemoryError", "memory limit reached"),
                            usage=usage, degraded=degraded)
