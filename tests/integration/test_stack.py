@@ -266,7 +266,9 @@ def make_app(state: str, port: int, role: str) -> Celery:
 
 
 def touch(path: str, text: str) -> None:
-    Path(path).write_text(text)
+    # Written aside and renamed: the test polls for the file and must never read it half-written.
+    Path(path + ".part").write_text(text)
+    os.replace(path + ".part", path)
 
 
 if "PROBE_STATE" in os.environ:
