@@ -309,6 +309,13 @@ def _wait_for(client: SignedClient, key: str, timeout: float = 120) -> httpx.Res
         delay = min(delay * 2, 1.0)
 
 
+
+def _client_options(fn: Any) -> Any:
+    """--key-id and --private-key: which client signs a command's requests (see `_client`)."""
+    fn = click.option("--private-key", type=click.Path(dir_okay=False),
+                      help="client private key (PEM)")(fn)
+    return click.option("--key-id", help="client key id (default: the stack's local client)")(fn)
+
 @main.command()
 @_state_option
 @click.argument("module", type=click.Path(dir_okay=False))
@@ -316,8 +323,7 @@ def _wait_for(client: SignedClient, key: str, timeout: float = 120) -> httpx.Res
 @click.option("--args", "args_json", help="positional arguments as a JSON list")
 @click.option("--kwargs", "kwargs_json", help="keyword arguments as a JSON object")
 @click.option("--limits", "limits_json", help="limits as a JSON object")
-@click.option("--key-id", help="client key id (default: the stack's local client)")
-@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@_client_options
 @click.option("--wait", is_flag=True, help="wait for the result and print it")
 @click.pass_context
 def submit(ctx: click.Context, module: str, function: str, args_json: str | None,
@@ -367,8 +373,7 @@ def _read_steps(path: Path) -> list[dict[str, Any]]:
 @main.command()
 @_state_option
 @click.argument("steps_file", metavar="STEPS.json", type=click.Path(dir_okay=False))
-@click.option("--key-id", help="client key id (default: the stack's local client)")
-@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@_client_options
 @click.option("--wait", is_flag=True, help="wait for every step and print their results")
 @click.pass_context
 def workflow(ctx: click.Context, steps_file: str, key_id: str | None, private_key: str | None,
@@ -388,8 +393,7 @@ def workflow(ctx: click.Context, steps_file: str, key_id: str | None, private_ke
 @main.command()
 @_state_option
 @click.argument("key")
-@click.option("--key-id", help="client key id (default: the stack's local client)")
-@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@_client_options
 @click.option("--wait", is_flag=True, help="wait while the job is queued or running")
 @click.pass_context
 def result(ctx: click.Context, key: str, key_id: str | None, private_key: str | None,
@@ -404,8 +408,7 @@ def result(ctx: click.Context, key: str, key_id: str | None, private_key: str | 
 @main.command()
 @_state_option
 @click.argument("key")
-@click.option("--key-id", help="client key id (default: the stack's local client)")
-@click.option("--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)")
+@_client_options
 @click.pass_context
 def revoke(ctx: click.Context, key: str, key_id: str | None, private_key: str | None) -> None:
     """Revoke the queued job of KEY (it will not run), or delete its finished result."""
