@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _isolation, _restricted
+from ._framing import read_frame
 from ._limits import Limits
 from ._outcome import error
-from ._request import REQUEST_HEADER, PreparedRun
+from ._request import PreparedRun
 
 # Exit codes the parent recognises before any user code has run.
 EXIT_ISOLATION_FAILED = 71
@@ -192,25 +193,17 @@ def _request_arrives(within: float) -> bool:
 def _receive_request() -> PreparedRun:
     """Block until the (already validated) request has arrived whole, then close its channel.
 
-    It is length-prefixed (see `frame_request`) rather than ended by closing the channel: the
-    process that wrote it may have forked since, and a copy of the channel's write end held by
-    such a child would keep the end from ever coming.
+    It comes as one frame (see `_framing`): a child forked by the supervisor itself holds copies
+    of the other spares' write ends until its descriptors layer closes them.
     """
-    header = _read_exactly(REQUEST_HEADER.size)
-    (size,) = REQUEST_HEADER.unpack(header)
-    body = _read_exactly(size)
+    try:
+        body = read_frame(_isolation.REQUEST_FD, limit=None)
+    except EOFError:
+        body = None
+    if body is None:
+        os._exit(0)  # Closed before a whole request came: nothing to run.
     os.close(_isolation.REQUEST_FD)
     return trusted_from_wire(json.loads(body))
-
-
-def _read_exactly(size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = os.read(_isolation.REQUEST_FD, size - len(data))
-        if not chunk:
-            os._exit(0)  # Closed before a whole request came: nothing to run.
-        data += chunk
-    return bytes(data)
 
 
 def trusted_from_wire(wire: dict[str, Any]) -> PreparedRun:

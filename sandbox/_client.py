@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidRequest, IsolationUnavailable, LimitNotAllowed, SandboxError
+from ._framing import MAX_FRAME, read_frame, write_frame
 from ._limits import Limits
 from ._outcome import Outcome, outcome_from_dict
 from ._policy import Policy, _default_policy_path
 from ._request import prepare
-from ._server import MAX_FRAME, read_frame, write_frame
 
 # The fork server imports this package, and so this module: nothing here may import threading
 # at import time (subprocess does). Once imported, threading's after-fork hook runs in every

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +16,6 @@ ENTRY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
 MAX_SOURCE_BYTES = 1024 * 1024
 #: Deepest nesting accepted in arguments (the same bound the parent puts on a returned value).
 MAX_ARGUMENT_DEPTH = 100
-#: Length prefix of the request a child reads (see `frame_request`).
-REQUEST_HEADER = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -42,11 +39,6 @@ class PreparedRun:
             "limits": self.limits.to_dict(),
             "imports": list(self.imports),
         }
-
-
-def frame_request(body: bytes) -> bytes:
-    """What a child reads as its request: the length of `body` (the request as JSON), then it."""
-    return REQUEST_HEADER.pack(len(body)) + body
 
 
 def prepare(

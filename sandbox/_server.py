@@ -9,54 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import Any
 
 from ._errors import SandboxError
+from ._framing import read_frame, write_frame
 from ._policy import Policy
 from ._request import from_wire
 from ._supervisor import Supervisor
-
-MAX_FRAME = 32 * 1024 * 1024
-_HEADER = struct.Struct(">I")
-
-
-def read_frame(fd: int) -> bytes | None:
-    """Read one length-prefixed frame; None at end of stream."""
-    header = _read_exact(fd, _HEADER.size)
-    if header is None:
-        return None
-    (size,) = _HEADER.unpack(header)
-    if size > MAX_FRAME:
-        raise ValueError("frame too large")
-    body = _read_exact(fd, size)
-    if body is None:
-        raise EOFError("stream ended inside a frame")
-    return body
-
-
-def write_frame(fd: int, body: bytes) -> None:
-    """Write one length-prefixed frame."""
-    data = memoryview(_HEADER.pack(len(body)) + body)
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _read_exact(fd: int, size: int) -> bytes | None:
-    """Exactly `size` bytes; None at a clean end of stream, EOFError if it ends part-way."""
-    chunks: list[bytes] = []
-    remaining = size
-    while remaining:
-        chunk = os.read(fd, min(remaining, 1 << 20))
-        if not chunk:
-            if remaining == size:
-                return None
-            raise EOFError("stream ended inside a frame")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
 
 
 def _handle(supervisor: Supervisor, frame: bytes) -> dict[str, Any]:

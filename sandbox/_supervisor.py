@@ -22,9 +22,10 @@ from typing import Any
 
 from . import _child, _isolation, _restricted, _zygote
 from ._errors import IsolationUnavailable
+from ._framing import write_frame
 from ._outcome import STATUSES, Outcome, Usage, error
 from ._policy import LAYERS, Policy
-from ._request import PreparedRun, frame_request
+from ._request import PreparedRun
 
 #: Deepest nesting accepted in a reply's value.
 MAX_VALUE_DEPTH = 100
@@ -331,10 +332,8 @@ class Supervisor:
     def _dispatch(self, child: _Child, run: PreparedRun) -> None:
         """Hand the child its request. A dead child (a layer failed) shows in its exit status."""
         assert child.request_fd is not None
-        data = memoryview(frame_request(json.dumps(run.to_wire()).encode()))
         try:
-            while data:
-                data = data[os.write(child.request_fd, data):]
+            write_frame(child.request_fd, json.dumps(run.to_wire()).encode())
         except BrokenPipeError:
             pass
         finally:

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from sandbox import InvalidRequest, LimitNotAllowed, Sandbox
-from sandbox._server import MAX_FRAME
+from sandbox._framing import MAX_FRAME
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,7 +8,8 @@ import struct
 import pytest
 
 from sandbox import Policy
-from sandbox._server import MAX_FRAME, _handle, read_frame, write_frame
+from sandbox._framing import MAX_FRAME, read_frame, write_frame
+from sandbox._server import _handle
 
 
 class _NoRuns:
