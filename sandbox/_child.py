@@ -22,7 +22,11 @@ from ._limits import Limits
 from ._outcome import error
 from ._request import PreparedRun
 
-# Exit codes the parent recognises before any user code has run.
+# The first byte a child writes on its reply channel, before any user code can run: every layer
+# is in place (then the reply follows), or one failed (then a JSON report, and the child exits).
+# User code runs only after the first, so nothing it writes or exits with can pass for the second.
+ISOLATED = b"+"
+ISOLATION_FAILED = b"!"
 EXIT_ISOLATION_FAILED = 71
 
 
@@ -152,7 +156,8 @@ def _fail_layer(exc: _isolation.LayerFailed, reply_fd: int) -> NoReturn:
     # may be one of the parent's descriptors); from then on it is REPLY_FD.
     fd = reply_fd if exc.layer in ("session", "fds") else _isolation.REPLY_FD
     try:
-        os.write(fd, json.dumps({"layer": exc.layer, "reason": exc.reason}).encode())
+        report = json.dumps({"layer": exc.layer, "reason": exc.reason[:400]})
+        _write_all(fd, ISOLATION_FAILED + report.encode())
     finally:
         os._exit(EXIT_ISOLATION_FAILED)
 
@@ -234,13 +239,14 @@ def main(
         _fail_layer(exc, reply_fd)
     if request_fd is None:
         _probe(setup)
+    _write_all(_isolation.REPLY_FD, ISOLATED)
     if not _request_arrives(within=WARM_UP_AFTER):
         warm_up()
     run = _receive_request()
     try:
         _isolation.apply_run_limits(setup, run.limits)
-    except _isolation.LayerFailed as exc:
-        _fail_layer(exc, reply_fd)
+    except _isolation.LayerFailed:
+        os._exit(EXIT_ISOLATION_FAILED)  # after the marker: the parent reports it crashed
     _run(run, executor)
 
 

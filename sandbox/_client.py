@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import InvalidRequest, IsolationUnavailable, LimitNotAllowed, SandboxError
+from ._errors import (
+    InvalidRequest,
+    IsolationUnavailable,
+    LimitNotAllowed,
+    SandboxError,
+    ZygoteLost,
+)
 from ._framing import MAX_FRAME, read_frame, write_frame
 from ._limits import Limits
 from ._outcome import Outcome, outcome_from_dict
@@ -27,14 +34,25 @@ _ERRORS: dict[str, type[SandboxError]] = {
     "import_not_allowed": InvalidRequest,
     "limit_not_allowed": LimitNotAllowed,
     "isolation_unavailable": IsolationUnavailable,
+    "zygote_lost": ZygoteLost,
 }
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 # The fork server's whole command line: an isolated interpreter (-I: no environment variables,
-# no user site) that imports only this package.
-_BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
-    "from sandbox._server import main; main()"
-)
+# no user site) that imports only this package. It names no host path: where the package is and
+# which policy to load come as the first line on stdin (read byte by byte, so that nothing of
+# the first request is read ahead), as "ROOT NUL POLICY NEWLINE".
+_BOOT = """import os, sys
+line = b""
+while not line.endswith(b"\\n"):
+    byte = os.read(0, 1)
+    if not byte:
+        raise SystemExit(1)
+    line += byte
+root, policy = line[:-1].decode().split("\\0")
+sys.path.insert(0, root)
+del line, byte, root
+"""
+_BOOT_MAIN = "from sandbox._server import main; main(policy)"
 
 
 class Sandbox:
@@ -45,7 +63,7 @@ class Sandbox:
     """
 
     #: The fork server's program and environment (only `sandbox._testing` changes them).
-    _boot: str = _BOOT
+    _boot: str = _BOOT + _BOOT_MAIN
     _server_env: Mapping[str, str] = {}
 
     def __init__(self, policy_path: Path | None = None) -> None:
@@ -54,6 +72,8 @@ class Sandbox:
         self._lock = _thread.allocate_lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self.layers: dict[str, str] = {}
+        #: What the fork server says of its filter and memory backend (see `doctor`).
+        self.details: dict[str, str] = {}
 
     def start(self) -> Sandbox:
         """Spawn the fork server now (idempotent)."""
@@ -67,7 +87,7 @@ class Sandbox:
         import subprocess  # see the note on imports above
 
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", self._boot, _PROJECT_ROOT, str(self.policy_path)],
+            [sys.executable, "-I", "-c", self._boot],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -75,12 +95,22 @@ class Sandbox:
             close_fds=True,
             cwd="/",
         )
-        assert proc.stdout is not None
-        hello = read_frame(proc.stdout.fileno())
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            write_all = proc.stdin.fileno()
+            boot = f"{_PROJECT_ROOT}\0{self.policy_path}\n".encode()
+            while boot:
+                boot = boot[os.write(write_all, boot):]
+            hello = read_frame(proc.stdout.fileno())
+        except (OSError, EOFError, ValueError):
+            hello = None
         if hello is None:
             proc.kill()
+            proc.wait()
             raise IsolationUnavailable("the sandbox fork server failed to start")
-        self.layers = json.loads(hello)["layers"]
+        greeting = json.loads(hello)
+        self.layers = greeting["layers"]
+        self.details = greeting.get("details", {})
         self._proc = proc
         return proc
 
@@ -102,6 +132,24 @@ class Sandbox:
         body = json.dumps(request).encode()
         if len(body) > MAX_FRAME:
             raise InvalidRequest(f"request is larger than {MAX_FRAME} bytes")
+        try:
+            return self._call_once(body)
+        except ZygoteLost:
+            # The server ran nothing and has exited: a fresh one serves the request instead.
+            with self._lock:
+                self._reap_exited()
+            return self._call_once(body)
+
+    def _reap_exited(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - it is stopped either way
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def _call_once(self, body: bytes) -> dict[str, Any]:
         with self._lock:
             proc = self._ensure_started()
             assert proc.stdin is not None and proc.stdout is not None
@@ -148,7 +196,9 @@ class Sandbox:
 
     def doctor(self) -> dict[str, str]:
         """Each isolation layer: "" when active here, else why it is missing."""
-        return dict(self._call({"op": "doctor"})["layers"])
+        answer = self._call({"op": "doctor"})
+        self.details = dict(answer.get("details", {}))
+        return dict(answer["layers"])
 
     def __enter__(self) -> Sandbox:
         return self.start()

@@ -47,3 +47,13 @@ class IsolationUnavailable(SandboxError):
     """Raised when a required isolation layer cannot be applied on this host; nothing was run."""
 
     code = "isolation_unavailable"
+
+
+class ZygoteLost(SandboxError):
+    """Raised when a fork server has lost its zygote after serving requests; nothing was run.
+
+    The server then exits and its caller starts a fresh one (see `Sandbox._call`): a new zygote
+    forked from a server that has held requests would carry them into every later child.
+    """
+
+    code = "zygote_lost"

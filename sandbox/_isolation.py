@@ -15,17 +15,13 @@ import os
 import resource
 import signal
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from . import _seccomp
+from ._cgroup import join as _cgroup_join
 from ._limits import Limits
 from ._policy import Policy
-
-if TYPE_CHECKING:
-    # Never imported by the fork server itself (see `export_seccomp_program`).
-    import pyseccomp
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # Looked up here, in the fork server, once: looking a function up in a child (ctypes builds and
@@ -33,17 +29,33 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_prctl = _libc.prctl
 _libc_setns = _libc.setns
 _libc_unshare = _libc.unshare
+_libc_sethostname = _libc.sethostname
+# The raw clone below must run with the GIL held, as os.fork() does: a PyDLL call keeps it.
+_libc_syscall = ctypes.PyDLL(None, use_errno=True).syscall
+_libc_syscall.restype = ctypes.c_long
+_libc_syscall.argtypes = [
+    ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_ulong,
+]
+_before_fork = ctypes.pythonapi.PyOS_BeforeFork
+_after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
+_after_fork_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+#: The namespaces every child is born in (root only): its own PID, UTS and IPC namespaces.
+CHILD_NAMESPACES = CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
-PR_SET_SECCOMP = 22
-SECCOMP_MODE_FILTER = 2
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
+#: The host name a child sees (its own UTS namespace): nothing of the host's.
+HOSTNAME = b"sandbox"
 
 #: The reply channel is moved to this descriptor; every other descriptor is closed.
 REPLY_FD = 3
@@ -55,58 +67,6 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: Descriptors a child may hold at once (the interpreter needs a few for its own reads).
 MAX_OPEN_FILES = 16
 
-# Which threat each group of denied system calls answers; each is refused with EPERM.
-_DENIED_SYSCALLS: dict[str, tuple[str, ...]] = {
-    "network": (
-        "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4", "sendto",
-        "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg", "getsockopt", "setsockopt",
-    ),
-    "exec": ("execve", "execveat"),
-    "process creation": ("fork", "vfork", "clone"),
-    "debugging other processes": (
-        "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_open", "pidfd_getfd",
-        "pidfd_send_signal", "process_madvise", "get_robust_list",
-    ),
-    "signalling": ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"),
-    # Without these a child could throttle or starve any other process of the same uid (another
-    # run, or a host daemon running as nobody): renice it, pin it to one CPU, set its I/O class.
-    "scheduling other processes": (
-        "setpriority", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
-        "sched_setattr", "ioprio_set",
-    ),
-    "mounts": (
-        "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
-        "fsconfig", "fsmount", "fspick", "mount_setattr",
-    ),
-    "namespaces": ("unshare", "setns"),
-    "identity": (
-        "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups",
-        "setfsuid", "setfsgid", "capset",
-    ),
-    "kernel attack surface": (
-        "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
-        "io_uring_register", "keyctl", "add_key", "request_key", "personality", "prctl",
-        "seccomp", "init_module", "finit_module", "delete_module", "kexec_load",
-        "kexec_file_load", "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog",
-        "name_to_handle_at", "open_by_handle_at", "lookup_dcookie", "iopl", "ioperm",
-        "mbind", "migrate_pages", "move_pages", "set_mempolicy", "memfd_create",
-        "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname",
-        "setdomainname", "vhangup", "uselib", "ustat", "sysfs", "nfsservctl",
-    ),
-    "file system writes": (
-        "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2",
-        "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "chown",
-        "fchown", "fchownat", "lchown", "truncate", "ftruncate", "mknod", "mknodat", "utime",
-        "utimes", "utimensat", "futimesat", "creat", "setxattr", "lsetxattr", "fsetxattr",
-        "removexattr", "lremovexattr", "fremovexattr", "fallocate",
-    ),
-}
-
-_SCMP_FLTATR_CTL_OPTIMIZE = 8  # libseccomp's filter attribute: 1 = list, 2 = binary tree
-
-_WRITE_OPEN_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND)
-
-
 class LayerFailed(Exception):
     """Raised in the child when a required isolation layer cannot be applied."""
 
@@ -116,126 +76,39 @@ class LayerFailed(Exception):
         self.reason = reason
 
 
-def denied_syscalls() -> tuple[str, ...]:
-    """Every system call the filter refuses (for documentation and `doctor`)."""
-    return tuple(name for group in _DENIED_SYSCALLS.values() for name in group)
+def fork_child() -> int:
+    """fork(), with the child born in its own PID, UTS and IPC namespaces; returns as fork().
 
-
-def build_seccomp_filter() -> pyseccomp.SyscallFilter:
-    """Build the filter once in the parent; each child only loads it (libseccomp, not hand BPF).
-
-    Default allow with an explicit deny list: the interpreter keeps working, and every call that
-    reaches the network, another process, the kernel's rarer surfaces or the file system's
-    write side is refused with EPERM. Calls for other architectures are killed (libseccomp's
-    default bad-architecture action), which closes the 32-bit and x32 entry points.
+    As root, a raw clone(2) with the namespace flags, wrapped in CPython's own before- and
+    after-fork steps exactly as os.fork() wraps fork(2), so the interpreter state of both sides
+    is what os.fork() leaves. The child is pid 1 of a namespace holding nothing else: no pid of
+    another run, of its own fork server's next spare or of the host can be named in kill,
+    F_SETOWN, getpgid, getsid or a CPU clock. Elsewhere (no root, or an architecture this does
+    not know) a plain fork, and the child reports those layers missing.
     """
-    import pyseccomp
+    if _SYS_CLONE is None or os.geteuid() != 0:
+        return os.fork()
+    _before_fork()
+    pid = int(_libc_syscall(_SYS_CLONE, CHILD_NAMESPACES | signal.SIGCHLD, None, None, None, 0))
+    if pid == 0:
+        _after_fork_child()
+        return 0
+    err = ctypes.get_errno()
+    _after_fork_parent()
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return pid
 
-    flt = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
-    try:
-        # A binary tree instead of a list: the kernel's per-syscall verdict cache, built when
-        # each child installs the filter, costs a third as much.
-        flt.set_attr(_SCMP_FLTATR_CTL_OPTIMIZE, 2)
-    except (OSError, ValueError, RuntimeError):
-        pass  # libseccomp older than 2.5: the list is as strict, only slower to install.
-    deny = pyseccomp.ERRNO(errno.EPERM)
-    for name in denied_syscalls():
+
+def namespace_ids() -> dict[str, int]:
+    """This process's PID, UTS and IPC namespaces, by inode (the parent's, for a child to check)."""
+    ids = {}
+    for name in ("pid", "uts", "ipc"):
         try:
-            flt.add_rule(deny, name)
-        except (ValueError, RuntimeError, OSError):
-            continue  # Not a system call on this architecture.
-    # clone3 gets ENOSYS so that libc falls back to clone, which is refused above.
-    try:
-        flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
-    except (ValueError, RuntimeError, OSError):
-        pass
-    # prlimit64 on another process would let a child lower the limits of any process of the
-    # same uid (CPU 1 s, one descriptor: a kill by other means). pid 0 (itself) stays allowed:
-    # glibc implements getrlimit and setrlimit with it.
-    flt.add_rule(deny, "prlimit64", pyseccomp.Arg(0, pyseccomp.NE, 0))
-    for call, flags_arg in (("open", 1), ("openat", 2)):
-        for flag in _WRITE_OPEN_FLAGS:
-            flt.add_rule(deny, call, pyseccomp.Arg(flags_arg, pyseccomp.MASKED_EQ, flag, flag))
-    # openat2 takes its flags in a struct the filter cannot read: refuse it outright.
-    try:
-        flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "openat2")
-    except (ValueError, RuntimeError, OSError):
-        pass
-    return flt
-
-
-_BPF_INSTRUCTION_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-def export_bpf(flt: pyseccomp.SyscallFilter) -> bytes:
-    """The BPF program libseccomp generates for a filter (what `load()` would install)."""
-    with tempfile.TemporaryFile() as f:
-        flt.export_bpf(f)
-        f.seek(0)
-        return f.read()
-
-
-def export_seccomp_program() -> bytes:
-    """Build the filter and export its BPF program in a throwaway child; return the program.
-
-    pyseccomp imports ctypes.util, which imports subprocess and threading. Once threading is
-    imported, every fork runs its after-fork hook in the child: about 120 page faults and half
-    a millisecond per run on a virtual machine. So the fork server never imports pyseccomp.
-    """
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - helper child
-        code = 1
-        try:
-            os.close(read_fd)
-            view = memoryview(export_bpf(build_seccomp_filter()))
-            while view:
-                view = view[os.write(write_fd, view):]
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    chunks = []
-    try:
-        while chunk := os.read(read_fd, 1 << 16):
-            chunks.append(chunk)
-    finally:
-        os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
-    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-        raise RuntimeError("libseccomp could not build the filter")
-    return b"".join(chunks)
-
-
-class SeccompProgram:
-    """A BPF program libseccomp generated (see `export_seccomp_program`), ready to install.
-
-    libseccomp builds the program anew on every `load()`, which costs each child more than half
-    a millisecond; children install these exact bytes instead, from a `struct sock_fprog` the
-    parent has already laid out.
-    """
-
-    def __init__(self, program: bytes) -> None:
-        self.program = bytes(program)
-        if not self.program or len(self.program) % _BPF_INSTRUCTION_SIZE:
-            raise RuntimeError("libseccomp exported no valid BPF program")
-        self._buffer = ctypes.create_string_buffer(self.program, len(self.program))
-        self._fprog = _SockFprog(
-            len(self.program) // _BPF_INSTRUCTION_SIZE, ctypes.addressof(self._buffer)
-        )
-
-    def install(self) -> None:
-        """Install the program in this process, as seccomp_load() does with default attributes.
-
-        Needs no_new_privs (set by the previous layer); the child is single-threaded (no TSYNC).
-        """
-        if _libc_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(self._fprog), 0, 0):
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+            ids[name] = os.stat(f"/proc/self/ns/{name}").st_ino
+        except OSError:
+            ids[name] = 0
+    return ids
 
 
 def prepare_parent() -> None:
@@ -318,13 +191,18 @@ class ChildSetup:
 
     policy: Policy
     workdir: str
-    seccomp: SeccompProgram | None
+    seccomp: _seccomp.Program | None
     #: The virtual memory the child starts with (the parent's at the fork); memory_mb is added.
     baseline_as: int
     #: The process that forks the child (the supervisor or its zygote): it must not outlive it.
     parent_pid: int
     #: A network namespace made once by the parent (`create_netns`), or None to make one here.
     netns_fd: int | None = None
+    #: The run's memory cgroup (see `_cgroup`), or None with the reason there is none.
+    cgroup: str | None = None
+    cgroup_reason: str = "no memory cgroup"
+    #: The parent's namespaces by inode (`namespace_ids`): the child must be in other ones.
+    parent_ns: dict[str, int] = field(default_factory=dict)
     skip: frozenset[str] = frozenset()
     degraded: list[str] = field(default_factory=list)
 
@@ -333,7 +211,14 @@ def _session(setup: ChildSetup) -> None:
     os.setsid()
     # Die with the parent from here on (armed again by `_bind_to_parent`, see there).
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != setup.parent_pid:
+    _check_parent(setup)
+
+
+def _check_parent(setup: ChildSetup) -> None:
+    # In its own PID namespace the child's parent has no pid it can see (getppid() is 0): a
+    # parent that died before the signal was armed is then noticed otherwise (a spare's request
+    # channel closes; a running child is killed by its supervisor).
+    if os.getppid() not in (setup.parent_pid, 0) or (os.getppid() == 0 and os.getpid() != 1):
         os._exit(70)  # The parent died before the signal was armed.
 
 
@@ -345,8 +230,7 @@ def _bind_to_parent(setup: ChildSetup) -> None:
     the signal whenever the credentials change, which the uid layer has just done.
     """
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != setup.parent_pid:
-        os._exit(70)
+    _check_parent(setup)
 
 
 def _fds(setup: ChildSetup, reply_fd: int, request_fd: int | None) -> None:
@@ -386,13 +270,40 @@ def _environment(setup: ChildSetup) -> None:
         os.environ.clear()
 
 
+def _in_new_namespace(setup: ChildSetup, kind: str) -> bool:
+    try:
+        return os.stat(f"/proc/self/ns/{kind}").st_ino != setup.parent_ns.get(kind, 0)
+    except OSError:
+        return False
+
+
+def _pidns(setup: ChildSetup) -> None:
+    # Made by `fork_child` (clone): the child is pid 1 of a namespace of its own.
+    if os.getpid() != 1:
+        raise LayerFailed("pidns", "not born in a PID namespace of its own (clone refused)")
+
+
+def _utsns(setup: ChildSetup) -> None:
+    # Checked before sethostname: in the host's UTS namespace it would rename the host.
+    if not _in_new_namespace(setup, "uts"):
+        raise LayerFailed("utsns", "not born in a UTS namespace of its own")
+    if _libc_sethostname(HOSTNAME, len(HOSTNAME)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _ipcns(setup: ChildSetup) -> None:
+    # SysV IPC objects outlive their process unless the namespace dies with it.
+    if os.geteuid() == 0 and not _in_new_namespace(setup, "ipc"):
+        raise LayerFailed("ipcns", "not born in an IPC namespace of its own")
+
+
 def _netns(setup: ChildSetup) -> None:
     if os.geteuid() == 0:
         if setup.netns_fd is None:
-            _unshare(CLONE_NEWNET | CLONE_NEWIPC)
+            _unshare(CLONE_NEWNET)
             return
         _setns(NETNS_FD, CLONE_NEWNET)
-        _unshare(CLONE_NEWIPC)
         return
     # Unprivileged host: a user namespace gives the rights to make the others.
     uid, gid = os.getuid(), os.getgid()
@@ -403,6 +314,12 @@ def _netns(setup: ChildSetup) -> None:
         f.write(f"{uid} {uid} 1")
     with open("/proc/self/gid_map", "w") as f:
         f.write(f"{gid} {gid} 1")
+
+
+def _memory_cgroup(setup: ChildSetup) -> None:
+    if setup.cgroup is None:
+        raise LayerFailed("memory_cgroup", setup.cgroup_reason)
+    _cgroup_join(setup.cgroup)
 
 
 def _workdir(setup: ChildSetup) -> None:
@@ -480,7 +397,11 @@ def enter(
         ("session", lambda: _session(setup)),
         ("fds", lambda: _fds(setup, reply_fd, request_fd)),
         ("environment", lambda: _environment(setup)),
+        ("pidns", lambda: _pidns(setup)),
+        ("utsns", lambda: _utsns(setup)),
+        ("ipcns", lambda: _ipcns(setup)),
         ("netns", lambda: _netns(setup)),
+        ("memory_cgroup", lambda: _memory_cgroup(setup)),
         ("workdir", lambda: _workdir(setup)),
         ("rlimits", lambda: _rlimits(setup)),
         ("uid", lambda: _uid(setup)),
@@ -539,6 +460,8 @@ def verify(setup: ChildSetup) -> dict[str, str]:
         "limits not in force",
     )
     check("uid", os.getuid() != 0 and os.geteuid() != 0, "running as root")
+    check("pidns", os.getpid() == 1, "not pid 1 of a PID namespace of its own")
+    check("utsns", os.uname().nodename == HOSTNAME.decode(), "sees the host's name")
     try:
         os.execv("/nonexistent", ["x"])  # noqa: S606 - the filter must refuse it
     except PermissionError:
@@ -550,8 +473,15 @@ def verify(setup: ChildSetup) -> dict[str, str]:
         seccomp_ok = False
     except PermissionError:
         pass
-    check("seccomp", seccomp_ok, "execve or socket not refused")
-    # prctl is refused under seccomp, so no_new_privs is read from the status the parent saw.
-    report.setdefault("no_new_privs", "" if "no_new_privs" not in setup.degraded else "skipped")
-    report.setdefault("netns", "" if "netns" not in setup.degraded else "skipped")
+    try:
+        # On no list at all: the allow list's default answer, ENOSYS.
+        os.close(os.pipe()[0])
+        seccomp_ok = False
+    except OSError as exc:
+        seccomp_ok = seccomp_ok and exc.errno == errno.ENOSYS
+    check("seccomp", seccomp_ok, "execve or socket not refused, or pipe2 not ENOSYS")
+    # prctl is refused under seccomp, so no_new_privs is read from the status the parent saw;
+    # namespaces and the cgroup are checked from outside as well (see `_proc_checks`).
+    for layer in ("no_new_privs", "netns", "ipcns", "memory_cgroup"):
+        report.setdefault(layer, "" if layer not in setup.degraded else "skipped")
     return report

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _child, _isolation, _restricted, _zygote
-from ._errors import IsolationUnavailable
+from . import _child, _isolation, _restricted, _seccomp, _zygote
+from ._cgroup import MemoryCgroup
+from ._errors import IsolationUnavailable, ZygoteLost
 from ._framing import write_frame
 from ._outcome import STATUSES, Outcome, Usage, error
 from ._policy import LAYERS, Policy
@@ -99,9 +100,15 @@ class _Child:
     skip: frozenset[str]
     #: The zygote that forked it and reaps it, or None for a child of this process.
     zygote: _zygote.Zygote | None = None
+    #: Its memory cgroup (see `_cgroup`), or None where there is no backend.
+    cgroup: str | None = None
     reply: bytearray = field(default_factory=bytearray)
     overflowed: bool = False
     timed_out: bool = False
+    #: Killed by this process for its CPU time (`_supervise`), not by the kernel.
+    cpu_exceeded: bool = False
+    #: CPU seconds the child had used when its request was handed over (its warm-up).
+    cpu_at_dispatch: float = 0.0
     reaped: bool = False
     #: Killed after a whole reply, its usage read while it lived; reaped without waiting.
     finished_alive: bool = False
@@ -126,13 +133,19 @@ class Supervisor:
         self._finished: list[_Child] = []
         self._zygote: _zygote.Zygote | None = None
         self._awaiting_pid: collections.deque[_Child] = collections.deque()
+        #: Set by the first request: from then on this process's memory holds requests, so it
+        #: never forks a child or a zygote again (see `_fresh_spare`).
+        self._served = False
         _restricted.preload(sorted(policy.importable))
         _isolation.prepare_parent()
-        self._seccomp: _isolation.SeccompProgram | None
+        self._seccomp: _seccomp.Program | None
         try:
-            self._seccomp = _isolation.SeccompProgram(_isolation.export_seccomp_program())
+            program, info = _seccomp.export_program()
+            self._seccomp = _seccomp.Program(program, info, _isolation._libc_prctl)
         except Exception:  # noqa: BLE001 - reported by the child as a missing layer
             self._seccomp = None
+        self._parent_ns = _isolation.namespace_ids()
+        self._memory = MemoryCgroup.find(os.getpid(), policy.maxima.memory_mb)
         self._netns_fd: int | None = None
         if os.geteuid() == 0:
             try:
@@ -166,6 +179,7 @@ class Supervisor:
             self._zygote.close()
             self._zygote = None
         shutil.rmtree(self._tmp_root, ignore_errors=True)
+        self._memory.close()
         if self._netns_fd is not None:
             os.close(self._netns_fd)
             self._netns_fd = None
@@ -174,7 +188,8 @@ class Supervisor:
         """Run one request; raise IsolationUnavailable if a required layer is missing."""
         self._check_available()
         self._release_finished()
-        child = self._take_spare() or self._spawn(probe=False)
+        child = self._take_spare() or self._fresh_spare()
+        self._served = True
         try:
             started = time.monotonic()
             self._dispatch(child, run)
@@ -203,32 +218,63 @@ class Supervisor:
         if self.unavailable:
             return
         try:
-            if self._zygote is None:
-                self._zygote = _zygote.Zygote(
-                    self._setup,
-                    self.executor,
-                    keep_fds=[] if self._netns_fd is None else [self._netns_fd],
-                )
+            zygote = self._live_zygote()
             while len(self._spares) < SPARE_CHILDREN:
-                self._spares.append(self._request_spare(self._zygote))
+                self._spares.append(self._request_spare(zygote))
+        except ZygoteLost:
+            return  # reported by the next run(), which the caller then retries elsewhere
         except OSError:
-            self._drop_zygote()  # run() forks its own children; reported there if it fails
+            self._drop_zygote()  # reported by the next run()
+
+    def _live_zygote(self) -> _zygote.Zygote:
+        """The zygote, started now if none has been yet; ZygoteLost once one has been lost.
+
+        A zygote is a copy of this process. Before the first request that copy holds nothing
+        of anyone's; after it, this process has held requests, arguments and outcomes in its
+        memory, and a zygote forked now would hand them to every later child. So a lost zygote
+        is never replaced: the fork server is replaced instead (see `Sandbox._call`).
+        """
+        if self._zygote is not None and not self._zygote.alive():
+            self._drop_zygote()
+        if self._zygote is None:
+            if self._served:
+                raise ZygoteLost("the fork server lost its zygote and must be restarted")
+            self._zygote = _zygote.Zygote(
+                self._setup,
+                self.executor,
+                keep_fds=[] if self._netns_fd is None else [self._netns_fd],
+            )
+        return self._zygote
+
+    def _fresh_spare(self) -> _Child:
+        """A spare asked for now, when none is ready (the first run, or every spare died)."""
+        try:
+            child = self._request_spare(self._live_zygote())
+            if self._resolve(child):
+                return child
+            self._release(child)
+        except OSError:
+            self._drop_zygote()
+        raise ZygoteLost("the fork server's zygote failed and must be restarted")
 
     def _request_spare(self, zygote: _zygote.Zygote) -> _Child:
         workdir = self._workdir()
+        cgroup = self._new_cgroup()
         reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
         request_r, request_w = os.pipe2(os.O_CLOEXEC)
         try:
-            zygote.spawn(workdir, self._skip, reply_w, request_r)
+            zygote.spawn(workdir, cgroup, self._skip, reply_w, request_r)
         except OSError:
             for fd in (reply_r, request_w):
                 os.close(fd)
             shutil.rmtree(workdir, ignore_errors=True)
+            if cgroup is not None:
+                self._memory.remove(cgroup)
             raise
         finally:
             os.close(reply_w)
             os.close(request_r)
-        child = _Child(None, reply_r, request_w, workdir, self._skip, zygote)
+        child = _Child(None, reply_r, request_w, workdir, self._skip, zygote, cgroup)
         self._awaiting_pid.append(child)
         return child
 
@@ -261,6 +307,15 @@ class Supervisor:
             self._zygote = None
         self._awaiting_pid.clear()
 
+    def details(self) -> dict[str, str]:
+        """What `doctor` shows beside the layers: the filter and the memory backend in use."""
+        return {
+            "seccomp": self._seccomp.info.describe() if self._seccomp else "no filter was built",
+            "memory_cgroup": self._memory.describe(),
+            "pidns": "a PID namespace per child (the child is its pid 1)",
+            "utsns": f"a UTS namespace per child (host name {_isolation.HOSTNAME.decode()!r})",
+        }
+
     def probe(self) -> dict[str, str]:
         """Apply every layer in a child and report each as "" (active) or why it is missing."""
         child = self._spawn(probe=True)
@@ -290,7 +345,12 @@ class Supervisor:
         os.chmod(workdir, 0o555)  # noqa: S103 - read-only and empty, see above
         return workdir
 
-    def _setup(self, workdir: str, skip: frozenset[str]) -> _isolation.ChildSetup:
+    def _new_cgroup(self) -> str | None:
+        return self._memory.new_run() if self._memory.available else None
+
+    def _setup(
+        self, workdir: str, cgroup: str | None, skip: frozenset[str]
+    ) -> _isolation.ChildSetup:
         # Called here, or in the zygote just before it forks (then its address space is read).
         return _isolation.ChildSetup(
             self.policy,
@@ -299,22 +359,32 @@ class Supervisor:
             baseline_as=_isolation.address_space_bytes(),
             parent_pid=os.getpid(),
             netns_fd=self._netns_fd,
+            cgroup=cgroup,
+            cgroup_reason=self._memory.reason or "no memory cgroup",
+            parent_ns=self._parent_ns,
             skip=skip,
         )
 
     def _spawn(self, probe: bool) -> _Child:
+        """Fork a child of this process itself: only the probe, before any request (see
+        `_live_zygote` for why runs never come from here once a request has been served)."""
+        if self._served:
+            raise ZygoteLost("the fork server no longer forks children itself")
         workdir = self._workdir()
         skip = frozenset() if probe else self._skip
-        setup = self._setup(workdir, skip)
+        cgroup = self._new_cgroup()
+        setup = self._setup(workdir, cgroup, skip)
         reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
         request_r, request_w = (None, None) if probe else os.pipe2(os.O_CLOEXEC)
         try:
-            pid = os.fork()
+            pid = _isolation.fork_child()
         except OSError:
             for fd in (reply_r, reply_w, request_r, request_w):
                 if fd is not None:
                     os.close(fd)
             shutil.rmtree(workdir, ignore_errors=True)
+            if cgroup is not None:
+                self._memory.remove(cgroup)
             raise
         if pid == 0:  # pragma: no cover - the child never returns
             try:
@@ -327,11 +397,21 @@ class Supervisor:
         os.close(reply_w)
         if request_r is not None:
             os.close(request_r)
-        return _Child(pid, reply_r, request_w, workdir, skip)
+        return _Child(pid, reply_r, request_w, workdir, skip, cgroup=cgroup)
 
     def _dispatch(self, child: _Child, run: PreparedRun) -> None:
         """Hand the child its request. A dead child (a layer failed) shows in its exit status."""
-        assert child.request_fd is not None
+        assert child.request_fd is not None and child.pid is not None
+        if child.cgroup is not None:
+            try:
+                self._memory.limit_run(child.cgroup, run.limits.memory_mb * 1024 * 1024)
+            except OSError:
+                # The run cannot be held to its memory limit: it must not start. Its channel
+                # closes unused, and the missing reply marks it crashed.
+                os.close(child.request_fd)
+                child.request_fd = None
+                return
+        child.cpu_at_dispatch = _cpu_seconds(child.pid) or 0.0
         try:
             write_frame(child.request_fd, json.dumps(run.to_wire()).encode())
         except BrokenPipeError:
@@ -359,11 +439,20 @@ class Supervisor:
             os.rmdir(child.workdir)
         except OSError:
             shutil.rmtree(child.workdir, ignore_errors=True)
-
+        if child.cgroup is not None:
+            self._memory.remove(child.cgroup)
 
     def _supervise(self, child: _Child, run: PreparedRun, started: float) -> tuple[int, Any]:
+        """Read the reply until the child is done; enforce the wall clock and the CPU time.
+
+        CPU time is enforced here to the millisecond, from the kernel's clock of the child's
+        CPU time: RLIMIT_CPU counts whole seconds only, and is the backstop. A single-threaded
+        child cannot use more CPU time than wall time passes, so waking when the CPU time left
+        would be used up at full speed never misses the limit by more than a wake-up.
+        """
         cap = 2 * run.limits.output_bytes * 6 + _REPLY_OVERHEAD
         deadline = started + run.limits.wall_seconds
+        cpu_limit = child.cpu_at_dispatch + run.limits.cpu_seconds
         assert child.pid is not None
         read_fd = child.reply_fd
         pidfd = os.pidfd_open(child.pid)
@@ -377,7 +466,14 @@ class Supervisor:
                 if remaining <= 0:
                     child.timed_out = True
                     break
-                for fd, _ in poller.poll(max(1, math.ceil(remaining * 1000))):
+                cpu_used = _cpu_seconds(child.pid)
+                if cpu_used is not None and not exited:
+                    if cpu_used >= cpu_limit:
+                        child.cpu_exceeded = True
+                        break
+                    remaining = min(remaining, cpu_limit - cpu_used)
+                events = poller.poll(max(1, math.ceil(remaining * 1000)))
+                for fd, _ in events:
                     if fd == pidfd:
                         exited = True
                         poller.unregister(pidfd)
@@ -405,14 +501,14 @@ class Supervisor:
                             child.reply += chunk
                 if child.overflowed:
                     break
-            if child.timed_out or child.overflowed:
+            if child.timed_out or child.overflowed or child.cpu_exceeded:
                 _kill_group(child.pid)
             status, rusage = self._wait(child)
             if (
                 closed_alive
                 and os.WIFSIGNALED(status)
                 and os.WTERMSIG(status) == signal.SIGKILL
-                and parse_reply(bytes(child.reply)) is not None
+                and parse_reply(_body(child)) is not None
             ):
                 # A whole reply, then the kill this process sent. (A child the kernel killed
                 # for its CPU limit, say, never wrote one: its status stands.)
@@ -452,31 +548,46 @@ class Supervisor:
     def _outcome(
         self, child: _Child, status: int, rusage: Any, wall_ms: int, run: PreparedRun
     ) -> Outcome:
+        """The outcome of a reaped child. Everything the child wrote is untrusted: any reply
+        that is not a well-formed outcome within its caps is `crashed` or `output_limit`."""
         usage = Usage(
-            cpu_ms=int((rusage.ru_utime + rusage.ru_stime) * 1000),
+            cpu_ms=max(0, int((rusage.ru_utime + rusage.ru_stime - child.cpu_at_dispatch) * 1000)),
             wall_ms=wall_ms,
             max_rss_kb=int(rusage.ru_maxrss),
         )
         degraded = tuple(sorted(child.skip))
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == _child.EXIT_ISOLATION_FAILED:
-            raise IsolationUnavailable(_isolation_reason(bytes(child.reply)))
+        marker = bytes(child.reply[:1])
+        if marker == _child.ISOLATION_FAILED:
+            # Written before any user code could run, by the child's own set-up.
+            raise IsolationUnavailable(_isolation_reason(bytes(child.reply[1:])))
+
+        def failed(status: str, kind: str, message: str) -> Outcome:
+            return Outcome(status, error=error(kind, message), usage=usage, degraded=degraded)
+
         if child.timed_out:
-            return Outcome("timeout", error=error("Timeout", "wall-clock limit reached"),
-                           usage=usage, degraded=degraded)
+            return failed("timeout", "Timeout", "wall-clock limit reached")
+        if child.cpu_exceeded:
+            return failed("timeout", "Timeout", "CPU time limit reached")
         if child.overflowed:
-            return Outcome("output_limit", error=error("OutputLimit", "reply exceeded its cap"),
-                           usage=usage, degraded=degraded)
+            return failed("output_limit", "OutputLimit", "reply exceeded its cap")
+        if child.cgroup is not None and self._memory.oom_killed(child.cgroup):
+            return failed("memory_limit", "MemoryError", "memory limit reached")
         if os.WIFSIGNALED(status):
             return self._signalled(os.WTERMSIG(status), usage, run, degraded)
-        reply = parse_reply(bytes(child.reply))
+        reply = parse_reply(_body(child)) if marker == _child.ISOLATED else None
         if reply is None or os.WEXITSTATUS(status) != 0:
-            return Outcome("crashed", error=error("Crashed", "the child gave no valid reply"),
-                           usage=usage, degraded=degraded)
+            return failed("crashed", "Crashed", "the child gave no valid reply")
         value = reply["value"]
         if reply["status"] == "ok" and not _check_depth(value):
             return Outcome("runtime_error", stdout=reply["stdout"], usage=usage,
                            error=error("TypeError", "return value nests too deeply"),
                            degraded=degraded)
+        if not _within(reply["stdout"], run.limits.output_bytes) or (
+            reply["status"] == "ok"
+            and not _within(json.dumps(value, allow_nan=False), run.limits.output_bytes)
+        ):
+            # The child claims its own output was within the cap; that is checked here.
+            return failed("output_limit", "OutputLimit", "reply exceeded its cap")
         return Outcome(reply["status"], value=value if reply["status"] == "ok" else None,
                        stdout=reply["stdout"], error=reply["error"], usage=usage,
                        degraded=degraded)
@@ -516,14 +627,25 @@ class Supervisor:
             raise IsolationUnavailable("the isolation probe gave no valid report") from exc
         # Read while the probe is still alive (it waits two seconds before exiting).
         assert child.pid is not None
-        layers.update(_proc_checks(child.pid, layers))
+        layers.update(_proc_checks(child.pid, layers, child.cgroup))
         return layers
 
 
-def _proc_checks(pid: int, layers: dict[str, str]) -> dict[str, str]:
-    """Check from outside what the child cannot read once chrooted: namespaces, NNP, seccomp."""
+def _proc_checks(pid: int, layers: dict[str, str], cgroup: str | None) -> dict[str, str]:
+    """Check from outside what the child cannot read once chrooted: namespaces, NNP, seccomp,
+    its memory cgroup."""
     out: dict[str, str] = {}
     try:
+        for layer, kind in (("pidns", "pid"), ("utsns", "uts"), ("ipcns", "ipc")):
+            if layers.get(layer) == "" and (
+                os.readlink("/proc/self/ns/" + kind) == os.readlink(f"/proc/{pid}/ns/{kind}")
+            ):
+                out[layer] = f"shares the host's {kind} namespace"
+        if layers.get("memory_cgroup") == "":
+            memberships = Path(f"/proc/{pid}/cgroup").read_text()
+            name = os.path.basename(cgroup or "") or "?"
+            if not any(line.endswith("/" + name) for line in memberships.splitlines()):
+                out["memory_cgroup"] = "the child is not in its run's cgroup"
         status = Path(f"/proc/{pid}/status").read_text()
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         if layers.get("no_new_privs") == "":
@@ -547,6 +669,25 @@ def _waiting(child: _Child) -> bool:
     return not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
+def _body(child: _Child) -> bytes:
+    """The reply after the child's isolation marker."""
+    return bytes(memoryview(child.reply)[1:])
+
+
+def _within(text: str, cap: int) -> bool:
+    return len(text) <= cap and len(text.encode("utf-8", "surrogatepass")) <= cap
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """The CPU time a live child has used, from the kernel; None once it cannot be read."""
+    try:
+        # The process's CPU clock (Linux's MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)): unlike
+        # /proc/<pid>/schedstat it includes the slice the process is running right now.
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        return None
+
+
 def _usage_if_alive(pid: int) -> _zygote.Usage | None:
     """CPU time and peak memory of a child that has not exited; None once it is exiting.
 
@@ -561,19 +702,20 @@ def _usage_if_alive(pid: int) -> _zygote.Usage | None:
             status = f.read()
         start = status.index(b"\nVmHWM:") + 7
         peak_kb = int(status[start:status.index(b"\n", start)].split()[0])
-        # The process's CPU clock (Linux's MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)): unlike
-        # /proc/<pid>/schedstat it includes the slice the process is running right now.
-        cpu_seconds = time.clock_gettime((~pid << 3) | 2)
     except (OSError, ValueError, IndexError):
+        return None
+    cpu_seconds = _cpu_seconds(pid)
+    if cpu_seconds is None:
         return None
     return _zygote.Usage(cpu_seconds, 0.0, peak_kb)
 
 
-def _isolation_reason(untrusted: bytes) -> str:
+def _isolation_reason(report: bytes) -> str:
+    # Written by the child's set-up before user code could run; still parsed defensively.
     try:
-        body = json.loads(untrusted)
+        body = json.loads(report[:4096])
         return f"isolation layer {body['layer']} unavailable: {body['reason']}"[:500]
-    except (ValueError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001 - any malformed report is just "unavailable"
         return "an isolation layer is unavailable"
 
 

@@ -24,7 +24,7 @@ if "pytest" not in sys.modules and os.environ.get("SANDBOX_UNSAFE_TESTING") != "
     )
 
 from . import _child, _restricted  # noqa: E402 - only after the gate above
-from ._client import Sandbox  # noqa: E402
+from ._client import _BOOT, Sandbox  # noqa: E402
 from ._limits import Limits  # noqa: E402
 from ._outcome import Outcome, error  # noqa: E402
 from ._request import PreparedRun  # noqa: E402
@@ -79,11 +79,11 @@ class UnsafeRawSupervisor(Supervisor):
     executor = staticmethod(_execute_unrestricted)
 
 
-def _serve_unsafe() -> None:
+def _serve_unsafe(policy_path: str | None = None) -> None:
     """Entry point of the test fork server."""
     for name in _ATTACK_MODULES:
         __import__(name)
-    _serve(UnsafeRawSupervisor)
+    _serve(policy_path, UnsafeRawSupervisor)
 
 
 class UnsafeRawCodeRun(Sandbox):
@@ -93,10 +93,7 @@ class UnsafeRawCodeRun(Sandbox):
     whatever the server has loaded) and returns the same `Outcome`.
     """
 
-    _boot = (
-        "import sys; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
-        "from sandbox._testing import _serve_unsafe; _serve_unsafe()"
-    )
+    _boot = _BOOT + "from sandbox._testing import _serve_unsafe; _serve_unsafe(policy)"
     _server_env = {"SANDBOX_UNSAFE_TESTING": "1"}
 
     def run(

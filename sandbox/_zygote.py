@@ -13,8 +13,8 @@ process group; the zygote dies with the supervisor, and every spare with the zyg
 The protocol is small binary messages over a SOCK_SEQPACKET socket pair, answered strictly in
 order (binary, not JSON: every page the zygote's loop touches is a copy-on-write fault after
 each fork, and the JSON codec alone cost some 60 of them per spare):
-spawn: b"S" workdir NUL skipped-layers (comma-separated), with the spare's two pipe ends
-attached -> b"P" pid; reap: b"R" pid -> b"U" status utime stime maxrss; discard (a spare killed
+spawn: b"S" workdir NUL cgroup (empty for none) NUL skipped-layers (comma-separated), with the
+spare's two pipe ends attached -> b"P" pid; reap: b"R" pid -> b"U" status utime stime maxrss; discard (a spare killed
 after its whole reply): b"D" pid -> no answer. A failure is answered b"E" reason.
 """
 
@@ -35,8 +35,8 @@ _USAGE = struct.Struct("=qddq")
 _FDS = struct.Struct("=ii")
 _FDS_SPACE = socket.CMSG_SPACE(_FDS.size)
 
-#: Builds a spare's setup in the zygote: (working directory, layers to skip) -> setup.
-SetupFactory = Callable[[str, frozenset[str]], _isolation.ChildSetup]
+#: Builds a spare's setup in the zygote: (working directory, cgroup, layers to skip) -> setup.
+SetupFactory = Callable[[str, str | None, frozenset[str]], _isolation.ChildSetup]
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,19 @@ class Zygote:
         self._socket = ours
         self._spawned: list[int] = []  # spawn answers read while waiting for something else
 
-    def spawn(self, workdir: str, skip: frozenset[str], reply_fd: int, request_fd: int) -> None:
+    def spawn(
+        self,
+        workdir: str,
+        cgroup: str | None,
+        skip: frozenset[str],
+        reply_fd: int,
+        request_fd: int,
+    ) -> None:
         """Ask for a spare with these pipe ends; the caller may close its copies right away."""
-        message = b"S" + workdir.encode() + b"\0" + ",".join(sorted(skip)).encode()
+        message = (
+            b"S" + workdir.encode() + b"\0" + (cgroup or "").encode() + b"\0"
+            + ",".join(sorted(skip)).encode()
+        )
         socket.send_fds(self._socket, [message], [reply_fd, request_fd])
 
     def next_spawned(self) -> int:
@@ -175,9 +185,11 @@ def _spawn(
     if len(fds) != 2:
         raise ValueError("a spawn request needs two descriptors")
     reply_fd, request_fd = fds
-    workdir, skipped = request.decode().split("\0")
-    setup = make_setup(workdir, frozenset(skipped.split(",")) if skipped else frozenset())
-    pid = os.fork()
+    workdir, cgroup, skipped = request.decode().split("\0")
+    setup = make_setup(
+        workdir, cgroup or None, frozenset(skipped.split(",")) if skipped else frozenset()
+    )
+    pid = _isolation.fork_child()
     if pid == 0:
         try:
             _child.main(setup, reply_fd, request_fd, executor)

@@ -115,7 +115,7 @@ def test_a_killed_spare_is_skipped_and_the_server_keeps_working(supervisor):
         os.kill(pid, signal.SIGKILL)
     for pid in _spare_pids(supervisor):
         _wait_until_gone(pid)
-    assert supervisor.run(RUN).value == 2  # no spare left alive: a direct fork
+    assert supervisor.run(RUN).value == 2  # no spare left alive: a fresh one from the zygote
 
 
 _READ_LIMITS = """

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import Policy
+from sandbox import Policy, Sandbox
+from sandbox._errors import ZygoteLost
 from sandbox._request import prepare
 from sandbox._supervisor import SPARE_CHILDREN, Supervisor
 
@@ -46,23 +47,49 @@ def test_spares_come_from_the_zygote_and_runs_use_them(supervisor):
     assert len(_children(zygote.pid)) == SPARE_CHILDREN
 
 
-def test_a_dead_zygote_is_replaced_by_direct_forks(supervisor):
+def test_a_zygote_lost_after_a_request_is_never_replaced_from_this_process(supervisor):
+    # A new zygote, or a child forked by the supervisor itself, would be a copy of a process
+    # that has held earlier requests: it would carry their arguments into later runs.
     supervisor.prepare_next()
     zygote = supervisor._zygote
     assert zygote is not None
     supervisor.run(RUN)
     os.kill(zygote.pid, signal.SIGKILL)
     _wait_until_dead(zygote.pid)
-    outcome = supervisor.run(RUN)
-    assert outcome.status == "ok" and outcome.value == 2
-    supervisor.prepare_next()  # a new zygote
-    assert supervisor._zygote is not None and supervisor._zygote.pid != zygote.pid
-    assert supervisor.run(RUN).status == "ok"
+    with pytest.raises(ZygoteLost):
+        supervisor.run(RUN)
+    supervisor.prepare_next()
+    assert supervisor._zygote is None
+    with pytest.raises(ZygoteLost):
+        supervisor.run(RUN)
+
+
+def test_before_any_request_a_missing_zygote_is_started(supervisor):
+    assert supervisor._zygote is None
+    assert supervisor.run(RUN).value == 2  # no prepare_next(): the first run starts it
+    assert supervisor._zygote is not None
+
+
+def test_a_fork_server_that_lost_its_zygote_is_replaced_and_the_run_served():
+    with Sandbox() as box:
+        assert box.run("def f(x):\n    return x\n", "f", ["first"]).value == "first"
+        server = box._proc.pid
+        zygote = _children(server)
+        assert len(zygote) == 1
+        os.kill(zygote[0], signal.SIGKILL)
+        _wait_until_dead(zygote[0])
+        assert box.run("def f(x):\n    return x + 1\n", "f", [1]).value == 2
+        assert box._proc.pid != server  # a fresh server, which never saw "first"
+        assert not Path(f"/proc/{server}").exists() or _state(server) == "Z"
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def _wait_until_dead(pid: int) -> None:
     # A zygote killed in the middle of a run costs that run (SandboxError); here it is dead
-    # before the next run starts, so that run must fall back to a direct fork.
+    # before the next run starts.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
