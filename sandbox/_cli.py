@@ -1,20 +1,30 @@
-"""`sandbox run` and `sandbox doctor`: exit 0 with an outcome, 2 for usage, 3 when not isolated."""
+"""`sandbox run` and `sandbox doctor`: exit 0 with an outcome, 2 for usage, 3 when not isolated.
+
+Both go through a fork server (`Sandbox`), never a supervisor in this process: this process was
+started with the caller's environment and command line on its initial stack, and a child forked
+from it would carry them (`os.environ.clear()` leaves the strings there). The fork server is a
+fresh interpreter with an empty environment and no host path on its stack.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._errors import InvalidRequest, IsolationUnavailable, PolicyError
+from ._client import Sandbox
+from ._errors import InvalidRequest, IsolationUnavailable, PolicyError, SandboxError
 from ._policy import Policy
 from ._request import prepare
-from ._supervisor import Supervisor
 
 EXIT_USAGE = 2
 EXIT_NO_ISOLATION = 3
+#: The CLI's unsafe test hook (`--unsafe-raw-code`) works only with this set, as for
+#: `sandbox._testing` itself.
+UNSAFE_TESTING_ENV = "SANDBOX_UNSAFE_TESTING"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--limits", default="{}", help="limits as a JSON object")
     run.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
                      help="allow importing MODULE (must be importable in the policy)")
+    # UNSAFE, test-only and undocumented: run the source as plain Python (no RestrictedPython)
+    # behind every OS layer, to prove that this path's OS layers hold on their own.
+    run.add_argument("--unsafe-raw-code", action="store_true", help=argparse.SUPPRESS)
     doctor = sub.add_parser("doctor", help="report which isolation layers are active here")
     doctor.add_argument("--json", action="store_true", help="print a JSON object")
     return parser
@@ -56,6 +69,17 @@ def _read_source(parser: argparse.ArgumentParser, where: str) -> str:
         parser.error(f"cannot read --source {where}: {exc}")
 
 
+def _open_sandbox(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Sandbox:
+    policy_path = ns.policy
+    if getattr(ns, "unsafe_raw_code", False):
+        if os.environ.get(UNSAFE_TESTING_ENV) != "1":
+            parser.error(f"--unsafe-raw-code is for the test suite only ({UNSAFE_TESTING_ENV}=1)")
+        from ._testing import UnsafeRawCodeRun
+
+        return UnsafeRawCodeRun(policy_path)
+    return Sandbox(policy_path)
+
+
 def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace, policy: Policy) -> int:
     request = prepare(
         policy,
@@ -66,19 +90,19 @@ def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace, policy: Policy
         _json_arg(parser, "limits", ns.limits),
         ns.allow_import,
     )
-    supervisor = Supervisor(policy)
-    try:
-        outcome = supervisor.run(request)
-    finally:
-        supervisor.close()
+    with _open_sandbox(parser, ns) as box:
+        outcome = box.run(
+            request.source, request.entry, request.args, request.kwargs, request.limits,
+            request.imports,
+        )
     print(json.dumps(outcome.to_dict()))
     return 0
 
 
-def _doctor(ns: argparse.Namespace, policy: Policy) -> int:
-    supervisor = Supervisor(policy)
-    supervisor.close()
-    layers = supervisor.layers
+def _doctor(parser: argparse.ArgumentParser, ns: argparse.Namespace, policy: Policy) -> int:
+    with _open_sandbox(parser, ns) as box:
+        layers = box.doctor()
+        details = box.details
     missing_required = [
         layer for layer, why in layers.items() if why and layer in policy.required_layers
     ]
@@ -87,7 +111,7 @@ def _doctor(ns: argparse.Namespace, policy: Policy) -> int:
             "ok": not missing_required,
             "layers": {
                 layer: {"active": not why, "required": layer in policy.required_layers,
-                        "detail": why}
+                        "detail": why or details.get(layer, "")}
                 for layer, why in layers.items()
             },
         }))
@@ -95,7 +119,7 @@ def _doctor(ns: argparse.Namespace, policy: Policy) -> int:
         for layer, why in layers.items():
             state = "active" if not why else "MISSING"
             need = "required" if layer in policy.required_layers else "optional"
-            print(f"{layer:<18} {state:<8} {need:<9} {why}")
+            print(f"{layer:<18} {state:<8} {need:<9} {why or details.get(layer, '')}".rstrip())
     return 1 if missing_required else 0
 
 
@@ -106,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = Policy.load(ns.policy)
         if ns.command == "doctor":
-            return _doctor(ns, policy)
+            return _doctor(parser, ns, policy)
         return _run(parser, ns, policy)
     except (InvalidRequest, PolicyError) as exc:
         print(f"sandbox: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except IsolationUnavailable as exc:
         print(f"sandbox: cannot isolate here, nothing was run: {exc}", file=sys.stderr)
+        return EXIT_NO_ISOLATION
+    except SandboxError as exc:
+        print(f"sandbox: the sandbox failed: {exc}", file=sys.stderr)
         return EXIT_NO_ISOLATION
 
 

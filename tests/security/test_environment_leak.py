@@ -72,3 +72,52 @@ def test_cli_outcome_never_carries_the_callers_environment(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "ok"
     assert CANARY_VALUE.encode() not in done.stdout + done.stderr
+
+
+# Reads the strings the kernel put on the initial stack, which every forked child inherits:
+# from argv[0] (program_invocation_name) up to the executable's path (AT_EXECFN), that is the
+# command line and the environment the process was started with. os.environ.clear() leaves them.
+READ_INITIAL_STACK = """
+import ctypes
+def f():
+    libc = ctypes.CDLL(None)
+    libc.getauxval.restype = ctypes.c_ulong
+    start = ctypes.c_void_p.in_dll(libc, "program_invocation_name").value
+    end = libc.getauxval(31)
+    return ctypes.string_at(start, end - start + 1).decode("latin-1")
+"""
+
+
+def test_cli_children_carry_no_environment_or_host_path_on_their_stack(tmp_path: Path):
+    # Through the CLI's unsafe hook: the compile layer is off, every OS layer on, as an
+    # attacker who has beaten RestrictedPython on the `sandbox run` path would be.
+    source = tmp_path / "stack_probe.py"
+    source.write_text(READ_INITIAL_STACK)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "SANDBOX_UNSAFE_TESTING": "1",
+           CANARY_NAME: CANARY_VALUE, "AWS_SECRET_ACCESS_KEY": CANARY_VALUE}
+    done = subprocess.run(
+        [sys.executable, "-m", "sandbox", "run", "--unsafe-raw-code", "--source", str(source),
+         "--entry", "f"],
+        capture_output=True, env=env, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout)
+    assert outcome["status"] == "ok", outcome
+    stack = outcome["value"]
+    assert len(stack) > 0
+    assert CANARY_VALUE not in stack
+    for host_path in (str(tmp_path), str(Path(sys.executable).parent), "PATH="):
+        assert host_path not in stack, host_path
+
+
+def test_the_cli_unsafe_hook_is_refused_without_the_test_switch(tmp_path: Path):
+    source = tmp_path / "f.py"
+    source.write_text("def f():\n    return 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "SANDBOX_UNSAFE_TESTING"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sandbox", "run", "--unsafe-raw-code", "--source", str(source),
+         "--entry", "f"],
+        capture_output=True, env=env, timeout=60, check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == b"" and b"test suite only" in done.stderr

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+import sandbox._cli as cli
 import sandbox._isolation as isolation
-from sandbox import IsolationUnavailable, Policy
+from sandbox import IsolationUnavailable, Policy, Sandbox
 from sandbox._cli import EXIT_NO_ISOLATION, main
+from sandbox._client import _BOOT
 from sandbox._request import prepare
 from sandbox._supervisor import Supervisor
 
@@ -28,28 +30,42 @@ def _policy_file(tmp_path: Path, degraded: list[str]) -> Path:
     return path
 
 
+_REFUSE_NETNS = """
+import sandbox._isolation as isolation
+def _refuse(setup):
+    raise OSError(1, "forced failure for the test")
+isolation._netns = _refuse
+"""
+
+
+class _NetnsFailsSandbox(Sandbox):
+    """A fork server in which the network-namespace layer fails in every child."""
+
+    _boot = _BOOT + _REFUSE_NETNS + "from sandbox._server import main; main(policy)"
+
+
 @pytest.fixture
 def netns_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the network-namespace layer fail in every child forked from this process."""
+    """Make the network-namespace layer fail in every child forked here or by the CLI's server."""
 
     def refuse(setup: isolation.ChildSetup) -> None:
         raise OSError(1, "forced failure for the test")
 
     monkeypatch.setattr(isolation, "_netns", refuse)
+    monkeypatch.setattr(cli, "Sandbox", _NetnsFailsSandbox)
 
 
 @pytest.fixture
 def runs_started(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records every child forked to run a request (probes excluded)."""
+    """Records every request handed to a child in this process."""
     started: list[bool] = []
-    spawn = Supervisor._spawn
+    dispatch = Supervisor._dispatch
 
-    def spy(self: Supervisor, probe: bool):  # type: ignore[no-untyped-def]
-        if not probe:
-            started.append(True)
-        return spawn(self, probe)
+    def spy(self: Supervisor, child, run):  # type: ignore[no-untyped-def]
+        started.append(True)
+        return dispatch(self, child, run)
 
-    monkeypatch.setattr(Supervisor, "_spawn", spy)
+    monkeypatch.setattr(Supervisor, "_dispatch", spy)
     return started
 
 
@@ -80,13 +96,12 @@ def test_degraded_supervisor_reports_the_reason(tmp_path, netns_fails):
     assert outcome.status == "ok" and outcome.degraded == ("netns",)
 
 
-def test_missing_required_layer_exits_3_and_runs_nothing(netns_fails, runs_started, job, capsys):
+def test_missing_required_layer_exits_3_and_runs_nothing(netns_fails, job, capsys):
     code = main(["--policy", str(BUNDLED), "run", "--source", str(job), "--entry", "f"])
     assert code == EXIT_NO_ISOLATION
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "netns" in captured.err and "nothing was run" in captured.err
-    assert runs_started == []
 
 
 def test_missing_required_layer_fails_every_run_of_a_supervisor(netns_fails, runs_started):

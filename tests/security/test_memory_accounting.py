@@ -1,0 +1,79 @@
+"""Memory a run causes counts against its limit, wherever the kernel keeps it.
+
+SysV shared memory is refused (it outlives a detach and is not in RLIMIT_AS: a run limited to
+64 MB once held 2 GB of host RAM through it), and each run has a memory cgroup of its own, which
+counts what RLIMIT_AS does not.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from sandbox import Policy
+from sandbox._request import prepare
+from sandbox._testing import UnsafeRawSupervisor
+
+from .conftest import assert_status, attempt_raw
+
+pytestmark = pytest.mark.timeout(90)
+
+BUNDLED = Path(__file__).resolve().parents[2] / "policies" / "sandbox.json"
+
+SYSV_IPC = """
+import ctypes
+def f():
+    libc = ctypes.CDLL(None, use_errno=True)
+    answers = {}
+    for name, call in (("shmget", lambda: libc.shmget(0, 32 << 20, 0o1600)),
+                       ("semget", lambda: libc.semget(0, 1, 0o1600)),
+                       ("msgget", lambda: libc.msgget(0, 0o1600))):
+        ctypes.set_errno(0)
+        answers[name] = [call(), ctypes.get_errno()]
+    return answers
+"""
+
+
+def test_sysv_ipc_is_refused(raw):
+    outcome = attempt_raw(raw, SYSV_IPC)
+    assert_status(outcome, "ok")
+    assert outcome.value == {name: [-1, errno.EPERM] for name in ("shmget", "semget", "msgget")}
+
+
+def test_the_memory_cgroup_holds_a_run_even_without_its_rlimits(tmp_path):
+    # With RLIMIT_AS gone (the rlimits layer skipped), only the run's memory cgroup stands
+    # between it and the host's memory: the run must end at its limit, not take 256 MB.
+    raw = json.loads(BUNDLED.read_text())
+    raw["isolation"]["required_layers"].remove("rlimits")
+    raw["isolation"]["degraded_layers"] = ["rlimits"]
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(raw))
+    policy = Policy.load(path)
+    supervisor = UnsafeRawSupervisor(policy)
+    supervisor._skip = frozenset({"rlimits"})
+    try:
+        assert supervisor.layers["memory_cgroup"] == ""
+        source = (
+            "def f():\n"
+            "    chunks = [bytearray(16 << 20) for _ in range(16)]\n"
+            "    return sum(len(c) for c in chunks)\n"
+        )
+        limits = {"cpu_seconds": 5, "wall_seconds": 10, "memory_mb": 64}
+        outcome = supervisor.run(prepare(policy, source, "f", limits=limits))
+    finally:
+        supervisor.close()
+    assert_status(outcome, "memory_limit", "MemoryError")
+    assert outcome.usage.max_rss_kb < 128 * 1024
+
+
+def test_each_run_has_its_own_cgroup_removed_after_it(sb):
+    root = Path(sb.details["memory_cgroup"].split(" at ", 1)[1])
+    assert root.is_dir()
+    for _ in range(3):
+        assert sb.run("def f():\n    return 1\n", "f").value == 1
+    runs = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    # The spares' cgroups only (plus, at most, one still being removed).
+    assert len(runs) <= 3, runs
