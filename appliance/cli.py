@@ -135,7 +135,10 @@ def clients() -> None:
 def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tuple[str, ...],
                 secrets: tuple[str, ...], imports: tuple[str, ...], rate_per_minute: int,
                 daily_quota: int) -> None:
-    """Register (or replace) a client with its public key and what it may do."""
+    """Register (or replace) a client with its public key and what it may do.
+
+    Secret globs match segment by segment: `*` never crosses a `/`; a whole segment `**`
+    matches one or more segments (`team-a/**`)."""
     import dataclasses
 
     from .registry import Registry, make_client

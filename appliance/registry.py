@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import BadRequest, DependencyUnavailable
+from .secret_names import check_secret_glob, glob_allows
 from .vault import VaultSession
 
 KEYID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -51,9 +52,10 @@ class Client:
         """Whether a glob in the allow list matches the function name."""
         return any(fnmatch.fnmatchcase(function, glob) for glob in self.allowed_functions)
 
-    def may_read_secret(self, path: str) -> bool:
-        """Whether a glob in the allow list matches the secret path."""
-        return any(fnmatch.fnmatchcase(path, glob) for glob in self.allowed_secrets)
+    def may_read_secret(self, name: str) -> bool:
+        """Whether a glob in the allow list matches the secret name, segment by segment
+        (`appliance.secret_names`); a malformed name or glob matches nothing."""
+        return any(glob_allows(glob, name) for glob in self.allowed_secrets)
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form."""
@@ -145,6 +147,7 @@ def make_client(keyid: str, public_key_pem: str, functions: Iterable[str],
                 secrets: Iterable[str] = (), imports: Iterable[str] = ()) -> Client:
     """Validate operator input into a Client; raise BadRequest."""
     validate_keyid(keyid)
-    client = Client(keyid, public_key_pem, tuple(functions), tuple(secrets), tuple(imports))
+    secrets = tuple(check_secret_glob(glob) for glob in secrets)
+    client = Client(keyid, public_key_pem, tuple(functions), secrets, tuple(imports))
     client.public_key()
     return client

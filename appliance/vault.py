@@ -19,6 +19,7 @@ import hvac.exceptions
 import requests
 
 from .errors import DependencyUnavailable, Forbidden, NotFound, SealBroken
+from .secret_names import check_secret_name
 
 T = TypeVar("T")
 #: Below this many seconds a renewed token is about to hit its max TTL: log in again instead.
@@ -124,7 +125,13 @@ class VaultSession:
 
 
 def read_secrets(session: VaultSession, names: list[str], mount: str = "kv") -> dict[str, Any]:
-    """Task secrets from KV v2 (`appliance/secrets/<name>`), read by the worker at job start."""
+    """Task secrets from KV v2 (`appliance/secrets/<name>`), read by the worker at job start.
+
+    Every name is checked before any path is built (BadRequest `invalid_secret_name`): the API
+    refuses malformed names already, and this keeps a dot segment out of the path whoever calls.
+    """
+    for name in names:
+        check_secret_name(name)
     values: dict[str, Any] = {}
     for name in names:
         values[name] = session.call(

@@ -54,6 +54,7 @@ from ..observability import (
 )
 from ..registry import Client, Registry
 from ..results import ResultStore, Stored, check_result_key, new_result_key, redis_unavailable
+from ..secret_names import check_secret_name
 from ..settings import Settings
 from ..signatures import UnverifiedRequest, verify_request
 from ..vault import Transit, VaultSession
@@ -247,6 +248,9 @@ def authorize(services: Services, client: Client, task: TaskIn) -> dict[str, Any
     """Check the task against the sandbox policy and the client's; return the job spec."""
     if not sandbox.ENTRY_PATTERN.fullmatch(task.function):
         raise BadRequest("function must be a plain function name", code="invalid_function")
+    # Secret names become OpenBao paths: a malformed one is refused before any policy check.
+    for name in task.secrets:
+        check_secret_name(name)
     if not client.may_call(task.function):
         raise Forbidden(f"client may not call {task.function!r}", code="function_not_allowed")
     try:
@@ -278,6 +282,8 @@ def authorize(services: Services, client: Client, task: TaskIn) -> dict[str, Any
         "limits": limits.to_dict(),
         "imports": list(imports),
         "secrets": list(task.secrets),
+        # The worker checks the names against these again before it reads a secret.
+        "secret_globs": list(client.allowed_secrets) if task.secrets else [],
     }
 
 

@@ -22,7 +22,7 @@ from celery import Task, signals
 import sandbox
 
 from ..audit import AuditLog, AuditSink, EventType, TransitSigner
-from ..errors import DependencyUnavailable, NotFound, SealBroken
+from ..errors import BadRequest, DependencyUnavailable, NotFound, SealBroken
 from ..jobs import (
     JobMessage,
     MessageRejected,
@@ -44,6 +44,7 @@ from ..observability import (
 )
 from ..redis_conn import connect
 from ..results import ResultStore
+from ..secret_names import check_secret_name, glob_allows
 from ..settings import Settings, get_settings
 from ..vault import Transit, VaultSession, read_secrets
 from .celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery, publish
@@ -367,6 +368,9 @@ def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
     names = list(spec.get("secrets", []))
     values: dict[str, Any] = {}
     if names:
+        refused = secrets_refused(names, spec.get("secret_globs", []))
+        if refused is not None:
+            return _failure("secret_not_allowed", refused)
         try:
             values = read_secrets(rt.transit.session, names, rt.settings.kv_mount)
         except (NotFound, SealBroken):
@@ -382,6 +386,20 @@ def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
     except sandbox.InvalidRequest as exc:
         return _failure("rejected", str(exc))
     return redact(result_body(outcome), values)
+
+
+def secrets_refused(names: list[Any], globs: list[Any]) -> str | None:
+    """Why the job may not read these secrets, or None. Defence in depth behind the API's
+    check: each name must be well-formed and allowed by a glob of the client's policy that the
+    API sealed into the job (`secret_globs`); a job sealed without globs reads no secret."""
+    for name in names:
+        try:
+            check_secret_name(name)
+        except BadRequest:
+            return "a secret name is malformed"
+        if not any(isinstance(glob, str) and glob_allows(glob, name) for glob in globs):
+            return f"the client may not read secret {name!r}"
+    return None
 
 
 def redact(body: dict[str, Any], secret_values: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ OpenBao, a real Celery worker, the API under uvicorn and Flower.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +79,15 @@ class Stack:
     def registry(self) -> Registry:
         token = operator_token_file(self.state).read_text().strip()
         return Registry(VaultSession(self.status["vault_addr"], token))
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`appliance --state STATE ARGS...` in a process of its own."""
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "--state", str(self.state),
+                               *args], capture_output=True, text=True, timeout=60)
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        path = Path(self.status["audit_log"])
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def add_client(self, keyid: str, functions: tuple[str, ...] = ("*",), **kw: Any) -> Path:
         private, public = stack.write_keypair(self.state / "clients", keyid)
