@@ -141,8 +141,7 @@ def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tupl
     matches one or more segments (`team-a/**`)."""
     import dataclasses
 
-    from .registry import Registry, make_client
-    from .vault import VaultSession
+    from .registry import make_client
 
     try:
         client = make_client(keyid, Path(public_key).read_text(), functions, secrets, imports)
@@ -150,15 +149,76 @@ def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tupl
                                      daily_quota=daily_quota)
     except (ApplianceError, ValueError) as exc:
         _fail(f"cannot register {keyid}: {exc}")
-    st = _require_stack(ctx)
-    token_file = operator_token_file(_state(ctx))
-    registry = Registry(VaultSession.from_token_file(st["vault_addr"], token_file))
+    _require_stack(ctx)
     try:
-        registry.put(client)
+        stack.operator_registry(_state(ctx)).put(client)
     except ApplianceError as exc:
         _fail(exc.detail, 1)
     click.echo(f"registered {keyid}: functions {list(functions) or 'none'}, "
                f"secrets {list(secrets) or 'none'}")
+
+
+@clients.command("disable")
+@_state_option
+@click.argument("keyid")
+@click.pass_context
+def clients_disable(ctx: click.Context, keyid: str) -> None:
+    """Disable a client: from when this returns, every API process refuses its key (401)."""
+    _set_enabled(ctx, keyid, enabled=False)
+
+
+@clients.command("enable")
+@_state_option
+@click.argument("keyid")
+@click.pass_context
+def clients_enable(ctx: click.Context, keyid: str) -> None:
+    """Enable a disabled client again, with the policy it had."""
+    _set_enabled(ctx, keyid, enabled=True)
+
+
+def _set_enabled(ctx: click.Context, keyid: str, enabled: bool) -> None:
+    from .errors import NotFound
+    from .registry import validate_keyid
+
+    try:
+        validate_keyid(keyid)
+    except ApplianceError as exc:
+        _fail(exc.detail)
+    _require_stack(ctx)
+    try:
+        stack.operator_registry(_state(ctx)).set_enabled(keyid, enabled)
+    except NotFound as exc:
+        _fail(exc.detail)
+    except ApplianceError as exc:
+        _fail(exc.detail, 1)
+    click.echo(f"{'enabled' if enabled else 'disabled'} {keyid}")
+
+
+@clients.command("list")
+@_state_option
+@click.option("--json", "as_json", is_flag=True, help="print one JSON array")
+@click.pass_context
+def clients_list(ctx: click.Context, as_json: bool) -> None:
+    """List the registered clients, enabled or not, with their policies."""
+    _require_stack(ctx)
+    registry = stack.operator_registry(_state(ctx))
+    try:
+        rows = [{"key_id": c.keyid, "enabled": c.enabled,
+                 "allowed_functions": list(c.allowed_functions),
+                 "allowed_secrets": list(c.allowed_secrets),
+                 "allowed_imports": list(c.allowed_imports),
+                 "rate_per_minute": c.rate_per_minute, "daily_quota": c.daily_quota,
+                 "public_key_sha256": c.public_key_sha256()}
+                for c in map(registry.read, registry.keyids())]
+    except ApplianceError as exc:
+        _fail(exc.detail, 1)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        click.echo(f"{row['key_id']:<24} {'enabled' if row['enabled'] else 'DISABLED':<9} "
+                   f"functions {row['allowed_functions'] or 'none'} "
+                   f"secrets {row['allowed_secrets'] or 'none'}")
 
 
 @main.group()

@@ -1,24 +1,38 @@
 """The client registry: who may call, with which key, for which functions and secrets.
 
-It lives in OpenBao's KV v2 engine under `appliance/clients/<keyid>`; the API reads it (cached
-briefly), the operator's CLI writes it.
+It lives in OpenBao's KV v2 engine under `appliance/clients/<keyid>`; the API reads it, the
+operator's CLI writes it.
+
+Revocation takes effect at once, in every process. The API caches what it read, but only for as
+long as the *registry generation* has not changed: a random token in Redis
+(`registry:generation`) that every operator write replaces after the entry is written to
+OpenBao. Each lookup reads the token first (one Redis GET, which the API role may only read) and
+re-reads OpenBao when it differs from the one the cached entry was read under. So the first
+request after `appliance clients disable` returns, in any API process, reads the disabled entry
+and is refused. The token is random rather than a counter: a lost or reset key can never make an
+old entry look current again. A short TTL still bounds an entry's life, for writes made to
+OpenBao directly, without the CLI, or whose token could not be renewed (the CLI then says so).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from secrets import token_hex
+from typing import Any, Protocol
 
 import hvac.exceptions
+import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import BadRequest, DependencyUnavailable
+from .errors import BadRequest, DependencyUnavailable, NotFound
+from .results import redis_unavailable
 from .secret_names import check_secret_glob, glob_allows
 from .vault import VaultSession
 
@@ -57,6 +71,12 @@ class Client:
         (`appliance.secret_names`); a malformed name or glob matches nothing."""
         return any(glob_allows(glob, name) for glob in self.allowed_secrets)
 
+    def public_key_sha256(self) -> str:
+        """The SHA-256 of the public key (DER), to tell keys apart in a listing."""
+        der = self.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(der).hexdigest()
+
     def to_dict(self) -> dict[str, Any]:
         """The stored form."""
         data = asdict(self)
@@ -87,29 +107,87 @@ def validate_keyid(keyid: str) -> str:
     return keyid
 
 
-class Registry:
-    """Reads clients from OpenBao, caching each for a few seconds."""
+#: The Redis key holding the registry generation (see the module docstring).
+GENERATION_KEY = "registry:generation"
 
-    def __init__(self, session: VaultSession, mount: str = "kv", cache_seconds: float = 5.0):
+
+class Generation(Protocol):
+    """Where the registry generation lives: read on every lookup, renewed on every write."""
+
+    def current(self) -> str | None:
+        """The current generation, or None when none was ever set."""
+
+    def renew(self) -> None:
+        """Replace the generation with a fresh one."""
+
+
+class RedisGeneration:
+    """The generation in Redis: the API reads it (read-only ACL), the operator renews it."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def current(self) -> str | None:
+        with redis_unavailable():
+            raw = self.redis.get(GENERATION_KEY)
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def renew(self) -> None:
+        with redis_unavailable():
+            self.redis.set(GENERATION_KEY, token_hex(16))
+
+
+@dataclass(frozen=True)
+class _Cached:
+    read_at: float
+    generation: str | None
+    client: Client | None
+
+
+class Registry:
+    """Reads clients from OpenBao; with a `generation`, caches each entry until the generation
+    changes (or `cache_seconds` pass), and renews it after every write. Without one it reads
+    OpenBao on every lookup."""
+
+    def __init__(self, session: VaultSession, mount: str = "kv", cache_seconds: float = 5.0,
+                 generation: Generation | None = None) -> None:
         self.session = session
         self.mount = mount
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Client | None]] = {}
+        self.generation = generation
+        self._cache: dict[str, _Cached] = {}
         self._lock = threading.Lock()
 
     def get(self, keyid: str) -> Client | None:
-        """The enabled client with this key id, or None."""
+        """The enabled client with this key id, or None (unknown, malformed or disabled)."""
         if not KEYID_PATTERN.fullmatch(keyid):
             return None
+        client = self._lookup(keyid)
+        return client if client is not None and client.enabled else None
+
+    def _lookup(self, keyid: str) -> Client | None:
+        if self.generation is None:
+            return self._read(keyid)
+        # The generation is read before OpenBao: an entry is never filed under a generation
+        # newer than what it was read after, so a write that lands in between is seen next time.
+        generation = self.generation.current()
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(keyid)
-        if hit and now - hit[0] < self.cache_seconds:
-            return hit[1]
+        if (hit is not None and hit.generation == generation
+                and now - hit.read_at < self.cache_seconds):
+            return hit.client
         client = self._read(keyid)
         with self._lock:
-            self._cache[keyid] = (now, client)
-        return client if client is None or client.enabled else None
+            self._cache[keyid] = _Cached(now, generation, client)
+        return client
+
+    def read(self, keyid: str) -> Client:
+        """The stored entry, enabled or not, straight from OpenBao (operator); NotFound if none."""
+        client = self._read(validate_keyid(keyid))
+        if client is None:
+            raise NotFound(f"no client {keyid!r} in the registry", code="unknown_client")
+        return client
 
     def _read(self, keyid: str) -> Client | None:
         def read(c: Any) -> dict[str, Any] | None:
@@ -127,13 +205,30 @@ class Registry:
         data = self.session.call(read)
         return Client.from_dict(data) if data else None
 
+    def keyids(self) -> list[str]:
+        """Every registered key id, sorted (operator)."""
+        def list_keys(c: Any) -> list[str]:
+            try:
+                keys = c.secrets.kv.v2.list_secrets(path="appliance/clients",
+                                                    mount_point=self.mount)["data"]["keys"]
+            except hvac.exceptions.InvalidPath:
+                return []
+            return [k for k in keys if not k.endswith("/")]
+
+        return sorted(self.session.call(list_keys))
+
     def public_key(self, keyid: str) -> Ed25519PublicKey | None:
         """The key of an enabled client (the signature verifier's resolver)."""
         client = self.get(keyid)
         return client.public_key() if client else None
 
     def put(self, client: Client) -> None:
-        """Register or replace a client (operator only)."""
+        """Register or replace a client (operator only), then renew the generation so that
+        every API process reads the new entry on its next lookup.
+
+        Raises DependencyUnavailable when the generation could not be renewed: the entry is
+        written, but API processes may use what they cached for up to `cache_seconds` more.
+        """
         self.session.call(
             lambda c: c.secrets.kv.v2.create_or_update_secret(
                 path=_PATH.format(client.keyid), secret=client.to_dict(), mount_point=self.mount
@@ -141,6 +236,22 @@ class Registry:
         )
         with self._lock:
             self._cache.pop(client.keyid, None)
+        if self.generation is not None:
+            try:
+                self.generation.renew()
+            except DependencyUnavailable as exc:
+                raise DependencyUnavailable(
+                    f"{client.keyid} is written to the registry, but the registry generation "
+                    "could not be renewed (Redis is unreachable): API processes may use what "
+                    f"they cached for up to {self.cache_seconds:g} s more",
+                    code="generation_not_renewed",
+                ) from exc
+
+    def set_enabled(self, keyid: str, enabled: bool) -> Client:
+        """Disable or enable a registered client (operator); returns the new entry."""
+        client = replace(self.read(keyid), enabled=enabled)
+        self.put(client)
+        return client
 
 
 def make_client(keyid: str, public_key_pem: str, functions: Iterable[str],

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import _stack
 from ._stack.procs import port_open
 from ._stack.redis_server import operator_access
-from .registry import Client, Registry
+from .registry import Client, RedisGeneration, Registry
 from .vault import VaultSession
 
 HOST = "127.0.0.1"
@@ -161,9 +162,30 @@ def _ensure_local_client(state: Path, bao: _stack.BaoHandle) -> None:
     private, public = keys / f"{LOCAL_CLIENT}.key", keys / f"{LOCAL_CLIENT}.pub"
     if not private.is_file():
         write_keypair(keys, LOCAL_CLIENT)
-    registry = Registry(VaultSession(bao.addr, bao.operator_token()))
+    registry = Registry(VaultSession(bao.addr, bao.operator_token()),
+                        generation=RedisGeneration(admin_redis(state)))
     if registry.get(LOCAL_CLIENT) is None:
         registry.put(Client(LOCAL_CLIENT, public.read_text(), ("*",)))
+
+
+def admin_redis(state: Path) -> redis.Redis:
+    """The operator's Redis connection as `admin` (the `redis` of `appliance status --json`)."""
+    access = operator_access(state, HOST, load_ports(state).redis, _stack.Pki(state / "tls"))
+    return redis.Redis(
+        host=access["host"], port=access["port"], ssl=True, ssl_ca_certs=access["tls"]["ca"],
+        ssl_certfile=access["tls"]["cert"], ssl_keyfile=access["tls"]["key"],
+        username=access["username"], password=Path(access["password_file"]).read_text().strip(),
+        socket_timeout=5, socket_connect_timeout=3,
+    )
+
+
+def operator_registry(state: Path) -> Registry:
+    """The client registry as the operator writes it: OpenBao with the operator token, and the
+    registry generation renewed in Redis as `admin`, so every API process sees each write on
+    its next request."""
+    token_file = _stack.operator_token_file(state)
+    session = VaultSession.from_token_file(f"http://{HOST}:{load_ports(state).bao}", token_file)
+    return Registry(session, generation=RedisGeneration(admin_redis(state)))
 
 
 def write_keypair(directory: Path, keyid: str) -> tuple[Path, Path]:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Celery
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -52,7 +53,7 @@ from ..observability import (
     new_request_id,
     read_token,
 )
-from ..registry import Client, Registry
+from ..registry import Client, RedisGeneration, Registry
 from ..results import ResultStore, Stored, check_result_key, new_result_key, redis_unavailable
 from ..secret_names import check_secret_name
 from ..settings import Settings
@@ -167,7 +168,8 @@ class Services:
         audit.start_checkpoint_timer()
         return cls(
             settings=settings,
-            registry=Registry(session, settings.kv_mount),
+            registry=Registry(session, settings.kv_mount,
+                              generation=RedisGeneration(client)),
             transit=transit,
             store=ResultStore(client, settings.result_prefix, settings.result_ttl_seconds),
             nonces=RedisNonces(client),
@@ -200,13 +202,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _ResolvedClient:
+    """The registry as the signature verifier's key resolver, keeping the client it resolved:
+    one registry lookup per request, and the policy checked is the one whose key verified."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.client: Client | None = None
+
+    def public_key(self, keyid: str) -> Ed25519PublicKey | None:
+        self.client = self.registry.get(keyid)
+        return self.client.public_key() if self.client else None
+
+
 def authenticate(services: Services, request: Request, body: bytes) -> Client:
     """Verify the signature and return the signing client (or raise)."""
     unverified = UnverifiedRequest(request.method, str(request.url), dict(request.headers))
-    keyid = verify_request(unverified, body, services.registry, services.nonces, services.clock)
-    client = services.registry.get(keyid)
-    if client is None:  # Disabled between the key lookup and now.
-        raise Forbidden("client is disabled", code="client_disabled")
+    resolved = _ResolvedClient(services.registry)
+    keyid = verify_request(unverified, body, resolved, services.nonces, services.clock)
+    client = resolved.client
+    if client is None or client.keyid != keyid:  # verify_request resolved no other key.
+        raise Unauthorized(f"unknown or disabled key {keyid!r}", code="unknown_key")
     request.state.client = client.keyid
     return client
 

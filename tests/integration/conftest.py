@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance import stack
-from appliance._stack import generate_root_token, operator_token_file
+from appliance._stack import generate_root_token
 from appliance.cli import SignedClient
 from appliance.registry import Client, Registry
 from appliance.vault import Transit, VaultSession
@@ -77,8 +77,8 @@ class Stack:
         return app
 
     def registry(self) -> Registry:
-        token = operator_token_file(self.state).read_text().strip()
-        return Registry(VaultSession(self.status["vault_addr"], token))
+        """The operator's registry: writes renew the registry generation, as the CLI's do."""
+        return stack.operator_registry(self.state)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`appliance --state STATE ARGS...` in a process of its own."""

@@ -199,6 +199,23 @@ def test_api_uses_its_own_keys(redis_server: RedisHandle) -> None:
         redis_server.client("admin").delete("nonce:k1:n1", "ratelimit:k1", "result:f_1_x")
 
 
+def test_api_may_read_the_registry_generation_but_not_write_it(redis_server: RedisHandle) -> None:
+    """Only the operator (admin) renews the registry generation; an API credential that could
+    set it back could keep a disabled client cached."""
+    admin, api = redis_server.client("admin"), redis_server.client("api")
+    try:
+        admin.set("registry:generation", "g1")
+        assert api.get("registry:generation") == b"g1"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            api.set("registry:generation", "g0")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            api.delete("registry:generation")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            redis_server.client("worker").get("registry:generation")
+    finally:
+        admin.delete("registry:generation")
+
+
 def test_lua_runs_with_the_callers_permissions(redis_server: RedisHandle) -> None:
     # kombu needs EVALSHA, so the service roles have it: a script must not escape the ACL.
     api = redis_server.client("api")
