@@ -18,10 +18,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import _seccomp
 from ._cgroup import join as _cgroup_join
 from ._limits import Limits
 from ._policy import Policy
+from ._seccomp import Program as SeccompProgram
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # Looked up here, in the fork server, once: looking a function up in a child (ctypes builds and
@@ -191,7 +191,7 @@ class ChildSetup:
 
     policy: Policy
     workdir: str
-    seccomp: _seccomp.Program | None
+    seccomp: SeccompProgram | None
     #: The virtual memory the child starts with (the parent's at the fork); memory_mb is added.
     baseline_as: int
     #: The process that forks the child (the supervisor or its zygote): it must not outlive it.

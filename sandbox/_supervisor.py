@@ -24,7 +24,7 @@ from . import _child, _isolation, _restricted, _seccomp, _zygote
 from ._cgroup import MemoryCgroup
 from ._errors import IsolationUnavailable, ZygoteLost
 from ._framing import write_frame
-from ._outcome import STATUSES, Outcome, Usage, error
+from ._outcome import STATUSES, Outcome, Status, Usage, error
 from ._policy import LAYERS, Policy
 from ._request import PreparedRun
 
@@ -561,7 +561,7 @@ class Supervisor:
             # Written before any user code could run, by the child's own set-up.
             raise IsolationUnavailable(_isolation_reason(bytes(child.reply[1:])))
 
-        def failed(status: str, kind: str, message: str) -> Outcome:
+        def failed(status: Status, kind: str, message: str) -> Outcome:
             return Outcome(status, error=error(kind, message), usage=usage, degraded=degraded)
 
         if child.timed_out:
@@ -570,7 +570,12 @@ class Supervisor:
             return failed("timeout", "Timeout", "CPU time limit reached")
         if child.overflowed:
             return failed("output_limit", "OutputLimit", "reply exceeded its cap")
-        if child.cgroup is not None and self._memory.oom_killed(child.cgroup):
+        if (
+            os.WIFSIGNALED(status)
+            and os.WTERMSIG(status) == signal.SIGKILL
+            and child.cgroup is not None
+            and self._memory.oom_killed(child.cgroup)
+        ):
             return failed("memory_limit", "MemoryError", "memory limit reached")
         if os.WIFSIGNALED(status):
             return self._signalled(os.WTERMSIG(status), usage, run, degraded)

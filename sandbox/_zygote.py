@@ -13,9 +13,10 @@ process group; the zygote dies with the supervisor, and every spare with the zyg
 The protocol is small binary messages over a SOCK_SEQPACKET socket pair, answered strictly in
 order (binary, not JSON: every page the zygote's loop touches is a copy-on-write fault after
 each fork, and the JSON codec alone cost some 60 of them per spare):
-spawn: b"S" workdir NUL cgroup (empty for none) NUL skipped-layers (comma-separated), with the
-spare's two pipe ends attached -> b"P" pid; reap: b"R" pid -> b"U" status utime stime maxrss; discard (a spare killed
-after its whole reply): b"D" pid -> no answer. A failure is answered b"E" reason.
+spawn: b"S" workdir NUL cgroup (empty for none) NUL skipped-layers (comma-separated), with
+the spare's two pipe ends attached -> b"P" pid; reap: b"R" pid -> b"U" status utime stime
+maxrss; discard (a spare killed after its whole reply): b"D" pid -> no answer. A failure is
+answered b"E" reason.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,9 @@ from sandbox._testing import UnsafeRawCodeRun
 
 CANARY_NAME = "SANDBOX_SECURITY_CANARY"
 CANARY_VALUE = f"canary-{secrets.token_hex(16)}"
+
+#: The sandbox's uid (policies/sandbox.json).
+NOBODY = 65534
 
 # Short limits keep the suite fast; tests that need more say so.
 FAST = {"cpu_seconds": 1, "wall_seconds": 3, "memory_mb": 64}
@@ -145,3 +150,23 @@ def listener() -> Iterator[Listener]:
         stop.set()
         thread.join(timeout=2)
         server.close()
+
+
+@pytest.fixture
+def nobody_process() -> Iterator[int]:
+    """A host process running as the sandbox's uid: a daemon, or another tenant's run."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the helper only sleeps
+        try:
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    time.sleep(0.05)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -15,8 +15,6 @@ import pytest
 
 from sandbox._supervisor import SPARE_CHILDREN
 
-from .test_processes import nobody_process  # noqa: F401 - a fixture
-
 from .conftest import assert_status, attempt_raw
 
 pytestmark = pytest.mark.timeout(60)

@@ -65,8 +65,11 @@ def test_the_memory_cgroup_holds_a_run_even_without_its_rlimits(tmp_path):
         outcome = supervisor.run(prepare(policy, source, "f", limits=limits))
     finally:
         supervisor.close()
+    # Killed by the kernel at the cgroup's limit (no RLIMIT_AS, so no MemoryError in Python).
     assert_status(outcome, "memory_limit", "MemoryError")
-    assert outcome.usage.max_rss_kb < 128 * 1024
+    assert outcome.error is not None and outcome.error["message"] == "memory limit reached"
+    # The peak counts the pages shared with the zygote too; it never got the 256 MB it wanted.
+    assert outcome.usage.max_rss_kb < 200 * 1024
 
 
 def test_each_run_has_its_own_cgroup_removed_after_it(sb):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,26 +14,6 @@ from .conftest import assert_status, attempt, attempt_raw
 pytestmark = pytest.mark.timeout(60)
 
 NOBODY = 65534
-
-
-@pytest.fixture
-def nobody_process() -> Iterator[int]:
-    """A host process running as the sandbox's uid: a daemon, or another tenant's run."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the helper only sleeps
-        try:
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
-            time.sleep(60)
-        finally:
-            os._exit(0)
-    time.sleep(0.05)
-    try:
-        yield pid
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
 
 def _limits_of(pid: int) -> str:
