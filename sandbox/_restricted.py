@@ -1,196 +1,104 @@
 """The compile layer: RestrictedPython with the full guard set, and the globals user code sees.
 
 This keeps most attempts from reaching the OS layer. It is not trusted to hold alone: everything
-here runs inside an already-isolated child.
+here runs inside an already-isolated child. The guards themselves, and every other Python object
+user code can reach, live in `_guards`, sealed away from this module's globals (which hold `os`
+and the importer); see that module for the rules they follow.
 """
 
 from __future__ import annotations
 
-import operator
+import builtins as _builtins
 import os
 import random
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from importlib import import_module
-from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any
 
 from RestrictedPython.compile import compile_restricted_exec
-from RestrictedPython.Guards import (
+from RestrictedPython.Guards import safe_builtins
+
+from ._guards import (
+    BLOCKED_ATTRIBUTES,
+    Abort,
+    PolicyViolation,
+    ReadOnlyModule,
+    RunState,
+    apply,
+    guarded_getitem,
     guarded_iter_unpack_sequence,
     guarded_unpack_sequence,
-    safe_builtins,
+    limited_range,
+    make_guards,
 )
-from RestrictedPython.Limits import limited_builtins
+
+__all__ = [
+    "BLOCKED_ATTRIBUTES",
+    "MODULE_FILENAME",
+    "Abort",
+    "CompileRejected",
+    "PolicyViolation",
+    "ReadOnlyModule",
+    "RunState",
+    "build_globals",
+    "compile_module",
+    "module_proxy",
+    "preload",
+    "public_names",
+]
 
 MODULE_FILENAME = "<module>"
-
-# Attributes that reach frames, code objects or attribute-by-name formatting; any name starting
-# with "_" is refused as well. These close the generator/coroutine/traceback frame walks and the
-# str.format family of escapes even when a name is built at run time.
-BLOCKED_ATTRIBUTES = frozenset(
-    {
-        "gi_frame", "gi_code", "gi_yieldfrom", "gi_running", "gi_suspended",
-        "cr_frame", "cr_code", "cr_await", "cr_running", "cr_origin", "cr_suspended",
-        "ag_frame", "ag_code", "ag_await", "ag_running",
-        "tb_frame", "tb_next", "tb_lasti", "tb_lineno",
-        "f_back", "f_globals", "f_locals", "f_builtins", "f_code", "f_trace", "f_lasti",
-        "co_code", "co_consts", "co_names", "mro", "format", "format_map", "with_traceback",
-    }
-)
 
 # Builtins that leak addresses or reach around the guards are left out of the safe set.
 _EXCLUDED_BUILTINS = frozenset({"id", "setattr", "delattr", "_getattr_"})
 _EXTRA_BUILTINS: dict[str, Any] = {
-    name: getattr(__import__("builtins"), name)
+    name: getattr(_builtins, name)
     for name in (
         "dict", "list", "tuple", "set", "frozenset", "sorted", "reversed", "enumerate", "zip",
         "map", "filter", "sum", "min", "max", "any", "all", "next", "iter", "bytes", "format",
         "ExceptionGroup", "BaseExceptionGroup", "StopAsyncIteration", "RecursionError",
     )
-}
+}  # fmt: skip
 # Built once: each run gets a copy, with its own guarded getattr, hasattr and import added.
+# Every value is a C builtin or type, except `range` (RestrictedPython's limited_range, whose
+# module globals hold `typing` and so `sys`, is replaced by the sealed one).
 _BASE_BUILTINS: dict[str, Any] = {
     **{k: v for k, v in safe_builtins.items() if k not in _EXCLUDED_BUILTINS},
-    **limited_builtins,
+    "range": limited_range,
     **_EXTRA_BUILTINS,
-}
-# The only objects user code may assign into (items, slices, del): its own plain containers.
-_WRITABLE_TYPES = (dict, list)
-_INPLACE_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
-    "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow,
-    "<<=": operator.ilshift, ">>=": operator.irshift, "&=": operator.iand,
-    "^=": operator.ixor, "|=": operator.ior, "@=": operator.imatmul,
 }
 # Names each importable module exposes beyond its public ones, or instead of them.
 _STRING_CONSTANTS = (
     "ascii_letters", "ascii_lowercase", "ascii_uppercase", "digits", "hexdigits", "octdigits",
     "punctuation", "printable", "whitespace",
+)  # fmt: skip
+# The public methods of a Random instance, found once (the instance is per run).
+_RANDOM_METHODS = tuple(
+    name
+    for name in dir(random.Random)
+    if not name.startswith("_")
+    and callable(getattr(random.Random, name))
+    and name not in ("seed", "setstate", "getstate")
 )
-
-
-class PolicyViolation(Exception):
-    """Raised in user code when it tries something the policy forbids at run time."""
+# Proxies of every importable module but random, made once: they are read-only, so runs in one
+# process may share them (and forked children inherit the ones `preload` made).
+_PROXIES: dict[str, ReadOnlyModule] = {}
 
 
 class CompileRejected(Exception):
     """Raised when RestrictedPython rejects the source (syntax or a forbidden construct)."""
 
 
-#: Ends the run at once with a status and an error (never returns); see `RunState`.
-Abort = Callable[[str, dict[str, str]], NoReturn]
-
-
-class RunState:
-    """Per-run bookkeeping the outcome is derived from, whatever user code catches.
-
-    With `abort` (the child passes one), the first denial and the first write past the output
-    cap end the run on the spot: user code that swallows every exception in a loop cannot turn
-    a denial into a success or a flood of output into a timeout. Without it (in-process use),
-    both are recorded and the run goes on.
-    """
-
-    def __init__(self, output_cap: int, abort: Abort | None = None) -> None:
-        self.output_cap = output_cap
-        self.stdout_parts: list[str] = []
-        self.stdout_bytes = 0
-        self.output_exceeded = False
-        self.denial: str | None = None
-        self._abort = abort
-
-    def deny(self, message: str) -> PolicyViolation:
-        """Record a denial (the first one is kept) and return the exception to raise."""
-        if self.denial is None:
-            self.denial = message
-            if self._abort is not None:
-                self._abort("denied", {"type": "PolicyViolation", "message": message[:2000]})
-        return PolicyViolation(message)
-
-    def write(self, text: str) -> None:
-        """Append printed text, keeping at most `output_cap` bytes."""
-        if self.output_exceeded:
-            return
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if self.stdout_bytes + size > self.output_cap:
-            self.output_exceeded = True
-            if self._abort is not None:
-                self._abort(
-                    "output_limit", {"type": "OutputLimit", "message": "stdout exceeded its cap"}
-                )
-            return
-        self.stdout_parts.append(text)
-        self.stdout_bytes += size
-
-    def stdout(self) -> str:
-        """Everything printed so far."""
-        return "".join(self.stdout_parts)
-
-
-class _WriteRefused:
-    """What `_write_` hands back for an object user code may not modify: every write is denied.
-
-    RestrictedPython rewrites `obj.attr = v`, `obj[k] = v` and their `del` forms to go through
-    `_write_(obj)`; module proxies, host classes and instances, and frozen values land here.
-    """
-
-    __slots__ = ("_kind", "_state")
-    _kind: str
-    _state: RunState
-
-    def __init__(self, obj: Any, state: RunState) -> None:
-        kind = "module" if isinstance(obj, ReadOnlyModule) else type(obj).__name__
-        object.__setattr__(self, "_kind", kind)
-        object.__setattr__(self, "_state", state)
-
-    def _refuse(self, what: str) -> PolicyViolation:
-        return self._state.deny(f"{what} on a {self._kind!r} object is not allowed")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise self._refuse(f"assignment to attribute {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise self._refuse(f"deletion of attribute {name!r}")
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        raise self._refuse("item assignment")
-
-    def __delitem__(self, key: Any) -> None:
-        raise self._refuse("item deletion")
-
-
-class ReadOnlyModule:
-    """A module handed to user code: its public names only, frozen."""
-
-    __slots__ = ("_label", "_names")
-
-    def __init__(self, label: str, names: Mapping[str, Any]) -> None:
-        object.__setattr__(self, "_label", label)
-        object.__setattr__(self, "_names", MappingProxyType(dict(names)))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._names[name]
-        except KeyError:
-            raise AttributeError(f"module {self._label!r} has no attribute {name!r}") from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"module {self._label!r} is read-only")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"module {self._label!r} is read-only")
-
-    def __dir__(self) -> Iterable[str]:
-        return sorted(self._names)
-
-    def __repr__(self) -> str:
-        return f"<module {self._label!r} (sandboxed)>"
-
-
 def preload(modules: Iterable[str]) -> None:
-    """Import the importable modules in the parent, so children never touch the file system."""
+    """Import the importable modules in the parent, so children never touch the file system.
+
+    Their proxies are made here too, once, for every child to inherit (random's is per run).
+    """
     for name in modules:
         import_module(name)
+        if name != "random":
+            module_proxy(name)
 
 
 def module_proxy(name: str) -> ReadOnlyModule:
@@ -199,13 +107,11 @@ def module_proxy(name: str) -> ReadOnlyModule:
         # A fresh generator per child: a shared one would hand every run the same sequence
         # (forked state) and let one run's seed() steer another's.
         rng = random.Random(int.from_bytes(os.urandom(16), "big"))  # noqa: S311 - user-facing
-        names = {n: getattr(rng, n) for n in dir(rng) if not n.startswith("_") and callable(
-            getattr(rng, n))}
-        names.pop("seed", None)
-        names.pop("setstate", None)
-        names.pop("getstate", None)
-        return ReadOnlyModule(name, names)
-    return ReadOnlyModule(name, public_names(name))
+        return ReadOnlyModule(name, {n: getattr(rng, n) for n in _RANDOM_METHODS})
+    proxy = _PROXIES.get(name)
+    if proxy is None:
+        proxy = _PROXIES[name] = ReadOnlyModule(name, public_names(name))
+    return proxy
 
 
 def public_names(name: str) -> dict[str, Any]:
@@ -241,89 +147,28 @@ def compile_module(raw_source: str) -> types.CodeType:
 
 
 def build_globals(state: RunState, allowed_imports: Iterable[str]) -> dict[str, Any]:
-    """The globals of the user module: curated builtins and every RestrictedPython guard."""
+    """The globals of the user module: curated builtins and every RestrictedPython guard.
+
+    Every Python function and object in it comes from `_guards` (sealed: see there); the rest
+    are C builtins and types.
+    """
     modules = {name: module_proxy(name) for name in allowed_imports}
-
-    def guarded_getattr(obj: Any, name: Any, *default: Any) -> Any:
-        if not isinstance(name, str):
-            raise TypeError("attribute name must be a string")
-        if name.startswith("_") or name in BLOCKED_ATTRIBUTES:
-            raise state.deny(f"access to attribute {name!r} is not allowed")
-        return getattr(obj, name, *default)
-
-    def guarded_hasattr(obj: Any, name: Any) -> bool:
-        try:
-            guarded_getattr(obj, name)
-        except AttributeError:
-            return False
-        return True
-
-    def guarded_import(
-        name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0
-    ) -> Any:
-        if level != 0 or name not in modules:
-            raise state.deny(f"import of {name!r} is not allowed")
-        return modules[name]
-
-    def guarded_getitem(obj: Any, key: Any) -> Any:
-        return obj[key]
-
-    def inplacevar(op: str, target: Any, value: Any) -> Any:
-        try:
-            fn = _INPLACE_OPS[op]
-        except KeyError:
-            raise state.deny(f"in-place operator {op!r} is not allowed") from None
-        return fn(target, value)
-
-    def apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    def guarded_write(obj: Any) -> Any:
-        if type(obj) in _WRITABLE_TYPES:
-            return obj
-        return _WriteRefused(obj, state)
-
-    class Printer:
-        """RestrictedPython's print target: collects into the capped run buffer."""
-
-        def __init__(self, _getattr: Any = None) -> None:
-            pass
-
-        def __call__(self) -> str:
-            return state.stdout()
-
-        def _call_print(self, *objects: Any, **kwargs: Any) -> None:
-            if kwargs.get("file") is not None:
-                raise state.deny("print to a file is not allowed")
-            sep = kwargs.get("sep", " ")
-            end = kwargs.get("end", "\n")
-            if sep is None:
-                sep = " "
-            if end is None:
-                end = "\n"
-            if not isinstance(sep, str) or not isinstance(end, str):
-                raise TypeError("sep and end must be strings")
-            state.write(sep.join(str(o) for o in objects) + end)
-
-    builtins = dict(_BASE_BUILTINS)
-    builtins.update(
-        {
-            "__import__": guarded_import,
-            "getattr": guarded_getattr,
-            "hasattr": guarded_hasattr,
-        }
-    )
+    getattr_, hasattr_, import_, write, inplacevar, print_ = make_guards(state, modules)
+    builtins = _BASE_BUILTINS.copy()
+    builtins["__import__"] = import_
+    builtins["getattr"] = getattr_
+    builtins["hasattr"] = hasattr_
     return {
         "__builtins__": builtins,
         "__name__": "sandbox_module",
         "__metaclass__": type,
-        "_getattr_": guarded_getattr,
+        "_getattr_": getattr_,
         "_getitem_": guarded_getitem,
         "_getiter_": iter,
         "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
         "_unpack_sequence_": guarded_unpack_sequence,
-        "_write_": guarded_write,
+        "_write_": write,
         "_inplacevar_": inplacevar,
         "_apply_": apply,
-        "_print_": Printer,
+        "_print_": print_,
     }

@@ -52,8 +52,10 @@ def test_run_state_with_abort_ends_at_the_first_violation():
 
 
 def test_writes_to_plain_containers_are_allowed():
-    value, state = _run("def f():\n    d = {}\n    d['a'] = [0]\n    d['a'][0] = 1\n"
-                        "    del d['a'][0]\n    return d\n")
+    value, state = _run(
+        "def f():\n    d = {}\n    d['a'] = [0]\n    d['a'][0] = 1\n"
+        "    del d['a'][0]\n    return d\n"
+    )
     assert value == {"a": []} and state.denial is None
 
 
@@ -86,3 +88,114 @@ def test_random_proxy_is_fresh_and_unseedable():
 def test_every_importable_module_can_be_proxied():
     for name in Policy.load().importable:
         assert dir(module_proxy(name)), name
+
+
+# ---- Type confusion: objects whose class (or metaclass) lies to the guard that checks them ----
+
+
+class _LyingMeta(type):
+    """A metaclass whose classes claim to equal every other class."""
+
+    def __eq__(cls, other):
+        return True
+
+    __hash__ = type.__hash__
+
+
+class _LyingStr(str):
+    """A str that says it starts with nothing, equals everything and encodes to nothing."""
+
+    def startswith(self, *args):
+        return False
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = str.__hash__
+
+    def encode(self, *args):
+        return b""
+
+    def __len__(self):
+        return 0
+
+    def join(self, parts):
+        return _LyingStr("LIE")
+
+
+def _guards(state: RunState, imports: tuple[str, ...] = ()) -> dict[str, object]:
+    namespace = build_globals(state, imports)
+    return {**namespace, **namespace["__builtins__"]}  # type: ignore[dict-item]
+
+
+def test_write_guard_compares_types_by_identity_not_by_a_metaclass_eq():
+    state = RunState(100)
+    write = _guards(state)["_write_"]
+    for base in (dict, list):
+        liar = _LyingMeta("Liar", (base,), {})()
+        assert type(liar) == dict  # noqa: E721 - the comparison the old guard made
+        refused = write(liar)
+        assert refused is not liar
+        with pytest.raises(PolicyViolation):
+            refused["key"] = 1
+    assert write(d := {}) is d and write(items := []) is items
+
+
+def test_getattr_checks_an_exact_copy_of_a_lying_name():
+    state = RunState(100)
+    guards = _guards(state)
+    with pytest.raises(PolicyViolation):
+        guards["getattr"](guards["getattr"], _LyingStr("__globals__"))
+    assert guards["getattr"]("abc", _LyingStr("upper"))() == "ABC"
+    with pytest.raises(TypeError):
+        guards["getattr"](1, 5)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda imp: imp(_LyingStr("math")),
+        lambda imp: imp("math", None, None, (_LyingStr("pi"),), 0),
+        lambda imp: imp("math", None, None, [_LyingStr("pi")], 0),
+    ],
+)
+def test_import_refuses_anything_but_exact_names(call):
+    state = RunState(100)
+    with pytest.raises(PolicyViolation):
+        call(_guards(state, ("math",))["__import__"])
+    assert state.denial is not None
+
+
+def test_inplace_operator_must_be_an_exact_str():
+    state = RunState(100)
+    inplacevar = _guards(state)["_inplacevar_"]
+    assert inplacevar("+=", 1, 2) == 3
+    with pytest.raises(PolicyViolation):
+        inplacevar(_LyingStr("+="), 1, 2)
+
+
+def test_run_state_counts_the_real_size_of_a_lying_str():
+    state = RunState(10)
+    state.write(_LyingStr("x" * 100))
+    assert state.output_exceeded and state.stdout() == ""
+    state = RunState(10)
+    state.write(_LyingStr("abc"))
+    assert [type(part) for part in state.stdout_parts] == [str] and state.stdout() == "abc"
+
+
+def test_printer_builds_text_from_exact_copies():
+    class Shown:
+        def __str__(self):
+            return _LyingStr("shown")
+
+    state = RunState(1000)
+    printer = _guards(state)["_print_"](None)
+    printer._call_print("a", Shown(), sep=_LyingStr("-"), end=_LyingStr("!"))
+    printer._call_print("b", flush=True, file=None)
+    assert state.stdout() == "a-shown!b\n" and printer() == state.stdout()
+    with pytest.raises(TypeError):
+        printer._call_print("c", sep=1)
+    with pytest.raises(TypeError):
+        printer._call_print("c", **{_LyingStr("sep"): "-"})
+    with pytest.raises(PolicyViolation):
+        printer._call_print("c", file=[])
