@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--paced-runs", type=int, default=500,
                         help="sandbox runs, and as many fresh interpreter runs, with 10 ms before"
                              " each, as one fork server of the appliance's worker sees them")
+    parser.add_argument("--paced-restricted-runs", type=int, default=200,
+                        help="fresh interpreter runs that import and use RestrictedPython, 10 ms"
+                             " apart (the issue's baseline for the paced ratio)")
     parser.add_argument("--json", type=Path,
                         default=ROOT / "artifacts" / "bench" / "sandbox_overhead.json")
     ns = parser.parse_args()
@@ -162,6 +165,7 @@ def main() -> None:
     fresh_paced_ms: list[float] = []
     child_ms: list[float] = []
     paced_child_ms: list[float] = []
+    fresh_restricted_paced_ms: list[float] = []
     started = time.perf_counter()
     load_before = os.getloadavg()
     with Sandbox() as box:
@@ -192,6 +196,11 @@ def main() -> None:
             for _ in range(paced_share):
                 time.sleep(PACED_GAP_S)
                 fresh_paced_ms.append(fresh_once())
+            restricted_paced_share = (ns.paced_restricted_runs // BLOCKS
+                                      + (block < ns.paced_restricted_runs % BLOCKS))
+            for _ in range(restricted_paced_share):
+                time.sleep(PACED_GAP_S)
+                fresh_restricted_paced_ms.append(fresh_once(FRESH_RESTRICTED))
         for _ in range(ns.medium_runs):
             t = time.perf_counter()
             assert box.run(MEDIUM, "f", [21]).value == 63
@@ -208,6 +217,8 @@ def main() -> None:
         "fresh_interpreter_json_ms": summary(fresh_json_ms) if fresh_json_ms else None,
         "fresh_interpreter_restricted_ms": (
             summary(fresh_restricted_ms) if fresh_restricted_ms else None),
+        "fresh_interpreter_restricted_paced_ms": (
+            summary(fresh_restricted_paced_ms) if fresh_restricted_paced_ms else None),
         "sandbox_medium_module_ms": summary(medium_ms) if medium_ms else None,
         "cpu_ms_per_run": {key: statistics.median(block[key] for block in cpu_blocks)
                            for key in cpu_blocks[0]} if cpu_blocks else None,
@@ -221,6 +232,10 @@ def main() -> None:
                                        / report["sandbox_paced_ms"]["p50"])
         report["speedup_p99_paced"] = (report["fresh_interpreter_paced_ms"]["p99"]
                                        / report["sandbox_paced_ms"]["p99"])
+    if paced_ms and fresh_restricted_paced_ms:
+        report["speedup_p50_paced_vs_restricted"] = (
+            report["fresh_interpreter_restricted_paced_ms"]["p50"]
+            / report["sandbox_paced_ms"]["p50"])
 
     print(f"{'':<30}{'p50 ms':>9}{'p99 ms':>9}{'runs':>7}")
     rows = [("sandbox, back to back", report["sandbox_ms"]),
@@ -229,7 +244,8 @@ def main() -> None:
             ("fresh python -I", report["fresh_interpreter_ms"]),
             ("fresh python -I, 10 ms apart", report["fresh_interpreter_paced_ms"]),
             ("fresh python -I, + json", report["fresh_interpreter_json_ms"]),
-            ("fresh, + json + RPython", report["fresh_interpreter_restricted_ms"])]
+            ("fresh, + json + RPython", report["fresh_interpreter_restricted_ms"]),
+            ("fresh, + json + RPython, paced", report["fresh_interpreter_restricted_paced_ms"])]
     for name, row in rows:
         if row:
             print(f"{name:<30}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['n']:>7}")
@@ -243,6 +259,9 @@ def main() -> None:
               + "; minor faults: " + ", ".join(
             f"{k[:-7]} {v:.0f}" for k, v in report["cpu_ms_per_run"].items()
             if k.endswith("_faults")))
+    if "speedup_p50_paced_vs_restricted" in report:
+        print("fresh python -I importing RestrictedPython / sandbox, both 10 ms apart, at p50: "
+              f"{report['speedup_p50_paced_vs_restricted']:.1f}x")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     for name, cost in report["compile_ms"].items():
         print(f"compile ({name}, {cost['source_lines']} lines): RestrictedPython "

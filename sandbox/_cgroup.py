@@ -27,6 +27,8 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import secrets
+import time
 from dataclasses import dataclass
 
 _MOUNTINFO = "/proc/self/mountinfo"
@@ -102,7 +104,8 @@ class MemoryCgroup:
         relative = os.path.relpath(own, mount_root) if own.startswith(mount_root) else "."
         parent = os.path.normpath(os.path.join(mount_point, relative))
         _remove_stale(parent)
-        root = os.path.join(parent, f"sandbox-{owner_pid}")
+        # One per supervisor, not per process: a process may hold several in turn (tests do).
+        root = os.path.join(parent, f"sandbox-{owner_pid}-{secrets.token_hex(4)}")
         try:
             if backend == "cgroup-v2":
                 _enable_memory_controller(parent)
@@ -166,14 +169,24 @@ class MemoryCgroup:
         """Remove the cgroups of runs that had not finished exiting when they were released."""
         self._pending = [path for path in self._pending if not _rmdir_quietly(path)]
 
-    def close(self) -> None:
-        """Remove every run cgroup left and this fork server's own."""
-        self.collect()
-        if self.root is not None:
-            for name in _listdir(self.root):
-                if name.startswith("run-"):
-                    _rmdir_quietly(os.path.join(self.root, name))
-            _rmdir_quietly(self.root)
+    def close(self, wait: float = 0.5) -> None:
+        """Remove every run cgroup left and this fork server's own.
+
+        Spares die with their zygote, a moment after it: a cgroup is removable once its last
+        process has exited, which is waited for, up to `wait` seconds. What is left then is
+        removed by the next fork server that starts here (see `_remove_stale`).
+        """
+        if self.root is None:
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            self.collect()
+            left = [name for name in _listdir(self.root) if name.startswith("run-")]
+            left = [n for n in left if not _rmdir_quietly(os.path.join(self.root, n))]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        _rmdir_quietly(self.root)
 
 
 def join(path: str) -> None:
@@ -244,7 +257,7 @@ def _remove_stale(parent: str) -> None:
         if not name.startswith("sandbox-"):
             continue
         try:
-            os.kill(int(name.removeprefix("sandbox-")), 0)
+            os.kill(int(name.removeprefix("sandbox-").split("-")[0]), 0)
             continue  # still running
         except ValueError:
             continue

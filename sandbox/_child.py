@@ -61,11 +61,12 @@ def _deliver(data: bytes) -> NoReturn:
 def _error_of(exc: BaseException) -> dict[str, str]:
     try:
         message = str(exc)
+        # An exact copy: never a method of a str subclass user code may have made.
+        message = str.__str__(message) if isinstance(message, str) else "<unprintable>"
     except BaseException:  # noqa: BLE001 - user code in __str__ may raise anything at all
         message = "<unprintable>"
-    if not isinstance(message, str):
-        message = "<unprintable>"
-    return error(type(exc).__name__, message)
+    name = type.__dict__["__name__"].__get__(type(exc))
+    return error(name if type(name) is str else "Exception", message)
 
 
 def _status_body(status: str, err: dict[str, str], state: _restricted.RunState) -> str:

@@ -593,9 +593,10 @@ class Supervisor:
         ):
             # The child claims its own output was within the cap; that is checked here.
             return failed("output_limit", "OutputLimit", "reply exceeded its cap")
+        err = reply["error"]
         return Outcome(reply["status"], value=value if reply["status"] == "ok" else None,
-                       stdout=reply["stdout"], error=reply["error"], usage=usage,
-                       degraded=degraded)
+                       stdout=reply["stdout"], usage=usage, degraded=degraded,
+                       error=None if err is None else error(err["type"], err["message"]))
 
     def _signalled(
         self, sig: int, usage: Usage, run: PreparedRun, degraded: tuple[str, ...]

@@ -67,3 +67,19 @@ def test_a_forged_reply_past_the_output_cap_is_an_output_limit(raw):
 def test_garbage_replies_are_crashes(raw, garbage):
     source = f"import os\ndef f():\n    os.write(3, {garbage})\n    os._exit(0)\n"
     assert_status(attempt_raw(raw, source), "crashed", "Crashed")
+
+
+def test_a_forged_error_is_cut_to_the_contract_lengths(raw):
+    source = (
+        "import os, json\n"
+        "def f():\n"
+        "    body = json.dumps({'status': 'runtime_error', 'value': None, 'stdout': '',\n"
+        "                       'error': {'type': 'T' * 5000, 'message': 'm' * 100000}})\n"
+        "    os.write(3, body.encode())\n"
+        "    os.close(3)\n"
+        "    os._exit(0)\n"
+    )
+    outcome = attempt_raw(raw, source)
+    assert_status(outcome, "runtime_error")
+    assert outcome.error is not None
+    assert len(outcome.error["type"]) <= 100 and len(outcome.error["message"]) <= 2000
