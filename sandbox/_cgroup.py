@@ -119,7 +119,8 @@ class MemoryCgroup:
 
     def new_run(self) -> str:
         """Make the cgroup for one spare, limited to the policy's largest run; return its path."""
-        assert self.root is not None
+        if self.root is None:
+            raise OSError(self.reason or "no memory cgroup backend")
         self.collect()
         path = os.path.join(self.root, f"run-{next(self._counter)}")
         os.mkdir(path, 0o700)

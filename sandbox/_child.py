@@ -130,8 +130,7 @@ def _finish(value: Any, state: _restricted.RunState) -> str:
             "output_limit", error("OutputLimit", "stdout exceeded its cap"), state
         )
     if encoded is None:
-        assert failure is not None
-        return _status_body(status, failure, state)
+        return _status_body(status, failure or error("TypeError", "not serializable"), state)
     if len(encoded.encode("utf-8", "surrogatepass")) > state.output_cap:
         return _status_body(
             "output_limit", error("OutputLimit", "return value exceeded its cap"), state

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ._errors import (
     InvalidRequest,
@@ -55,6 +55,13 @@ del line, byte, root
 _BOOT_MAIN = "from sandbox._server import main; main(policy)"
 
 
+def _pipes(proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
+    """The fork server's stdin and stdout (always pipes: see `_ensure_started`)."""
+    if proc.stdin is None or proc.stdout is None:
+        raise SandboxError("the sandbox fork server has no protocol pipes")
+    return proc.stdin, proc.stdout
+
+
 class Sandbox:
     """A fork server and its policy. Start it before loading any secret; thread-safe.
 
@@ -95,13 +102,13 @@ class Sandbox:
             close_fds=True,
             cwd="/",
         )
-        assert proc.stdin is not None and proc.stdout is not None
+        stdin, stdout = _pipes(proc)
         try:
-            write_all = proc.stdin.fileno()
+            write_all = stdin.fileno()
             boot = f"{_PROJECT_ROOT}\0{self.policy_path}\n".encode()
             while boot:
                 boot = boot[os.write(write_all, boot):]
-            hello = read_frame(proc.stdout.fileno())
+            hello = read_frame(stdout.fileno())
         except (OSError, EOFError, ValueError):
             hello = None
         if hello is None:
@@ -120,8 +127,7 @@ class Sandbox:
 
         with self._lock:
             if self._proc is not None:
-                assert self._proc.stdin is not None
-                self._proc.stdin.close()
+                _pipes(self._proc)[0].close()
                 try:
                     self._proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -152,10 +158,10 @@ class Sandbox:
     def _call_once(self, body: bytes) -> dict[str, Any]:
         with self._lock:
             proc = self._ensure_started()
-            assert proc.stdin is not None and proc.stdout is not None
+            stdin, stdout = _pipes(proc)
             try:
-                write_frame(proc.stdin.fileno(), body)
-                frame = read_frame(proc.stdout.fileno())
+                write_frame(stdin.fileno(), body)
+                frame = read_frame(stdout.fileno())
             except (OSError, EOFError, ValueError) as exc:
                 proc.kill()
                 self._proc = None

@@ -390,11 +390,8 @@ RunGuards = tuple[
 ]
 
 
-def make_guards(state: RunState, modules: Mapping[str, ReadOnlyModule]) -> RunGuards:
-    """The guards that record into `state`: getattr, hasattr, __import__, _write_, ...
-
-    Closures made here get this function's (sealed) globals.
-    """
+def _getattr_guard(state: RunState) -> Callable[..., Any]:
+    """`getattr` for user code: no `_` name, no blocked attribute, names as exact strs."""
 
     def guarded_getattr(obj: Any, name: Any, *default: Any) -> Any:
         if type(name) is not str:
@@ -406,12 +403,13 @@ def make_guards(state: RunState, modules: Mapping[str, ReadOnlyModule]) -> RunGu
             raise state.deny(f"access to attribute {name!r} is not allowed")
         return getattr(obj, name, *default)
 
-    def guarded_hasattr(obj: Any, name: Any) -> bool:
-        try:
-            guarded_getattr(obj, name)
-        except AttributeError:
-            return False
-        return True
+    return guarded_getattr
+
+
+def _import_guard(
+    state: RunState, modules: Mapping[str, ReadOnlyModule]
+) -> Callable[..., ReadOnlyModule]:
+    """`__import__` for user code: only the run's allowed modules, by their exact names."""
 
     def guarded_import(
         name: Any, globals: Any = None, locals: Any = None, fromlist: Any = (), level: Any = 0
@@ -431,6 +429,26 @@ def make_guards(state: RunState, modules: Mapping[str, ReadOnlyModule]) -> RunGu
             if type(item) is not str:
                 raise state.deny(f"import from {name!r} of a name that is not a str")
         return modules[name]
+
+    return guarded_import
+
+
+def make_guards(state: RunState, modules: Mapping[str, ReadOnlyModule]) -> RunGuards:
+    """The guards that record into `state`: getattr, hasattr, __import__, _write_, ...
+
+    Closures made here get this function's (sealed) globals.
+    """
+
+    guarded_getattr = _getattr_guard(state)
+
+    def guarded_hasattr(obj: Any, name: Any) -> bool:
+        try:
+            guarded_getattr(obj, name)
+        except AttributeError:
+            return False
+        return True
+
+    guarded_import = _import_guard(state, modules)
 
     def guarded_write(obj: Any) -> Any:
         kind = type(obj)
@@ -462,9 +480,10 @@ _SEALED_BUILTINS = (
 # Every name the code above reads as a global: functions are rebuilt, the rest shared as is.
 _SEALED_NAMES = (
     "BLOCKED_ATTRIBUTES", "RANGE_LIMIT", "MappingProxyType", "PolicyViolation", "Printer",
-    "ReadOnlyModule", "RunState", "_INPLACE_OPS", "_TYPE_NAME", "_WriteRefused", "_exact_str",
-    "_print_text", "_type_name", "apply", "cmp_to_key", "guarded_getitem",
-    "guarded_iter_unpack_sequence", "guarded_unpack_sequence", "limited_range", "make_guards",
+    "ReadOnlyModule", "RunState", "_INPLACE_OPS", "_TYPE_NAME", "_WriteRefused",
+    "_exact_str", "_getattr_guard", "_import_guard", "_print_text", "_type_name", "apply",
+    "cmp_to_key", "guarded_getitem", "guarded_iter_unpack_sequence", "guarded_unpack_sequence",
+    "limited_range", "make_guards",
     *(fn.__name__ for fn in _INPLACE_OPS.values()),
 )  # fmt: skip
 

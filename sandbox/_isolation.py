@@ -425,6 +425,28 @@ def enter(
                 _close_quietly(NETNS_FD)
 
 
+def _seccomp_refuses() -> bool:
+    """In the probe: whether the filter refuses exec and sockets, and answers ENOSYS off-list."""
+    try:
+        os.execv("/nonexistent", ["x"])  # noqa: S606 - the filter must refuse it
+    except PermissionError:
+        refused = True
+    except OSError:
+        refused = False
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        refused = False
+    except PermissionError:
+        pass
+    try:
+        # On no list at all: the allow list's default answer, ENOSYS.
+        os.close(os.pipe()[0])
+        refused = False
+    except OSError as exc:
+        refused = refused and exc.errno == errno.ENOSYS
+    return refused
+
+
 def verify(setup: ChildSetup) -> dict[str, str]:
     """In an isolated child: check each layer's effect from the inside (for `doctor`).
 
@@ -462,23 +484,7 @@ def verify(setup: ChildSetup) -> dict[str, str]:
     check("uid", os.getuid() != 0 and os.geteuid() != 0, "running as root")
     check("pidns", os.getpid() == 1, "not pid 1 of a PID namespace of its own")
     check("utsns", os.uname().nodename == HOSTNAME.decode(), "sees the host's name")
-    try:
-        os.execv("/nonexistent", ["x"])  # noqa: S606 - the filter must refuse it
-    except PermissionError:
-        seccomp_ok = True
-    except OSError:
-        seccomp_ok = False
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        seccomp_ok = False
-    except PermissionError:
-        pass
-    try:
-        # On no list at all: the allow list's default answer, ENOSYS.
-        os.close(os.pipe()[0])
-        seccomp_ok = False
-    except OSError as exc:
-        seccomp_ok = seccomp_ok and exc.errno == errno.ENOSYS
+    seccomp_ok = _seccomp_refuses()
     check("seccomp", seccomp_ok, "execve or socket not refused, or pipe2 not ENOSYS")
     # prctl is refused under seccomp, so no_new_privs is read from the status the parent saw;
     # namespaces and the cgroup are checked from outside as well (see `_proc_checks`).

@@ -109,9 +109,93 @@ class _Child:
     cpu_exceeded: bool = False
     #: CPU seconds the child had used when its request was handed over (its warm-up).
     cpu_at_dispatch: float = 0.0
+
+    def known_pid(self) -> int:
+        """Its pid, once the zygote has answered for it (see `Supervisor._resolve`)."""
+        if self.pid is None:
+            raise RuntimeError("the child's pid is not known yet")
+        return self.pid
     reaped: bool = False
     #: Killed after a whole reply, its usage read while it lived; reaped without waiting.
     finished_alive: bool = False
+
+
+class _Watch:
+    """One run's watch over its child: the reply read, the wall clock and the CPU time held."""
+
+    def __init__(
+        self, child: _Child, cap: int, deadline: float, cpu_limit: float, pidfd: int
+    ) -> None:
+        self.child = child
+        self.cap = cap
+        self.deadline = deadline
+        self.cpu_limit = cpu_limit
+        self.pidfd = pidfd
+        self.poller = select.poll()
+        self.poller.register(child.reply_fd, select.POLLIN)
+        self.poller.register(pidfd, select.POLLIN)
+        self.pipe_open = True
+        self.exited = False
+        #: The child closed its reply channel while alive (see `_child._deliver`).
+        self.closed_alive = False
+
+    def until_done(self) -> _zygote.Usage | None:
+        """Watch until the child is done or over a limit; its usage if it finished alive."""
+        child = self.child
+        while self.pipe_open or not self.exited:
+            timeout = self._time_left()
+            if timeout is None:
+                return None
+            for fd, _ in self.poller.poll(max(1, math.ceil(timeout * 1000))):
+                if fd == self.pidfd:
+                    self.exited = True
+                    self.poller.unregister(self.pidfd)
+                else:
+                    usage = self._read()
+                    if usage is not None:
+                        child.finished_alive = True
+                        return usage
+            if child.overflowed:
+                return None
+        return None
+
+    def _time_left(self) -> float | None:
+        """Seconds until the next limit could be reached; None (and the flag set) once it is."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.child.timed_out = True
+            return None
+        cpu_used = None if self.exited else _cpu_seconds(self.child.known_pid())
+        if cpu_used is not None:
+            if cpu_used >= self.cpu_limit:
+                self.child.cpu_exceeded = True
+                return None
+            remaining = min(remaining, self.cpu_limit - cpu_used)
+        return remaining
+
+    def _read(self) -> _zygote.Usage | None:
+        child = self.child
+        chunk = os.read(child.reply_fd, 1 << 16)
+        if not chunk:
+            self.pipe_open = False
+            self.poller.unregister(child.reply_fd)
+            if not self.exited:
+                # The child closed its reply channel and waits to be killed (see
+                # `_child._deliver`), or it is exiting: either way it has nothing more to say.
+                # Its usage is read while it still lives; if that fails, it is reaped and wait4
+                # tells instead.
+                pid = child.known_pid()
+                usage = _usage_if_alive(pid)
+                _kill_group(pid)
+                self.closed_alive = True
+                return usage
+        elif len(child.reply) + len(chunk) > self.cap:
+            child.overflowed = True
+            self.pipe_open = False
+            self.poller.unregister(child.reply_fd)
+        else:
+            child.reply += chunk
+        return None
 
 
 class Supervisor:
@@ -401,7 +485,9 @@ class Supervisor:
 
     def _dispatch(self, child: _Child, run: PreparedRun) -> None:
         """Hand the child its request. A dead child (a layer failed) shows in its exit status."""
-        assert child.request_fd is not None and child.pid is not None
+        pid = child.known_pid()
+        if child.request_fd is None:
+            raise RuntimeError("the child was handed a request already")
         if child.cgroup is not None:
             try:
                 self._memory.limit_run(child.cgroup, run.limits.memory_mb * 1024 * 1024)
@@ -411,7 +497,7 @@ class Supervisor:
                 os.close(child.request_fd)
                 child.request_fd = None
                 return
-        child.cpu_at_dispatch = _cpu_seconds(child.pid) or 0.0
+        child.cpu_at_dispatch = _cpu_seconds(pid) or 0.0
         try:
             write_frame(child.request_fd, json.dumps(run.to_wire()).encode())
         except BrokenPipeError:
@@ -425,8 +511,7 @@ class Supervisor:
             os.close(child.request_fd)  # an idle child exits on its own when this closes
             child.request_fd = None
         if not child.reaped and self._resolve(child):
-            assert child.pid is not None
-            _kill_group(child.pid)
+            _kill_group(child.known_pid())
             try:
                 if child.finished_alive:
                     self._discard(child)
@@ -450,62 +535,23 @@ class Supervisor:
         child cannot use more CPU time than wall time passes, so waking when the CPU time left
         would be used up at full speed never misses the limit by more than a wake-up.
         """
-        cap = 2 * run.limits.output_bytes * 6 + _REPLY_OVERHEAD
-        deadline = started + run.limits.wall_seconds
-        cpu_limit = child.cpu_at_dispatch + run.limits.cpu_seconds
-        assert child.pid is not None
-        read_fd = child.reply_fd
-        pidfd = os.pidfd_open(child.pid)
+        pid = child.known_pid()
+        watch = _Watch(
+            child,
+            cap=2 * run.limits.output_bytes * 6 + _REPLY_OVERHEAD,
+            deadline=started + run.limits.wall_seconds,
+            cpu_limit=child.cpu_at_dispatch + run.limits.cpu_seconds,
+            pidfd=os.pidfd_open(pid),
+        )
         try:
-            poller = select.poll()
-            poller.register(read_fd, select.POLLIN)
-            poller.register(pidfd, select.POLLIN)
-            pipe_open, exited, closed_alive = True, False, False
-            while pipe_open or not exited:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    child.timed_out = True
-                    break
-                cpu_used = _cpu_seconds(child.pid)
-                if cpu_used is not None and not exited:
-                    if cpu_used >= cpu_limit:
-                        child.cpu_exceeded = True
-                        break
-                    remaining = min(remaining, cpu_limit - cpu_used)
-                events = poller.poll(max(1, math.ceil(remaining * 1000)))
-                for fd, _ in events:
-                    if fd == pidfd:
-                        exited = True
-                        poller.unregister(pidfd)
-                    elif fd == read_fd:
-                        chunk = os.read(read_fd, 1 << 16)
-                        if not chunk:
-                            pipe_open = False
-                            poller.unregister(read_fd)
-                            if not exited:
-                                # The child closed its reply channel and waits to be killed
-                                # (see `_child._deliver`), or it is exiting: either way it has
-                                # nothing more to say. Its usage is read while it still lives;
-                                # if that fails, it is reaped and wait4 tells instead.
-                                usage = _usage_if_alive(child.pid)
-                                _kill_group(child.pid)
-                                closed_alive = True
-                                if usage is not None:
-                                    child.finished_alive = True
-                                    return 0, usage
-                        elif len(child.reply) + len(chunk) > cap:
-                            child.overflowed = True
-                            pipe_open = False
-                            poller.unregister(read_fd)
-                        else:
-                            child.reply += chunk
-                if child.overflowed:
-                    break
+            usage = watch.until_done()
+            if usage is not None:
+                return 0, usage
             if child.timed_out or child.overflowed or child.cpu_exceeded:
-                _kill_group(child.pid)
+                _kill_group(pid)
             status, rusage = self._wait(child)
             if (
-                closed_alive
+                watch.closed_alive
                 and os.WIFSIGNALED(status)
                 and os.WTERMSIG(status) == signal.SIGKILL
                 and parse_reply(_body(child)) is not None
@@ -515,32 +561,32 @@ class Supervisor:
                 status = 0
             return status, rusage
         finally:
-            os.close(pidfd)
+            os.close(watch.pidfd)
 
     def _wait(self, child: _Child) -> tuple[int, Any]:
         """Reap a child that has exited or been killed: its wait status and resource usage."""
-        assert child.pid is not None
+        pid = child.known_pid()
         child.reaped = True
         if child.zygote is None:
-            _, status, rusage = os.wait4(child.pid, 0)
+            _, status, rusage = os.wait4(pid, 0)
             return status, rusage
         if child.zygote is not self._zygote:
             raise OSError("the zygote that forked this child is gone")
         try:
-            return child.zygote.reap(child.pid)
+            return child.zygote.reap(pid)
         except OSError:
             self._drop_zygote()  # it died, and its children with it
             raise
 
     def _discard(self, child: _Child) -> None:
         """Have a killed child reaped without waiting for it (its usage is already known)."""
-        assert child.pid is not None
+        pid = child.known_pid()
         child.reaped = True
         if child.zygote is None:
-            os.waitpid(child.pid, 0)
+            os.waitpid(pid, 0)
         elif child.zygote is self._zygote:
             try:
-                child.zygote.discard(child.pid)
+                child.zygote.discard(pid)
             except OSError:
                 self._drop_zygote()
                 raise
@@ -582,21 +628,7 @@ class Supervisor:
         reply = parse_reply(_body(child)) if marker == _child.ISOLATED else None
         if reply is None or os.WEXITSTATUS(status) != 0:
             return failed("crashed", "Crashed", "the child gave no valid reply")
-        value = reply["value"]
-        if reply["status"] == "ok" and not _check_depth(value):
-            return Outcome("runtime_error", stdout=reply["stdout"], usage=usage,
-                           error=error("TypeError", "return value nests too deeply"),
-                           degraded=degraded)
-        if not _within(reply["stdout"], run.limits.output_bytes) or (
-            reply["status"] == "ok"
-            and not _within(json.dumps(value, allow_nan=False), run.limits.output_bytes)
-        ):
-            # The child claims its own output was within the cap; that is checked here.
-            return failed("output_limit", "OutputLimit", "reply exceeded its cap")
-        err = reply["error"]
-        return Outcome(reply["status"], value=value if reply["status"] == "ok" else None,
-                       stdout=reply["stdout"], usage=usage, degraded=degraded,
-                       error=None if err is None else error(err["type"], err["message"]))
+        return _reply_outcome(reply, run, usage, degraded)
 
     def _signalled(
         self, sig: int, usage: Usage, run: PreparedRun, degraded: tuple[str, ...]
@@ -632,8 +664,7 @@ class Supervisor:
         except (ValueError, KeyError, TypeError) as exc:
             raise IsolationUnavailable("the isolation probe gave no valid report") from exc
         # Read while the probe is still alive (it waits two seconds before exiting).
-        assert child.pid is not None
-        layers.update(_proc_checks(child.pid, layers, child.cgroup))
+        layers.update(_proc_checks(child.known_pid(), layers, child.cgroup))
         return layers
 
 
@@ -669,10 +700,33 @@ def _proc_checks(pid: int, layers: dict[str, str], cgroup: str | None) -> dict[s
 
 def _waiting(child: _Child) -> bool:
     """Whether a spare still holds the read end of its request pipe (that is, still lives)."""
-    assert child.request_fd is not None
+    if child.request_fd is None:
+        return False
     poller = select.poll()
     poller.register(child.request_fd, select.POLLOUT)
     return not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _reply_outcome(
+    reply: dict[str, Any], run: PreparedRun, usage: Usage, degraded: tuple[str, ...]
+) -> Outcome:
+    """The outcome a well-formed reply describes, once its claims are checked against the caps."""
+    value = reply["value"]
+    if reply["status"] == "ok" and not _check_depth(value):
+        return Outcome("runtime_error", stdout=reply["stdout"], usage=usage,
+                       error=error("TypeError", "return value nests too deeply"),
+                       degraded=degraded)
+    if not _within(reply["stdout"], run.limits.output_bytes) or (
+        reply["status"] == "ok"
+        and not _within(json.dumps(value, allow_nan=False), run.limits.output_bytes)
+    ):
+        # The child claims its own output was within the cap; that is checked here.
+        return Outcome("output_limit", error=error("OutputLimit", "reply exceeded its cap"),
+                       usage=usage, degraded=degraded)
+    err = reply["error"]
+    return Outcome(reply["status"], value=value if reply["status"] == "ok" else None,
+                   stdout=reply["stdout"], usage=usage, degraded=degraded,
+                   error=None if err is None else error(err["type"], err["message"]))
 
 
 def _body(child: _Child) -> bytes:

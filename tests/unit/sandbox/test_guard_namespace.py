@@ -85,7 +85,7 @@ def _slot_values(obj: Any) -> Iterator[Any]:
                 pass
 
 
-def _children(obj: Any) -> Iterator[Any]:
+def _function_children(obj: Any) -> Iterator[Any]:
     if isinstance(obj, types.FunctionType):
         yield obj.__globals__
         yield obj.__builtins__
@@ -98,6 +98,11 @@ def _children(obj: Any) -> Iterator[Any]:
         yield obj.__self__
     elif isinstance(obj, types.CellType):
         yield obj.cell_contents
+
+
+def _children(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, (types.FunctionType, types.MethodType, types.CellType)):
+        yield from _function_children(obj)
     elif type(obj) in (dict, types.MappingProxyType):
         yield from obj.keys()
         yield from obj.values()
