@@ -1,4 +1,5 @@
-"""The `appliance` command (CONTRACT.md §3). Usage errors exit 2 with a message; nothing runs."""
+"""The `appliance` command (docs/CONTRACT.md §3). Usage errors exit 2 with a message; nothing
+runs."""
 
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ def _state(ctx: click.Context) -> Path:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--state", "state", type=click.Path(file_okay=False),
-              default=lambda: os.environ.get("APPLIANCE_STATE", ".appliance"),
-              show_default=".appliance or $APPLIANCE_STATE", help="the stack's state directory")
+@click.option(
+    "--state",
+    "state",
+    type=click.Path(file_okay=False),
+    default=lambda: os.environ.get("APPLIANCE_STATE", ".appliance"),
+    show_default=".appliance or $APPLIANCE_STATE",
+    help="the stack's state directory",
+)
 @click.pass_context
 def main(ctx: click.Context, state: str) -> None:
     """Run signed Python jobs in a hardened sandbox."""
@@ -45,11 +51,18 @@ def main(ctx: click.Context, state: str) -> None:
 
 def _state_option(fn: Any) -> Any:
     """Let every subcommand take --state too (`appliance up --state DIR`)."""
+
     def remember(ctx: click.Context, _param: Any, value: str | None) -> None:
         if value is not None:
             ctx.ensure_object(dict)["state"] = value
-    return click.option("--state", type=click.Path(file_okay=False), expose_value=False,
-                        callback=remember, help="the stack's state directory")(fn)
+
+    return click.option(
+        "--state",
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=remember,
+        help="the stack's state directory",
+    )(fn)
 
 
 @main.command()
@@ -58,8 +71,9 @@ def _state_option(fn: Any) -> Any:
 @click.option("--flower-port", type=int, default=None, help="Flower port (0: any free port)")
 @click.option("--redis-port", type=int, default=None, help="Redis port (0: any free port)")
 @click.option("--bao-port", type=int, default=None, help="OpenBao port (0: any free port)")
-@click.option("--metrics-port", type=int, default=None,
-              help="the worker's metrics port (0: any free port)")
+@click.option(
+    "--metrics-port", type=int, default=None, help="the worker's metrics port (0: any free port)"
+)
 @click.pass_context
 def up(ctx: click.Context, /, **ports: int | None) -> None:
     """Start the whole local stack (idempotent) and print its URLs."""
@@ -127,14 +141,31 @@ def clients() -> None:
 @click.option("--allow-function", "functions", multiple=True, help="glob of callable functions")
 @click.option("--allow-secret", "secrets", multiple=True, help="glob of readable secret paths")
 @click.option("--allow-import", "imports", multiple=True, help="module the client may import")
-@click.option("--rate-per-minute", type=click.IntRange(min=1), default=120, show_default=True,
-              help="jobs the client may submit per minute (a workflow step counts as one)")
-@click.option("--daily-quota", type=click.IntRange(min=0), default=0, show_default=True,
-              help="jobs per UTC day (0: no daily quota)")
+@click.option(
+    "--rate-per-minute",
+    type=click.IntRange(min=1),
+    default=120,
+    show_default=True,
+    help="jobs the client may submit per minute (a workflow step counts as one)",
+)
+@click.option(
+    "--daily-quota",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="jobs per UTC day (0: no daily quota)",
+)
 @click.pass_context
-def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tuple[str, ...],
-                secrets: tuple[str, ...], imports: tuple[str, ...], rate_per_minute: int,
-                daily_quota: int) -> None:
+def clients_add(
+    ctx: click.Context,
+    keyid: str,
+    public_key: str,
+    functions: tuple[str, ...],
+    secrets: tuple[str, ...],
+    imports: tuple[str, ...],
+    rate_per_minute: int,
+    daily_quota: int,
+) -> None:
     """Register (or replace) a client with its public key and what it may do.
 
     Secret globs match segment by segment: `*` never crosses a `/`; a whole segment `**`
@@ -145,8 +176,9 @@ def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tupl
 
     try:
         client = make_client(keyid, Path(public_key).read_text(), functions, secrets, imports)
-        client = dataclasses.replace(client, rate_per_minute=rate_per_minute,
-                                     daily_quota=daily_quota)
+        client = dataclasses.replace(
+            client, rate_per_minute=rate_per_minute, daily_quota=daily_quota
+        )
     except (ApplianceError, ValueError) as exc:
         _fail(f"cannot register {keyid}: {exc}")
     _require_stack(ctx)
@@ -154,8 +186,10 @@ def clients_add(ctx: click.Context, keyid: str, public_key: str, functions: tupl
         stack.operator_registry(_state(ctx)).put(client)
     except ApplianceError as exc:
         _fail(exc.detail, 1)
-    click.echo(f"registered {keyid}: functions {list(functions) or 'none'}, "
-               f"secrets {list(secrets) or 'none'}")
+    click.echo(
+        f"registered {keyid}: functions {list(functions) or 'none'}, "
+        f"secrets {list(secrets) or 'none'}"
+    )
 
 
 @clients.command("disable")
@@ -203,22 +237,30 @@ def clients_list(ctx: click.Context, as_json: bool) -> None:
     _require_stack(ctx)
     registry = stack.operator_registry(_state(ctx))
     try:
-        rows = [{"key_id": c.keyid, "enabled": c.enabled,
-                 "allowed_functions": list(c.allowed_functions),
-                 "allowed_secrets": list(c.allowed_secrets),
-                 "allowed_imports": list(c.allowed_imports),
-                 "rate_per_minute": c.rate_per_minute, "daily_quota": c.daily_quota,
-                 "public_key_sha256": c.public_key_sha256()}
-                for c in map(registry.read, registry.keyids())]
+        rows = [
+            {
+                "key_id": c.keyid,
+                "enabled": c.enabled,
+                "allowed_functions": list(c.allowed_functions),
+                "allowed_secrets": list(c.allowed_secrets),
+                "allowed_imports": list(c.allowed_imports),
+                "rate_per_minute": c.rate_per_minute,
+                "daily_quota": c.daily_quota,
+                "public_key_sha256": c.public_key_sha256(),
+            }
+            for c in map(registry.read, registry.keyids())
+        ]
     except ApplianceError as exc:
         _fail(exc.detail, 1)
     if as_json:
         click.echo(json.dumps(rows))
         return
     for row in rows:
-        click.echo(f"{row['key_id']:<24} {'enabled' if row['enabled'] else 'DISABLED':<9} "
-                   f"functions {row['allowed_functions'] or 'none'} "
-                   f"secrets {row['allowed_secrets'] or 'none'}")
+        click.echo(
+            f"{row['key_id']:<24} {'enabled' if row['enabled'] else 'DISABLED':<9} "
+            f"functions {row['allowed_functions'] or 'none'} "
+            f"secrets {row['allowed_secrets'] or 'none'}"
+        )
 
 
 @main.group()
@@ -228,13 +270,24 @@ def keys() -> None:
 
 @keys.command("rotate")
 @_state_option
-@click.option("--key", "names", multiple=True, default=("results", "jobs"), show_default=True,
-              type=click.Choice(["results", "jobs", "task-signing", "audit"]))
-@click.option("--min-decryption-version", type=click.IntRange(min=1), default=None,
-              help="refuse to open anything sealed under an older version (retires old keys)")
+@click.option(
+    "--key",
+    "names",
+    multiple=True,
+    default=("results", "jobs"),
+    show_default=True,
+    type=click.Choice(["results", "jobs", "task-signing", "audit"]),
+)
+@click.option(
+    "--min-decryption-version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="refuse to open anything sealed under an older version (retires old keys)",
+)
 @click.pass_context
-def keys_rotate(ctx: click.Context, names: tuple[str, ...],
-                min_decryption_version: int | None) -> None:
+def keys_rotate(
+    ctx: click.Context, names: tuple[str, ...], min_decryption_version: int | None
+) -> None:
     """Rotate transit keys: new seals use the new version; old ones stay readable until the
     minimum decryption version is raised."""
     from .vault import Transit, VaultSession
@@ -254,11 +307,13 @@ def keys_rotate(ctx: click.Context, names: tuple[str, ...],
                 transit.set_min_decryption_version(name, min_decryption_version)
                 version = min_decryption_version
                 click.echo(f"{name}: versions below {min_decryption_version} retired")
-            audit.record(EventType.KEY_ROTATED, key_name=name, key_version=version,
-                         actor="operator")
+            audit.record(
+                EventType.KEY_ROTATED, key_name=name, key_version=version, actor="operator"
+            )
             if name == "audit":
-                stack.export_audit_keys(_state(ctx), st["vault_addr"],
-                                        token_file.read_text().strip())
+                stack.export_audit_keys(
+                    _state(ctx), st["vault_addr"], token_file.read_text().strip()
+                )
     except ApplianceError as exc:
         _fail(exc.detail, 1)
     finally:
@@ -283,11 +338,20 @@ def flower_credentials(ctx: click.Context, as_json: bool) -> None:
     except ApplianceError as exc:
         _fail(f"cannot read Flower's login from OpenBao: {exc.detail}", 1)
     if as_json:
-        click.echo(json.dumps({"url": st["flower_url"], "username": credential.username,
-                               "password": credential.password}))
+        click.echo(
+            json.dumps(
+                {
+                    "url": st["flower_url"],
+                    "username": credential.username,
+                    "password": credential.password,
+                }
+            )
+        )
         return
-    click.echo(f"url      {st['flower_url']}\nusername {credential.username}\n"
-               f"password {credential.password}")
+    click.echo(
+        f"url      {st['flower_url']}\nusername {credential.username}\n"
+        f"password {credential.password}"
+    )
 
 
 def _require_stack(ctx: click.Context) -> dict[str, Any]:
@@ -314,16 +378,20 @@ class SignedClient:
         self.keyid = keyid
         self.key = key
 
-    def request(self, method: str, path: str, body: Any = None,
-                params: dict[str, str] | None = None,
-                headers: dict[str, str] | None = None) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         """Send a signed request (JSON body when given; extra headers are not signed)."""
         content = json.dumps(body).encode() if body is not None else None
         headers = dict(headers or {})
         if content is not None:
             headers["content-type"] = "application/json"
-        req = self.http.build_request(method, path, content=content, headers=headers,
-                                      params=params)
+        req = self.http.build_request(method, path, content=content, headers=headers, params=params)
         sign_request(req, self.keyid, self.key, content)
         return self.http.send(req)
 
@@ -372,12 +440,13 @@ def _wait_for(client: SignedClient, key: str, timeout: float = 120) -> httpx.Res
         delay = min(delay * 2, 1.0)
 
 
-
 def _client_options(fn: Any) -> Any:
     """--key-id and --private-key: which client signs a command's requests (see `_client`)."""
-    fn = click.option("--private-key", type=click.Path(dir_okay=False),
-                      help="client private key (PEM)")(fn)
+    fn = click.option(
+        "--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)"
+    )(fn)
     return click.option("--key-id", help="client key id (default: the stack's local client)")(fn)
+
 
 @main.command()
 @_state_option
@@ -389,18 +458,29 @@ def _client_options(fn: Any) -> Any:
 @_client_options
 @click.option("--wait", is_flag=True, help="wait for the result and print it")
 @click.pass_context
-def submit(ctx: click.Context, module: str, function: str, args_json: str | None,
-           kwargs_json: str | None, limits_json: str | None, key_id: str | None,
-           private_key: str | None, wait: bool) -> None:
+def submit(
+    ctx: click.Context,
+    module: str,
+    function: str,
+    args_json: str | None,
+    kwargs_json: str | None,
+    limits_json: str | None,
+    key_id: str | None,
+    private_key: str | None,
+    wait: bool,
+) -> None:
     """Submit FUNCTION from MODULE.py; print the result key (or the result with --wait)."""
     try:
         source = Path(module).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"cannot read {module}: {exc}")
-    body = {"module": source, "function": function,
-            "args": _json_option(args_json, "args", list),
-            "kwargs": _json_option(kwargs_json, "kwargs", dict),
-            "limits": _json_option(limits_json, "limits", dict)}
+    body = {
+        "module": source,
+        "function": function,
+        "args": _json_option(args_json, "args", list),
+        "kwargs": _json_option(kwargs_json, "kwargs", dict),
+        "limits": _json_option(limits_json, "limits", dict),
+    }
     client = _client(ctx, key_id, private_key)
     resp = client.request("POST", "/v1/tasks", body)
     if resp.status_code != 202 or not wait:
@@ -417,7 +497,7 @@ def _read_steps(path: Path) -> list[dict[str, Any]]:
         _fail(f"cannot read {path}: {exc}")
     steps = raw.get("steps") if isinstance(raw, dict) else raw
     if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
-        _fail(f"{path}: expected a non-empty list of steps (objects), or {{\"steps\": [...]}}")
+        _fail(f'{path}: expected a non-empty list of steps (objects), or {{"steps": [...]}}')
     out = []
     for i, step in enumerate(steps):
         step = dict(step)
@@ -439,8 +519,9 @@ def _read_steps(path: Path) -> list[dict[str, Any]]:
 @_client_options
 @click.option("--wait", is_flag=True, help="wait for every step and print their results")
 @click.pass_context
-def workflow(ctx: click.Context, steps_file: str, key_id: str | None, private_key: str | None,
-             wait: bool) -> None:
+def workflow(
+    ctx: click.Context, steps_file: str, key_id: str | None, private_key: str | None, wait: bool
+) -> None:
     """Submit a workflow: each step's result is the next step's first argument."""
     steps = _read_steps(Path(steps_file))
     client = _client(ctx, key_id, private_key)
@@ -459,8 +540,9 @@ def workflow(ctx: click.Context, steps_file: str, key_id: str | None, private_ke
 @_client_options
 @click.option("--wait", is_flag=True, help="wait while the job is queued or running")
 @click.pass_context
-def result(ctx: click.Context, key: str, key_id: str | None, private_key: str | None,
-           wait: bool) -> None:
+def result(
+    ctx: click.Context, key: str, key_id: str | None, private_key: str | None, wait: bool
+) -> None:
     """Print the result stored under KEY."""
     client = _client(ctx, key_id, private_key)
     if wait:

@@ -65,7 +65,8 @@ class JobMessage:
     def from_wire(cls, untrusted: Any) -> JobMessage:
         """Parse the broker's JSON; raise MessageRejected when malformed."""
         if not isinstance(untrusted, dict) or not set(_FIELDS) <= set(untrusted) <= {
-            *_FIELDS, *_OPTIONAL
+            *_FIELDS,
+            *_OPTIONAL,
         }:
             raise MessageRejected("malformed")
         fields = [f for f in (*_FIELDS, *_OPTIONAL) if f in untrusted]
@@ -81,16 +82,21 @@ class JobMessage:
             json.dumps([self.result_key, self.client, self.sealed_job]).encode()
         ).hexdigest()
         return json.dumps(
-            {"task": task_name, "id": self.task_id, "args_sha256": digest, "nonce": self.nonce,
-             "expires": self.expires},
-            sort_keys=True, separators=(",", ":"),
+            {
+                "task": task_name,
+                "id": self.task_id,
+                "args_sha256": digest,
+                "nonce": self.nonce,
+                "expires": self.expires,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
         ).encode()
 
 
 def sign_message(transit: Transit, message: JobMessage, task_name: str, now: float) -> JobMessage:
     """Give the message a nonce, an expiry and the API's signature (an OpenBao HMAC)."""
-    unsigned = replace(message, nonce=secrets.token_hex(16),
-                       expires=int(now) + MESSAGE_TTL_SECONDS)
+    unsigned = replace(message, nonce=secrets.token_hex(16), expires=int(now) + MESSAGE_TTL_SECONDS)
     return replace(unsigned, signature=transit.hmac(SIGNING_KEY, unsigned.signed_bytes(task_name)))
 
 
@@ -112,8 +118,9 @@ def _result_aad(result_key: str, client: str) -> bytes:
     return f"result|{result_key}|{client}".encode()
 
 
-def seal_job(transit: Transit, spec: dict[str, Any], task_id: str, result_key: str,
-             client: str) -> str:
+def seal_job(
+    transit: Transit, spec: dict[str, Any], task_id: str, result_key: str, client: str
+) -> str:
     """Seal a job specification for the broker."""
     key, wrapped = transit.data_key(JOBS_KEY, client)
     aad = _job_aad(task_id, result_key, client)
@@ -135,13 +142,15 @@ def seal_result(transit: Transit, body: dict[str, Any], result_key: str, client:
     return seal(key, wrapped, json.dumps(body).encode(), _result_aad(result_key, client)).to_json()
 
 
-def seal_results(transit: Transit, bodies: dict[str, dict[str, Any]],
-                 client: str) -> dict[str, str]:
+def seal_results(
+    transit: Transit, bodies: dict[str, dict[str, Any]], client: str
+) -> dict[str, str]:
     """Seal several result bodies of one client under one data key (one OpenBao call)."""
     key, wrapped = transit.data_key(RESULTS_KEY, client)
     return {
-        result_key: seal(key, wrapped, json.dumps(body).encode(),
-                         _result_aad(result_key, client)).to_json()
+        result_key: seal(
+            key, wrapped, json.dumps(body).encode(), _result_aad(result_key, client)
+        ).to_json()
         for result_key, body in bodies.items()
     }
 

@@ -40,32 +40,47 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 HTTP_REQUESTS = Counter(
-    "appliance_http_requests", "API requests by route template, method and status",
-    ["route", "method", "status"], registry=REGISTRY,
+    "appliance_http_requests",
+    "API requests by route template, method and status",
+    ["route", "method", "status"],
+    registry=REGISTRY,
 )
 HTTP_LATENCY = Histogram(
-    "appliance_http_request_duration_seconds", "API request latency by route template",
-    ["route", "method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "appliance_http_request_duration_seconds",
+    "API request latency by route template",
+    ["route", "method"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 JOBS = Counter(
-    "appliance_jobs", "Jobs finished by the worker, by outcome status", ["status"],
+    "appliance_jobs",
+    "Jobs finished by the worker, by outcome status",
+    ["status"],
     registry=REGISTRY,
 )
 JOB_DURATION = Histogram(
-    "appliance_job_duration_seconds", "Time from a job message's arrival to its stored result",
-    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "appliance_job_duration_seconds",
+    "Time from a job message's arrival to its stored result",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 SANDBOX_CPU = Histogram(
-    "appliance_sandbox_cpu_seconds", "CPU time used by sandboxed runs",
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=REGISTRY,
+    "appliance_sandbox_cpu_seconds",
+    "CPU time used by sandboxed runs",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+    registry=REGISTRY,
 )
 SANDBOX_WALL = Histogram(
-    "appliance_sandbox_wall_seconds", "Wall-clock time of sandboxed runs",
-    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "appliance_sandbox_wall_seconds",
+    "Wall-clock time of sandboxed runs",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 SANDBOX_RSS = Histogram(
-    "appliance_sandbox_max_rss_bytes", "Peak resident memory of sandboxed runs",
-    buckets=tuple(2**n * 1024 * 1024 for n in range(3, 12)), registry=REGISTRY,
+    "appliance_sandbox_max_rss_bytes",
+    "Peak resident memory of sandboxed runs",
+    buckets=tuple(2**n * 1024 * 1024 for n in range(3, 12)),
+    registry=REGISTRY,
 )
 
 
@@ -137,7 +152,7 @@ def authorized(token: bytes | None, header: str | None) -> bool:
     """Whether an `Authorization: Bearer …` header presents the token (constant time)."""
     if token is None or not header or not header.startswith("Bearer "):
         return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token)
+    return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), token)
 
 
 def exposition() -> tuple[bytes, str]:
@@ -158,8 +173,10 @@ def serve_metrics(host: str, port: int, token: bytes) -> WSGIServer:
             start("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
         if not authorized(token, environ.get("HTTP_AUTHORIZATION")):
-            start("401 Unauthorized", [("Content-Type", "text/plain"),
-                                       ("WWW-Authenticate", 'Bearer realm="metrics"')])
+            start(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+            )
             return [b"unauthorized\n"]
         body, content_type = exposition()
         start("200 OK", [("Content-Type", content_type)])

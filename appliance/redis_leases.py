@@ -50,8 +50,14 @@ class Lease:
 class RedisLease(redis.CredentialProvider):
     """The current Redis user of one role, renewed and replaced before it ends."""
 
-    def __init__(self, session: VaultSession, role: str, *, mount: str = "database",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        session: VaultSession,
+        role: str,
+        *,
+        mount: str = "database",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.session = session
         self.role = role
         self.mount = mount
@@ -88,8 +94,9 @@ class RedisLease(redis.CredentialProvider):
     def start(self) -> RedisLease:
         """Take a first lease now (fail fast) and renew it in the background."""
         self.get_credentials()
-        self._thread = threading.Thread(target=self._run, name=f"redis-lease-{self.role}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"redis-lease-{self.role}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -119,12 +126,15 @@ class RedisLease(redis.CredentialProvider):
     # ---- OpenBao --------------------------------------------------------------------------
 
     def _issue(self) -> Lease:
-        response = self.session.call(
-            lambda c: c.adapter.get(f"/v1/{self.mount}/creds/{self.role}")
-        )
+        response = self.session.call(lambda c: c.adapter.get(f"/v1/{self.mount}/creds/{self.role}"))
         ttl = float(response["lease_duration"])
-        lease = Lease(str(response["lease_id"]), str(response["data"]["username"]),
-                      str(response["data"]["password"]), ttl, self._clock() + ttl / 2)
+        lease = Lease(
+            str(response["lease_id"]),
+            str(response["data"]["username"]),
+            str(response["data"]["password"]),
+            ttl,
+            self._clock() + ttl / 2,
+        )
         replaced = self._current is not None
         self._current = lease
         if replaced:
@@ -145,8 +155,9 @@ class RedisLease(redis.CredentialProvider):
         ttl = float(response["lease_duration"])
         if ttl < lease.ttl * _REPLACE_BELOW:
             return self._issue()  # Near the max TTL: move to a new user before this one ends.
-        renewed = Lease(lease.lease_id, lease.username, lease.password, lease.ttl,
-                        self._clock() + ttl / 2)
+        renewed = Lease(
+            lease.lease_id, lease.username, lease.password, lease.ttl, self._clock() + ttl / 2
+        )
         self._current = renewed
         return renewed
 

@@ -73,8 +73,9 @@ class Client:
 
     def public_key_sha256(self) -> str:
         """The SHA-256 of the public key (DER), to tell keys apart in a listing."""
-        der = self.public_key().public_bytes(serialization.Encoding.DER,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        der = self.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         return hashlib.sha256(der).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,8 +150,13 @@ class Registry:
     changes (or `cache_seconds` pass), and renews it after every write. Without one it reads
     OpenBao on every lookup."""
 
-    def __init__(self, session: VaultSession, mount: str = "kv", cache_seconds: float = 5.0,
-                 generation: Generation | None = None) -> None:
+    def __init__(
+        self,
+        session: VaultSession,
+        mount: str = "kv",
+        cache_seconds: float = 5.0,
+        generation: Generation | None = None,
+    ) -> None:
         self.session = session
         self.mount = mount
         self.cache_seconds = cache_seconds
@@ -174,8 +180,11 @@ class Registry:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(keyid)
-        if (hit is not None and hit.generation == generation
-                and now - hit.read_at < self.cache_seconds):
+        if (
+            hit is not None
+            and hit.generation == generation
+            and now - hit.read_at < self.cache_seconds
+        ):
             return hit.client
         client = self._read(keyid)
         with self._lock:
@@ -207,10 +216,12 @@ class Registry:
 
     def keyids(self) -> list[str]:
         """Every registered key id, sorted (operator)."""
+
         def list_keys(c: Any) -> list[str]:
             try:
-                keys = c.secrets.kv.v2.list_secrets(path="appliance/clients",
-                                                    mount_point=self.mount)["data"]["keys"]
+                keys = c.secrets.kv.v2.list_secrets(
+                    path="appliance/clients", mount_point=self.mount
+                )["data"]["keys"]
             except hvac.exceptions.InvalidPath:
                 return []
             return [k for k in keys if not k.endswith("/")]
@@ -254,8 +265,13 @@ class Registry:
         return client
 
 
-def make_client(keyid: str, public_key_pem: str, functions: Iterable[str],
-                secrets: Iterable[str] = (), imports: Iterable[str] = ()) -> Client:
+def make_client(
+    keyid: str,
+    public_key_pem: str,
+    functions: Iterable[str],
+    secrets: Iterable[str] = (),
+    imports: Iterable[str] = (),
+) -> Client:
     """Validate operator input into a Client; raise BadRequest."""
     validate_keyid(keyid)
     secrets = tuple(check_secret_glob(glob) for glob in secrets)

@@ -62,8 +62,9 @@ class Claim:
         if raw is None:
             return None
         record: dict[str, Any] = json.loads(raw)
-        return cls(str(record["state"]), str(record.get("owner", "")),
-                   int(record.get("attempts", 0)))
+        return cls(
+            str(record["state"]), str(record.get("owner", "")), int(record.get("attempts", 0))
+        )
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,9 @@ class ResultStore:
             pipe.execute()
 
     def _put(self, pipe: Any, key: str, client: str, sealed: str) -> None:
-        pipe.set(self.prefix + key, json.dumps({"client": client, "sealed": sealed}),
-                 ex=self.ttl_seconds)
+        pipe.set(
+            self.prefix + key, json.dumps({"client": client, "sealed": sealed}), ex=self.ttl_seconds
+        )
         pipe.delete(self._pending(key))
 
     def claim(self, nonce: str, ttl_seconds: int, owner: str) -> Claim | None:
@@ -134,8 +136,9 @@ class ResultStore:
             created, raw = pipe.execute()
         return None if created else Claim.parse(raw)
 
-    def take_over(self, nonce: str, ttl_seconds: int, owner: str, previous: Claim,
-                  count: bool = True) -> bool:
+    def take_over(
+        self, nonce: str, ttl_seconds: int, owner: str, previous: Claim, count: bool = True
+    ) -> bool:
         """Take a claim whose owner died (`count`: one more attempt) or that we left to retry;
         False if someone else changed it first."""
         name = f"claim:{nonce}"
@@ -160,8 +163,9 @@ class ResultStore:
         with redis_unavailable():
             self.redis.set(f"claim:{nonce}", record, ex=max(1, ttl_seconds))
 
-    def worker_alive(self, owner: str, heartbeat_key: str, fresh_seconds: float,
-                     now: float) -> bool:
+    def worker_alive(
+        self, owner: str, heartbeat_key: str, fresh_seconds: float, now: float
+    ) -> bool:
         """Whether `owner` (host:pid) sent a heartbeat within `fresh_seconds`."""
         with redis_unavailable():
             score = self.redis.zscore(heartbeat_key, owner)
@@ -185,8 +189,9 @@ class ResultStore:
             raw = self.redis.hgetall(f"workflow:{workflow_id}")
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    def put_and_stage(self, key: str, client: str, sealed: str, workflow_id: str, step: int,
-                      message: str) -> None:
+    def put_and_stage(
+        self, key: str, client: str, sealed: str, workflow_id: str, step: int, message: str
+    ) -> None:
         """Store a step's result and stage the next step's message, atomically: if the worker
         dies before enqueuing it, the redelivered step finds it here and enqueues it."""
         with redis_unavailable():
@@ -200,8 +205,9 @@ class ResultStore:
         with redis_unavailable():
             self.redis.hdel(f"workflow:{workflow_id}", f"ready:{step}", str(step))
 
-    def put_many(self, results: dict[str, str], client: str,
-                 workflow_id: str | None = None) -> None:
+    def put_many(
+        self, results: dict[str, str], client: str, workflow_id: str | None = None
+    ) -> None:
         """Store several sealed results at once (a failed step and the steps it skips), and drop
         the workflow record: nothing after them will run."""
         with redis_unavailable():

@@ -7,11 +7,29 @@ never passed inline, only paths to files readable by the service alone.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ApplianceError
+
+
+class ConfigurationError(ApplianceError):
+    """Raised when a service starts without a setting its role requires."""
+
+    code, title = "configuration_error", "Configuration error"
+
+
+@dataclass(frozen=True)
+class ServiceFiles:
+    """A service's AppRole login files and its audit log, all present."""
+
+    role_id_file: Path
+    secret_id_wrap_file: Path
+    audit_log: Path
 
 
 class Settings(BaseSettings):
@@ -65,6 +83,26 @@ class Settings(BaseSettings):
     # Prometheus: `/metrics` (API) and the worker's endpoint answer only this bearer token.
     metrics_token_file: Path | None = None
     metrics_port: int = 0  # the worker's metrics port on loopback; 0: not served
+
+    def service_files(self) -> ServiceFiles:
+        """The files a long-running service (API, worker, Flower) needs to log in and audit.
+
+        Raises ConfigurationError naming every missing setting: a service refuses to start
+        half-configured rather than failing later (not an `assert`, which `python -O` drops).
+        """
+        missing = [
+            f"APPLIANCE_{name.upper()}"
+            for name in ("vault_role_id_file", "vault_secret_id_wrap_file", "audit_log")
+            if getattr(self, name) is None
+        ]
+        if (
+            missing
+            or self.vault_role_id_file is None
+            or self.vault_secret_id_wrap_file is None
+            or self.audit_log is None
+        ):
+            raise ConfigurationError(f"missing settings: {', '.join(missing)}")
+        return ServiceFiles(self.vault_role_id_file, self.vault_secret_id_wrap_file, self.audit_log)
 
     def redis_password(self) -> str | None:
         """Read the Redis password from its file, if one is configured."""

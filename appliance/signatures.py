@@ -1,4 +1,4 @@
-"""The RFC 9421 request-signature profile of CONTRACT.md §2, on http-message-signatures.
+"""The RFC 9421 request-signature profile of docs/CONTRACT.md §2, on http-message-signatures.
 
 `verify_request()` returns the verified key id or raises `Unauthorized`; it never returns a bool.
 The replay check (a nonce seen for that key within the window) runs only after the signature
@@ -11,7 +11,7 @@ import datetime
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import http_sf
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -87,7 +87,10 @@ def _selected_params(headers: Mapping[str, str]) -> tuple[dict[str, Any], list[s
         parsed = http_sf.parse(lower["signature-input"].encode(), tltype="dictionary")
     except (ValueError, TypeError) as exc:
         raise Unauthorized("malformed Signature-Input", code="invalid_signature") from exc
-    for _label, (members, params) in parsed.items():
+    # http_sf types the result as any structured value; with tltype="dictionary" it is a dict
+    # whose members are (value, params) pairs. A member that is not an inner list is skipped.
+    signatures: dict[str, tuple[Any, Any]] = cast(dict[str, tuple[Any, Any]], parsed)
+    for _label, (members, params) in signatures.items():
         if isinstance(members, list) and params.get("tag") == TAG:
             return dict(params), [str(value) for value, _ in members]
     raise Unauthorized('no signature carries tag="appliance"', code="missing_tag")

@@ -79,8 +79,9 @@ def _require_binaries() -> None:
         )
 
 
-def service_env(state: Path, role: str, ports: Ports, pki: _stack.Pki,
-                extra: dict[str, str] | None = None) -> dict[str, str]:
+def service_env(
+    state: Path, role: str, ports: Ports, pki: _stack.Pki, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """The whole environment of one service: paths to its own credentials, nothing inline."""
     cert, key = pki.client(role)
     env = {
@@ -121,31 +122,66 @@ def audit_log(state: Path) -> Path:
 def _argv(name: str, ports: Ports, state: Path) -> list[str]:
     py = sys.executable
     if name == "worker":
-        return [py, "-m", "celery", "--quiet", "-A", "appliance.worker.app", "worker",
-                "--pool", "threads", "-c", str(WORKER_CONCURRENCY), "-Q", "appliance",
-                "-n", f"worker-{ports.api}@%h",
-                "-E", "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+        return [
+            py,
+            "-m",
+            "celery",
+            "--quiet",
+            "-A",
+            "appliance.worker.app",
+            "worker",
+            "--pool",
+            "threads",
+            "-c",
+            str(WORKER_CONCURRENCY),
+            "-Q",
+            "appliance",
+            "-n",
+            f"worker-{ports.api}@%h",
+            "-E",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "INFO",
+        ]
     if name == "api":
-        return [py, "-m", "uvicorn", "appliance.api.main:app", "--host", HOST, "--port",
-                str(ports.api), "--no-server-header", "--no-access-log", "--log-level", "info"]
+        return [
+            py,
+            "-m",
+            "uvicorn",
+            "appliance.api.main:app",
+            "--host",
+            HOST,
+            "--port",
+            str(ports.api),
+            "--no-server-header",
+            "--no-access-log",
+            "--log-level",
+            "info",
+        ]
     # Flower reads its login from OpenBao itself (AppRole `flower`): no secret in argv or env.
     return [py, "-m", "appliance.worker.flower", "--address", HOST, "--port", str(ports.flower)]
 
 
-def _start_service(state: Path, name: str, ports: Ports, pki: _stack.Pki,
-                   bao: _stack.BaoHandle) -> None:
+def _start_service(
+    state: Path, name: str, ports: Ports, pki: _stack.Pki, bao: _stack.BaoHandle
+) -> None:
     pid_file = _pid_file(state, name)
     if _stack.read_pid_file(pid_file) is not None:
         return
     port = {"api": ports.api, "flower": ports.flower}.get(name)
     if port is not None and port_open(HOST, port):
-        raise _stack.StackError(f"port {port} for the {name} is taken: free it or choose "
-                                f"another with --{name}-port on a new --state")
+        raise _stack.StackError(
+            f"port {port} for the {name} is taken: free it or choose "
+            f"another with --{name}-port on a new --state"
+        )
     extra: dict[str, str] = {}
     if name in ("worker", "api", "flower"):
         role_id_file, wrap_file = bao.write_service_credentials(name, _service_dir(state, name))
-        extra = {"APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
-                 "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file)}
+        extra = {
+            "APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
+            "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file),
+        }
     role = name
     _stack.start_detached(
         _argv(name, ports, state),
@@ -162,8 +198,9 @@ def _ensure_local_client(state: Path, bao: _stack.BaoHandle) -> None:
     private, public = keys / f"{LOCAL_CLIENT}.key", keys / f"{LOCAL_CLIENT}.pub"
     if not private.is_file():
         write_keypair(keys, LOCAL_CLIENT)
-    registry = Registry(VaultSession(bao.addr, bao.operator_token()),
-                        generation=RedisGeneration(admin_redis(state)))
+    registry = Registry(
+        VaultSession(bao.addr, bao.operator_token()), generation=RedisGeneration(admin_redis(state))
+    )
     if registry.get(LOCAL_CLIENT) is None:
         registry.put(Client(LOCAL_CLIENT, public.read_text(), ("*",)))
 
@@ -172,10 +209,16 @@ def admin_redis(state: Path) -> redis.Redis:
     """The operator's Redis connection as `admin` (the `redis` of `appliance status --json`)."""
     access = operator_access(state, HOST, load_ports(state).redis, _stack.Pki(state / "tls"))
     return redis.Redis(
-        host=access["host"], port=access["port"], ssl=True, ssl_ca_certs=access["tls"]["ca"],
-        ssl_certfile=access["tls"]["cert"], ssl_keyfile=access["tls"]["key"],
-        username=access["username"], password=Path(access["password_file"]).read_text().strip(),
-        socket_timeout=5, socket_connect_timeout=3,
+        host=access["host"],
+        port=access["port"],
+        ssl=True,
+        ssl_ca_certs=access["tls"]["ca"],
+        ssl_certfile=access["tls"]["cert"],
+        ssl_keyfile=access["tls"]["key"],
+        username=access["username"],
+        password=Path(access["password_file"]).read_text().strip(),
+        socket_timeout=5,
+        socket_connect_timeout=3,
     )
 
 
@@ -193,16 +236,25 @@ def write_keypair(directory: Path, keyid: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
     private, public = directory / f"{keyid}.key", directory / f"{keyid}.pub"
-    _stack.write_private(private, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    _stack.write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return private, public
 
 
-def up(state: Path, requested_ports: dict[str, int] | None = None,
-       wait_ready: float = 60.0) -> dict[str, Any]:
+def up(
+    state: Path, requested_ports: dict[str, int] | None = None, wait_ready: float = 60.0
+) -> dict[str, Any]:
     """Start (or complete) the stack and return its status."""
     _require_binaries()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -245,14 +297,19 @@ def up(state: Path, requested_ports: dict[str, int] | None = None,
     return status(state)
 
 
-def _configure_redis_leases(state: Path, bao: _stack.BaoHandle, pki: _stack.Pki,
-                            relay_port: int, leased: tuple[str, ...]) -> None:
+def _configure_redis_leases(
+    state: Path, bao: _stack.BaoHandle, pki: _stack.Pki, relay_port: int, leased: tuple[str, ...]
+) -> None:
     """The database engine issues the leased roles' Redis users, with the ACL rules of
     `policies/redis-acl.json` as creation statements."""
     policy = _stack.load_acl_policy()
     _stack.configure_redis_leases(
-        bao, port=relay_port, password=_stack.password_file(state, "vault").read_text().strip(),
-        ca_pem=pki.ca.read_text(), roles={r: _stack.lease_rules(policy[r]) for r in leased})
+        bao,
+        port=relay_port,
+        password=_stack.password_file(state, "vault").read_text().strip(),
+        ca_pem=pki.ca.read_text(),
+        roles={r: _stack.lease_rules(policy[r]) for r in leased},
+    )
 
 
 def export_audit_keys(state: Path, addr: str, token: str) -> None:
@@ -302,8 +359,10 @@ def status(state: Path) -> dict[str, Any]:
         "api_url": f"http://{HOST}:{ports.api}",
         "flower_url": f"http://{HOST}:{ports.flower}",
         # Never the password itself: where it is, and the command that shows it.
-        "flower_credentials": {"vault_path": "kv/appliance/flower",
-                               "command": "appliance flower-credentials"},
+        "flower_credentials": {
+            "vault_path": "kv/appliance/flower",
+            "command": "appliance flower-credentials",
+        },
         "vault_addr": f"http://{HOST}:{ports.bao}",
         "audit_log": str(audit_log(state)),
         "metrics": {

@@ -100,8 +100,12 @@ class VaultSession:
             raise NotFound("no such path in OpenBao", code="vault_not_found") from exc
         except hvac.exceptions.InvalidRequest as exc:
             raise SealBroken("OpenBao rejected the request") from exc
-        except (hvac.exceptions.VaultDown, hvac.exceptions.InternalServerError,
-                hvac.exceptions.BadGateway, requests.RequestException) as exc:
+        except (
+            hvac.exceptions.VaultDown,
+            hvac.exceptions.InternalServerError,
+            hvac.exceptions.BadGateway,
+            requests.RequestException,
+        ) as exc:
             raise DependencyUnavailable("OpenBao is unreachable") from exc
 
     def call(self, fn: Callable[[hvac.Client], T]) -> T:
@@ -134,12 +138,19 @@ def read_secrets(session: VaultSession, names: list[str], mount: str = "kv") -> 
         check_secret_name(name)
     values: dict[str, Any] = {}
     for name in names:
-        values[name] = session.call(
-            lambda c, n=name: c.secrets.kv.v2.read_secret_version(
-                path=f"appliance/secrets/{n}", mount_point=mount, raise_on_deleted_version=True
-            )
-        )["data"]["data"]
+        values[name] = session.call(_secret_reader(f"appliance/secrets/{name}", mount))
     return values
+
+
+def _secret_reader(path: str, mount: str) -> Callable[[hvac.Client], Any]:
+    """A call that reads the current version of one KV v2 secret and returns its fields."""
+
+    def read(client: hvac.Client) -> Any:
+        return client.secrets.kv.v2.read_secret_version(
+            path=path, mount_point=mount, raise_on_deleted_version=True
+        )["data"]["data"]
+
+    return read
 
 
 #: Flower's basic-auth credential in KV v2, made by the stack's bootstrap
@@ -176,7 +187,10 @@ class Transit:
         """A fresh 256-bit data key: (plaintext key, wrapped key `vault:vN:…`)."""
         data = self.session.call(
             lambda c: c.secrets.transit.generate_data_key(
-                name=key_name, key_type="plaintext", context=_b64(context), bits=256,
+                name=key_name,
+                key_type="plaintext",
+                context=_b64(context),
+                bits=256,
                 mount_point=self.mount,
             )
         )["data"]
@@ -195,8 +209,10 @@ class Transit:
         """An HMAC of `message` under a transit key (`vault:vN:…`)."""
         data = self.session.call(
             lambda c: c.secrets.transit.generate_hmac(
-                name=key_name, hash_input=base64.b64encode(message).decode(),
-                algorithm="sha2-256", mount_point=self.mount,
+                name=key_name,
+                hash_input=base64.b64encode(message).decode(),
+                algorithm="sha2-256",
+                mount_point=self.mount,
             )
         )["data"]
         return str(data["hmac"])
@@ -205,8 +221,11 @@ class Transit:
         """Whether `mac` is a valid HMAC of `message` under the transit key."""
         data = self.session.call(
             lambda c: c.secrets.transit.verify_signed_data(
-                name=key_name, hash_input=base64.b64encode(message).decode(), hmac=mac,
-                hash_algorithm="sha2-256", mount_point=self.mount,
+                name=key_name,
+                hash_input=base64.b64encode(message).decode(),
+                hmac=mac,
+                hash_algorithm="sha2-256",
+                mount_point=self.mount,
             )
         )["data"]
         return bool(data["valid"])
@@ -215,7 +234,8 @@ class Transit:
         """An Ed25519 signature of `message` (`vault:vN:…`)."""
         data = self.session.call(
             lambda c: c.secrets.transit.sign_data(
-                name=key_name, hash_input=base64.b64encode(message).decode(),
+                name=key_name,
+                hash_input=base64.b64encode(message).decode(),
                 mount_point=self.mount,
             )
         )["data"]
@@ -224,16 +244,20 @@ class Transit:
     def rotate(self, key_name: str) -> int:
         """Rotate a key (operator); returns the new latest version."""
         self.session.call(
-            lambda c: c.secrets.transit.rotate_key(name=key_name, mount_point=self.mount))
+            lambda c: c.secrets.transit.rotate_key(name=key_name, mount_point=self.mount)
+        )
         data = self.session.call(
-            lambda c: c.secrets.transit.read_key(name=key_name, mount_point=self.mount))["data"]
+            lambda c: c.secrets.transit.read_key(name=key_name, mount_point=self.mount)
+        )["data"]
         return int(data["latest_version"])
 
     def set_min_decryption_version(self, key_name: str, version: int) -> None:
         """Refuse to decrypt anything wrapped under an older version (operator)."""
         self.session.call(
             lambda c: c.secrets.transit.update_key_configuration(
-                name=key_name, min_decryption_version=version, mount_point=self.mount))
+                name=key_name, min_decryption_version=version, mount_point=self.mount
+            )
+        )
 
     def public_keys(self, key_name: str) -> dict[str, Any]:
         """The key's public keys by version (for offline verification)."""

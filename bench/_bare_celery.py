@@ -14,8 +14,12 @@ _tls = {
 }
 app = Celery("bare", broker=_url, backend=_url)
 app.conf.update(
-    broker_use_ssl=_tls, redis_backend_use_ssl=_tls, task_serializer="json",
-    accept_content=["json"], result_serializer="json", task_default_queue="bare",
+    broker_use_ssl=_tls,
+    redis_backend_use_ssl=_tls,
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_default_queue="bare",
     broker_connection_retry_on_startup=True,
 )
 

@@ -46,10 +46,22 @@ from appliance.vault import Transit, VaultSession  # noqa: E402
 
 TASK = "appliance.run_job"
 CLIENT = "bench"
-SPEC = {"module": "def add(a, b):\n    return a + b\n", "function": "add", "args": [2, 40],
-        "kwargs": {}, "limits": {}, "secrets": [], "imports": []}
-BODY = {"status": "succeeded", "result": 42, "error": None, "stdout": "",
-        "usage": {"cpu_ms": 1, "wall_ms": 2, "max_rss_kb": 12000}}
+SPEC = {
+    "module": "def add(a, b):\n    return a + b\n",
+    "function": "add",
+    "args": [2, 40],
+    "kwargs": {},
+    "limits": {},
+    "secrets": [],
+    "imports": [],
+}
+BODY = {
+    "status": "succeeded",
+    "result": 42,
+    "error": None,
+    "stdout": "",
+    "usage": {"cpu_ms": 1, "wall_ms": 2, "max_rss_kb": 12000},
+}
 STEPS = ("seal_job", "sign_message", "verify_message", "open_job", "seal_result", "open_result")
 
 
@@ -104,8 +116,10 @@ def main() -> None:
         bootstrap(bao)
         creds = state / "creds"
         creds.mkdir(mode=0o700)
-        sessions = {role: VaultSession.from_approle(bao.addr, *bao.write_service_credentials(
-            role, creds)) for role in ("api", "worker")}
+        sessions = {
+            role: VaultSession.from_approle(bao.addr, *bao.write_service_credentials(role, creds))
+            for role in ("api", "worker")
+        }
         bao.revoke_root()
         api, worker = Transit(sessions["api"]), Transit(sessions["worker"])
         for i in range(ns.warmup):
@@ -122,8 +136,12 @@ def main() -> None:
     finally:
         stop_openbao(state)
     report = {
-        name: {"p50_ms": round(statistics.median(v), 3), "p99_ms": round(percentile(v, 0.99), 3),
-               "mean_ms": round(statistics.fmean(v), 3), "runs": len(v)}
+        name: {
+            "p50_ms": round(statistics.median(v), 3),
+            "p99_ms": round(percentile(v, 0.99), 3),
+            "mean_ms": round(statistics.fmean(v), 3),
+            "runs": len(v),
+        }
         for name, v in samples.items()
     }
     print(f"{'step':<16}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}   runs {ns.runs}")

@@ -52,21 +52,46 @@ def main() -> None:
     st = stack.up(state, {"redis": 0, "bao": 0, "api": 0, "flower": 0})
     r = st["redis"]
     password = Path(r["password_file"]).read_text().strip()
-    env = dict(os.environ, BENCH_BROKER_URL=f"rediss://admin:{password}@127.0.0.1:{r['port']}/1",
-               BENCH_CA=r["tls"]["ca"], BENCH_CERT=r["tls"]["cert"], BENCH_KEY=r["tls"]["key"])
+    env = dict(
+        os.environ,
+        BENCH_BROKER_URL=f"rediss://admin:{password}@127.0.0.1:{r['port']}/1",
+        BENCH_CA=r["tls"]["ca"],
+        BENCH_CERT=r["tls"]["cert"],
+        BENCH_KEY=r["tls"]["key"],
+    )
     os.environ.update(env)
     bench_dir = str(Path(__file__).resolve().parent)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "_bare_celery", "worker", "--pool", "threads",
-         "-c", "2", "-Q", "bare", "--without-mingle", "--without-gossip", "-l", "WARNING"],
-        cwd=bench_dir, env=dict(env, PYTHONPATH=bench_dir), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "_bare_celery",
+            "worker",
+            "--pool",
+            "threads",
+            "-c",
+            "2",
+            "-Q",
+            "bare",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "WARNING",
+        ],
+        cwd=bench_dir,
+        env=dict(env, PYTHONPATH=bench_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     sys.path.insert(0, bench_dir)
     import _bare_celery  # noqa: PLC0415
 
     try:
         key = serialization.load_pem_private_key(
-            Path(st["client"]["private_key"]).read_bytes(), password=None)
+            Path(st["client"]["private_key"]).read_bytes(), password=None
+        )
         client = SignedClient(st["api_url"], st["client"]["key_id"], key)  # type: ignore[arg-type]
         for i in range(10):  # warm both paths
             appliance_once(client, i)
@@ -79,10 +104,16 @@ def main() -> None:
             bare.append((time.perf_counter() - t) * 1000)
         report = {
             "runs": ns.runs,
-            "appliance_ms": {"p50": percentile(ours, 0.5), "p99": percentile(ours, 0.99),
-                             "mean": statistics.fmean(ours)},
-            "bare_celery_ms": {"p50": percentile(bare, 0.5), "p99": percentile(bare, 0.99),
-                               "mean": statistics.fmean(bare)},
+            "appliance_ms": {
+                "p50": percentile(ours, 0.5),
+                "p99": percentile(ours, 0.99),
+                "mean": statistics.fmean(ours),
+            },
+            "bare_celery_ms": {
+                "p50": percentile(bare, 0.5),
+                "p99": percentile(bare, 0.99),
+                "mean": statistics.fmean(bare),
+            },
         }
         report["ratio_p50"] = report["appliance_ms"]["p50"] / report["bare_celery_ms"]["p50"]
         report["ratio_p99"] = report["appliance_ms"]["p99"] / report["bare_celery_ms"]["p99"]

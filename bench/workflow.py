@@ -46,8 +46,7 @@ def wait(client: SignedClient, key: str) -> Any:
 def workflow_once(client: SignedClient, i: int) -> float:
     started = time.perf_counter()
     step = {"module": INC, "function": "inc"}
-    resp = client.request("POST", "/v1/workflows",
-                          {"steps": [{**step, "args": [i]}, step, step]})
+    resp = client.request("POST", "/v1/workflows", {"steps": [{**step, "args": [i]}, step, step]})
     assert wait(client, resp.json()["result_key"]) == i + 3
     return (time.perf_counter() - started) * 1000
 
@@ -56,8 +55,9 @@ def client_chain_once(client: SignedClient, i: int) -> float:
     started = time.perf_counter()
     value = i
     for _ in range(3):
-        resp = client.request("POST", "/v1/tasks", {"module": INC, "function": "inc",
-                                                    "args": [value]})
+        resp = client.request(
+            "POST", "/v1/tasks", {"module": INC, "function": "inc", "args": [value]}
+        )
         value = wait(client, resp.json()["result_key"])
     assert value == i + 3
     return (time.perf_counter() - started) * 1000
@@ -72,28 +72,34 @@ def main() -> None:
     st = stack.up(state, FREE)
     try:
         key = serialization.load_pem_private_key(
-            Path(st["client"]["private_key"]).read_bytes(), password=None)
+            Path(st["client"]["private_key"]).read_bytes(), password=None
+        )
         client = SignedClient(st["api_url"], "local", key)  # type: ignore[arg-type]
         # The local client's default rate (120 jobs a minute) would throttle the bench.
-        registry = Registry(VaultSession(st["vault_addr"],
-                                         operator_token_file(state).read_text().strip()))
+        registry = Registry(
+            VaultSession(st["vault_addr"], operator_token_file(state).read_text().strip())
+        )
         local = registry.get("local")
         assert local is not None
         registry.put(replace(local, rate_per_minute=1_000_000))
         time.sleep(6)  # the API caches registry entries for 5 s
-        client.request("POST", "/v1/workflows", {"steps": [{"module": INC, "function": "inc",
-                                                            "args": [0]}]})
+        client.request(
+            "POST", "/v1/workflows", {"steps": [{"module": INC, "function": "inc", "args": [0]}]}
+        )
         samples: dict[str, list[float]] = {"workflow": [], "client_chain": []}
         for i in range(ns.runs):  # alternate, so load on this noisy machine hits both alike
             samples["workflow"].append(workflow_once(client, i))
             samples["client_chain"].append(client_chain_once(client, i))
         report = {
-            name: {"p50_ms": round(statistics.median(v), 1),
-                   "p99_ms": round(percentile(v, 0.99), 1)}
+            name: {
+                "p50_ms": round(statistics.median(v), 1),
+                "p99_ms": round(percentile(v, 0.99), 1),
+            }
             for name, v in samples.items()
         }
-        report["ratio_p50"] = round(report["client_chain"]["p50_ms"]
-                                    / report["workflow"]["p50_ms"], 2)
+        report["ratio_p50"] = round(
+            report["client_chain"]["p50_ms"] / report["workflow"]["p50_ms"], 2
+        )
         print(json.dumps(report, indent=2))
         if ns.json:
             ns.json.write_text(json.dumps(report, indent=2))

@@ -101,8 +101,14 @@ class Relay:
             up_reader, up_writer = await asyncio.open_connection(
                 HOST, self.redis_port, ssl=self.upstream_tls, server_hostname=HOST
             )
-        except (Refused, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                TimeoutError, OSError, ssl.SSLError):
+        except (
+            Refused,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            OSError,
+            ssl.SSLError,
+        ):
             writer.close()
             return
         up_writer.write(raw)
@@ -145,8 +151,14 @@ def start_relay(state_dir: Path, redis_port: int, pki: Pki) -> int:
     if read_pid_file(pid_file) is not None:
         return port
     pid = start_detached(
-        [sys.executable, "-m", "appliance._stack.redis_relay", str(port), str(redis_port),
-         str(pki.dir)],
+        [
+            sys.executable,
+            "-m",
+            "appliance._stack.redis_relay",
+            str(port),
+            str(redis_port),
+            str(pki.dir),
+        ],
         log_file=workdir / "relay.log",
         pid_file=pid_file,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},

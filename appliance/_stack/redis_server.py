@@ -74,7 +74,7 @@ class RedisHandle:
     def operator_access(self) -> dict[str, Any]:
         """How the operator reaches this Redis as administrator: paths only, never a secret.
 
-        The shape of `redis` in `appliance status --json` (CONTRACT.md, section 3).
+        The shape of `redis` in `appliance status --json` (docs/CONTRACT.md, section 3).
         """
         return operator_access(self.state_dir, self.host, self.port, self.pki)
 
@@ -189,8 +189,14 @@ def render_acl(
 def lease_rules(spec: dict[str, list[str]]) -> list[str]:
     """A role's ACL rules after the login: what the static user gets, and what OpenBao's database
     engine puts in a leased user's creation statements (so both come from the same file)."""
-    return ["resetkeys", "resetchannels", "-@all", *spec["keys"], *spec["channels"],
-            *spec["commands"]]
+    return [
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        *spec["keys"],
+        *spec["channels"],
+        *spec["commands"],
+    ]
 
 
 def load_leased_roles(path: Path = DEFAULT_ACL_POLICY) -> tuple[str, ...]:

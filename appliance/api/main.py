@@ -2,7 +2,7 @@
 
 from ..observability import configure_logging
 from ..settings import get_settings
-from .app import Services, create_app
+from . import Services, create_app
 
 configure_logging("api")
 app = create_app(lambda: Services.from_settings(get_settings()))

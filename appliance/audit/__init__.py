@@ -1,4 +1,4 @@
-"""The tamper-evident audit log (CONTRACT.md §4).
+"""The tamper-evident audit log (docs/CONTRACT.md §4).
 
 Services open one `AuditLog` per process and record every security-relevant event through it::
 

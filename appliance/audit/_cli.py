@@ -1,4 +1,4 @@
-"""`appliance audit verify` and `appliance audit show` (CONTRACT.md §3).
+"""`appliance audit verify` and `appliance audit show` (docs/CONTRACT.md §3).
 
 Exit codes of `verify`: 0 when the chain and every checkpoint verify, 1 when they do not (the
 message names the first bad entry), 2 for a usage error (no log, unreadable public keys).
@@ -43,11 +43,18 @@ def _log_path(ctx: click.Context, state: str | None, log: str | None) -> Path:
 
 
 _state_option = click.option(
-    "--state", type=click.Path(file_okay=False), default=None,
-    help="the stack's state directory (default: $APPLIANCE_STATE or .appliance)")
+    "--state",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="the stack's state directory (default: $APPLIANCE_STATE or .appliance)",
+)
 _log_option = click.option(
-    "--log", "log", type=click.Path(dir_okay=False), default=None,
-    help="the audit log (default: <state>/audit/audit.jsonl)")
+    "--log",
+    "log",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="the audit log (default: <state>/audit/audit.jsonl)",
+)
 
 
 @click.group("audit", context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,15 +65,29 @@ def audit() -> None:
 @audit.command()
 @_state_option
 @_log_option
-@click.option("--public-keys", type=click.Path(dir_okay=False), default=None,
-              help="the audit key's exported public keys (default: audit-pubkeys.json next to "
-                   "the log); keep a trusted copy off this host")
-@click.option("--checkpoints", type=click.Path(dir_okay=False), default=None,
-              help="the checkpoint file (default: audit.checkpoints.jsonl next to the log)")
+@click.option(
+    "--public-keys",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="the audit key's exported public keys (default: audit-pubkeys.json next to "
+    "the log); keep a trusted copy off this host",
+)
+@click.option(
+    "--checkpoints",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="the checkpoint file (default: audit.checkpoints.jsonl next to the log)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the outcome as one JSON object")
 @click.pass_context
-def verify(ctx: click.Context, state: str | None, log: str | None, public_keys: str | None,
-           checkpoints: str | None, as_json: bool) -> None:
+def verify(
+    ctx: click.Context,
+    state: str | None,
+    log: str | None,
+    public_keys: str | None,
+    checkpoints: str | None,
+    as_json: bool,
+) -> None:
     """Exit 0 only when the chain and every checkpoint verify; else name the first bad entry."""
     paths = AuditPaths(_log_path(ctx, state, log))
     side = Path(checkpoints) if checkpoints else paths.checkpoints
@@ -96,8 +117,19 @@ def verify(ctx: click.Context, state: str | None, log: str | None, public_keys: 
 
 def _emit_failure(exc: VerificationFailed, log: Path, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"ok": False, "log": str(log), "kind": exc.kind, "seq": exc.seq,
-                               "line": exc.line, "message": exc.detail}, sort_keys=True))
+        click.echo(
+            json.dumps(
+                {
+                    "ok": False,
+                    "log": str(log),
+                    "kind": exc.kind,
+                    "seq": exc.seq,
+                    "line": exc.line,
+                    "message": exc.detail,
+                },
+                sort_keys=True,
+            )
+        )
         return
     click.echo(f"FAILED {log}", err=True)
     click.echo(f"  {exc.detail}", err=True)
@@ -108,13 +140,17 @@ def _emit_report(report: dict[str, Any]) -> None:
     click.echo(f"  {report['entries']} entries, chain intact")
     if report["checkpoints"]:
         keys = ", ".join(f"v{v} sha256:{f[:16]}" for v, f in report["key_fingerprints"].items())
-        click.echo(f"  {report['checkpoints']} signed checkpoints verified, through seq "
-                   f"{report['signed_through']} (audit key {keys})")
+        click.echo(
+            f"  {report['checkpoints']} signed checkpoints verified, through seq "
+            f"{report['signed_through']} (audit key {keys})"
+        )
     else:
         click.echo("  no checkpoint yet: nothing is signed")
     if report["unsigned"]:
-        click.echo(f"  {report['unsigned']} entries after the last checkpoint are chained but not "
-                   "yet signed")
+        click.echo(
+            f"  {report['unsigned']} entries after the last checkpoint are chained but not "
+            "yet signed"
+        )
     for warning in report["warnings"]:
         click.echo(f"  warning: {warning}")
 
@@ -126,15 +162,29 @@ def _emit_report(report: dict[str, Any]) -> None:
 @click.option("--client", default=None, help="only this client (key id)")
 @click.option("--status", default=None, help="only this status (accepted, rejected, ok, ...)")
 @click.option("--function", default=None, help="only this function")
-@click.option("--type", "event_type", default=None,
-              help="only this event type, or family (submission, execution, ...)")
-@click.option("--limit", type=click.IntRange(min=0), default=None,
-              help="only the last N matching entries")
+@click.option(
+    "--type",
+    "event_type",
+    default=None,
+    help="only this event type, or family (submission, execution, ...)",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=None, help="only the last N matching entries"
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one entry per line (SIEM)")
 @click.pass_context
-def show(ctx: click.Context, state: str | None, log: str | None, since: str | None,
-         client: str | None, status: str | None, function: str | None,
-         event_type: str | None, limit: int | None, as_json: bool) -> None:
+def show(
+    ctx: click.Context,
+    state: str | None,
+    log: str | None,
+    since: str | None,
+    client: str | None,
+    status: str | None,
+    function: str | None,
+    event_type: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
     """List audit entries, filtered; a table, or JSON Lines with --json. Does not verify."""
     path = _log_path(ctx, state, log)
     if not path.exists():
@@ -143,8 +193,9 @@ def show(ctx: click.Context, state: str | None, log: str | None, since: str | No
         moment = parse_since(since) if since is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    filters = Filters(since=moment, client=client, status=status, function=function,
-                      type=event_type)
+    filters = Filters(
+        since=moment, client=client, status=status, function=function, type=event_type
+    )
     try:
         reading = select(path, filters, limit)
     except OSError as exc:
@@ -154,5 +205,8 @@ def show(ctx: click.Context, state: str | None, log: str | None, since: str | No
     else:
         click.echo(format_table(reading.entries), nl=False)
     if reading.skipped:
-        click.echo(f"appliance audit: {reading.skipped} line(s) are not entries; run "
-                   "`appliance audit verify`", err=True)
+        click.echo(
+            f"appliance audit: {reading.skipped} line(s) are not entries; run "
+            "`appliance audit verify`",
+            err=True,
+        )

@@ -51,8 +51,9 @@ class VerificationFailed(AuditError):
     code = "audit_verification_failed"
     title = "Audit log verification failed"
 
-    def __init__(self, kind: str, message: str, *, seq: int | None = None,
-                 line: int | None = None) -> None:
+    def __init__(
+        self, kind: str, message: str, *, seq: int | None = None, line: int | None = None
+    ) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.seq = seq

@@ -91,6 +91,7 @@ def _int_between(low: int, high: int) -> Callable[[str, Any], int]:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise AuditFieldError(f"{name} must be an integer in [{low}, {high}]")
         return value
+
     return check
 
 
@@ -165,10 +166,15 @@ class _Rule:
     sensitive: frozenset[str] = frozenset()
 
 
-def _rule(required: str, optional: str = "", status: str | None = None,
-          sensitive: str = "") -> _Rule:
-    return _Rule(frozenset(required.split()), frozenset(optional.split()), status,
-                 frozenset(sensitive.split()))
+def _rule(
+    required: str, optional: str = "", status: str | None = None, sensitive: str = ""
+) -> _Rule:
+    return _Rule(
+        frozenset(required.split()),
+        frozenset(optional.split()),
+        status,
+        frozenset(sensitive.split()),
+    )
 
 
 _REQUEST = "request_id remote_addr"
@@ -176,33 +182,42 @@ _REQUEST = "request_id remote_addr"
 RULES: Mapping[EventType, _Rule] = {
     EventType.SUBMISSION_ACCEPTED: _rule(
         "client function task_id result_key",
-        f"module_sha256 workflow_id step {_REQUEST}", "accepted",
-        "module_source args kwargs"),
+        f"module_sha256 workflow_id step {_REQUEST}",
+        "accepted",
+        "module_source args kwargs",
+    ),
     EventType.SUBMISSION_REJECTED: _rule(
-        "code", f"client function http_status reason module_sha256 workflow_id {_REQUEST}",
-        "rejected", "module_source"),
-    EventType.AUTH_FAILED: _rule(
-        "code", f"client http_status reason {_REQUEST}", "denied"),
+        "code",
+        f"client function http_status reason module_sha256 workflow_id {_REQUEST}",
+        "rejected",
+        "module_source",
+    ),
+    EventType.AUTH_FAILED: _rule("code", f"client http_status reason {_REQUEST}", "denied"),
     EventType.POLICY_DENIED: _rule(
-        "client code", f"function task_id http_status reason {_REQUEST}", "denied"),
+        "client code", f"function task_id http_status reason {_REQUEST}", "denied"
+    ),
     EventType.EXECUTION_STARTED: _rule(
-        "task_id function", "client result_key module_sha256 workflow_id step request_id",
+        "task_id function",
+        "client result_key module_sha256 workflow_id step request_id",
         "running",
-        "module_source args kwargs"),
+        "module_source args kwargs",
+    ),
     EventType.EXECUTION_FINISHED: _rule(
         "task_id status",
         "function client result_key module_sha256 usage workflow_id step code request_id",
-        None, "module_source result"),
-    EventType.TASK_REJECTED: _rule(
-        "code", "task_id function client reason request_id", "rejected"),
+        None,
+        "module_source result",
+    ),
+    EventType.TASK_REJECTED: _rule("code", "task_id function client reason request_id", "rejected"),
     EventType.RESULT_READ: _rule(
-        "client result_key status", f"task_id http_status {_REQUEST}", None, "result"),
-    EventType.TASK_REVOKED: _rule(
-        "client result_key status", f"task_id {_REQUEST}"),
+        "client result_key status", f"task_id http_status {_REQUEST}", None, "result"
+    ),
+    EventType.TASK_REVOKED: _rule("client result_key status", f"task_id {_REQUEST}"),
     EventType.KEY_ROTATED: _rule("key_name", "key_version actor code"),
     EventType.CREDENTIAL_ROTATED: _rule("credential", "actor code key_version"),
     EventType.CHECKPOINT: _rule(
-        "from_seq to_seq head_hash merkle_root signed_at signature key_version"),
+        "from_seq to_seq head_hash merkle_root signed_at signature key_version"
+    ),
     EventType.CHECKPOINT_FAILED: _rule("code", "from_seq to_seq"),
     EventType.LOG_RECOVERED: _rule("code fragment_sha256 fragment_bytes"),
 }
@@ -224,8 +239,9 @@ class AuditEvent:
 def _json_digest(value: Any) -> bytes:
     # Arguments and results arrived as JSON; `default=repr` keeps an odd value from costing the
     # entry (the digest is then of its repr).
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=repr)
+    text = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr
+    )
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
@@ -234,8 +250,7 @@ def _module_sha256(source: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_event(event_type: EventType | str, *, internal: bool = False,
-               **given: Any) -> AuditEvent:
+def make_event(event_type: EventType | str, *, internal: bool = False, **given: Any) -> AuditEvent:
     """Validate `given` against the whitelist of `event_type`; raise AuditFieldError otherwise.
 
     `module_source=` (str or bytes) becomes `module_sha256`; `args=` and `kwargs=` together become

@@ -121,8 +121,9 @@ def _detail(entry: dict[str, Any]) -> str:
     if "module_sha256" in entry:
         parts.append(f"module={str(entry['module_sha256'])[:12]}")
     if entry.get("type") == "checkpoint":
-        parts.append(f"seq {entry.get('from_seq')}..{entry.get('to_seq')} "
-                     f"key v{entry.get('key_version')}")
+        parts.append(
+            f"seq {entry.get('from_seq')}..{entry.get('to_seq')} key v{entry.get('key_version')}"
+        )
     if "key_name" in entry or "credential" in entry:
         parts.append(str(entry.get("key_name") or entry.get("credential")))
     return " ".join(parts)
@@ -142,19 +143,20 @@ def format_table(entries: list[dict[str, Any]]) -> str:
     rows: list[tuple[str, ...]] = []
     for e in entries:
         when = str(e.get("time", ""))
-        rows.append((
-            str(e.get("seq", "")),
-            when[:19].replace("T", " ") + ("Z" if when else ""),
-            str(e.get("type", "")),
-            _clip(str(e.get("client", "-")), _WIDTHS["CLIENT"]),
-            _clip(str(e.get("function", "-")), _WIDTHS["FUNCTION"]),
-            _clip(str(e.get("status", "-")), _WIDTHS["STATUS"]),
-            _detail(e),
-        ))
+        rows.append(
+            (
+                str(e.get("seq", "")),
+                when[:19].replace("T", " ") + ("Z" if when else ""),
+                str(e.get("type", "")),
+                _clip(str(e.get("client", "-")), _WIDTHS["CLIENT"]),
+                _clip(str(e.get("function", "-")), _WIDTHS["FUNCTION"]),
+                _clip(str(e.get("status", "-")), _WIDTHS["STATUS"]),
+                _detail(e),
+            )
+        )
     rows = [tuple(_printable(v) for v in r) for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(_COLUMNS)]
     widths[-1] = 0  # the last column is not padded
     lines = ["  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
-              for r in rows]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines) + "\n"

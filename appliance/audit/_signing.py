@@ -138,8 +138,9 @@ class PublicKeySource(Protocol):
         ...
 
 
-def export_public_keys(source: PublicKeySource, path: Path,
-                       key_name: str = DEFAULT_KEY_NAME) -> PublicKeys:
+def export_public_keys(
+    source: PublicKeySource, path: Path, key_name: str = DEFAULT_KEY_NAME
+) -> PublicKeys:
     """Write the audit key's public keys to `path` (JSON) and return them.
 
     `source` is a `TransitSigner` over a `Transit` logged in as the operator or root (services
@@ -150,8 +151,7 @@ def export_public_keys(source: PublicKeySource, path: Path,
     document = {
         "key_name": key_name,
         "type": "ed25519",
-        "keys": {str(v): str(k) for v, k in sorted(versions.items(), key=lambda i: int(i[0]))
-                 if k},
+        "keys": {str(v): str(k) for v, k in sorted(versions.items(), key=lambda i: int(i[0])) if k},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -32,8 +32,11 @@ class UnsafeMemoryAuditSink:
     def record(self, event_type: EventType | str, /, **fields: Any) -> AuditRecord:
         """Validate the event and keep its stored fields (digests in place of plaintext)."""
         event = make_event(event_type, **fields)
-        stored = {"type": str(event.type), **event.fields,
-                  **{name: digest.hex() for name, digest in event.blind.items()}}
+        stored = {
+            "type": str(event.type),
+            **event.fields,
+            **{name: digest.hex() for name, digest in event.blind.items()},
+        }
         self.events.append(stored)
         seq = next(self._seq)
         return AuditRecord(seq, hashlib.sha256(repr(stored).encode()).hexdigest(), "")

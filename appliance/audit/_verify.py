@@ -93,26 +93,36 @@ def _parse_line(number: int, raw: bytes) -> _Line:
         return _Line(number, None, "is not valid JSON")
     if not isinstance(entry, dict):
         return _Line(number, None, "is not a JSON object")
+    return _Line(number, entry, _shape_problem(entry) or _content_problem(entry, raw))
+
+
+def _shape_problem(entry: dict[str, Any]) -> str | None:
+    """What is wrong with the entry's fields, read one by one, or None."""
     for name in ("v", "seq", "time", "type", "prev_hash", "hash"):
         if name not in entry:
-            return _Line(number, entry, f"has no {name!r} field")
+            return f"has no {name!r} field"
     if entry["v"] != FORMAT_VERSION:
-        return _Line(number, entry, f"has an unknown format version {entry['v']!r}")
+        return f"has an unknown format version {entry['v']!r}"
     if not isinstance(entry["seq"], int) or isinstance(entry["seq"], bool) or entry["seq"] < 1:
-        return _Line(number, entry, "has no valid seq")
+        return "has no valid seq"
     if not _is_hex64(entry["prev_hash"]) or not _is_hex64(entry["hash"]):
-        return _Line(number, entry, "has a malformed hash")
+        return "has a malformed hash"
     try:
         parse_time(str(entry["time"]))
     except ValueError:
-        return _Line(number, entry, "has a malformed time")
+        return "has a malformed time"
+    return None
+
+
+def _content_problem(entry: dict[str, Any], raw: bytes) -> str | None:
+    """Whether the well-shaped entry is the one its hash and bytes say, or None."""
     if entry["hash"] != entry_hash(entry):
-        return _Line(number, entry, "does not match its own hash (its content was changed)")
+        return "does not match its own hash (its content was changed)"
     if canonical(entry) != raw:
         # Same values, different bytes (spacing, key order, a duplicated key that a JSON parser
         # silently collapses): a reader other than this one could see different content.
-        return _Line(number, entry, "is not in canonical form (its bytes were changed)")
-    return _Line(number, entry, None)
+        return "is not in canonical form (its bytes were changed)"
+    return None
 
 
 def _is_hex64(value: Any) -> bool:
@@ -196,7 +206,7 @@ class _Walk:
             line = _parse_line(number, raw)
             if not line.ok or line.seq != self.expected or line.prev != self.prev_hash:
                 raise _classify(self, line)
-            assert line.entry is not None and line.hash is not None
+            assert line.entry is not None and line.hash is not None  # noqa: S101 - narrows a type; an invariant, not a check
             is_checkpoint = line.entry["type"] == CHECKPOINT_TYPE
             if is_checkpoint:
                 self._check_checkpoint(line)
@@ -207,24 +217,33 @@ class _Walk:
 
     def _check_checkpoint(self, line: _Line) -> None:
         entry, seq = line.entry, line.seq
-        assert entry is not None and seq is not None
+        assert entry is not None and seq is not None  # noqa: S101 - narrows a type; an invariant, not a check
         where = f"checkpoint seq {seq} (line {line.number})"
         try:
             body = CheckpointBody.from_entry(entry)
             signature = str(entry["signature"])
         except (KeyError, TypeError, ValueError):
-            raise VerificationFailed("altered", f"{where} lacks its checkpoint fields",
-                                     seq=seq, line=line.number) from None
+            raise VerificationFailed(
+                "altered", f"{where} lacks its checkpoint fields", seq=seq, line=line.number
+            ) from None
         covered = f"seq {body.from_seq}..{body.to_seq}"
-        _check_signature(self.public_keys, body, signature, entry.get("key_version"),
-                         f"{where} covering {covered}", seq=seq, line=line.number)
+        _check_signature(
+            self.public_keys,
+            body,
+            signature,
+            entry.get("key_version"),
+            f"{where} covering {covered}",
+            seq=seq,
+            line=line.number,
+        )
         self.versions.add(key_version(signature))
         if body.from_seq != self.checkpointed_to + 1 or not body.from_seq <= body.to_seq < seq:
             raise VerificationFailed(
                 "forged",
                 f"{where} covers {covered}, but the previous checkpoint ended at seq "
                 f"{self.checkpointed_to}",
-                seq=seq, line=line.number,
+                seq=seq,
+                line=line.number,
             )
         hashes = self.pending[: body.to_seq - self.checkpointed_to]
         if hashes[-1] != body.head_hash or merkle_root(hashes) != body.merkle_root:
@@ -232,17 +251,25 @@ class _Walk:
                 "altered",
                 f"entries {covered} no longer match the signed {where}: an entry in that range "
                 "was changed and the chain after it rehashed",
-                seq=body.from_seq, line=None,
+                seq=body.from_seq,
+                line=None,
             )
-        self.pending = self.pending[len(hashes):]
-        self.pending_events = self.pending_events[len(hashes):]
+        self.pending = self.pending[len(hashes) :]
+        self.pending_events = self.pending_events[len(hashes) :]
         self.checkpointed_to = body.to_seq
         self.checkpoint_entries[seq] = str(entry["hash"])
 
 
-def _check_signature(public_keys: PublicKeys | None, body: CheckpointBody, signature: str,
-                     recorded_version: Any, where: str, *, seq: int | None,
-                     line: int | None) -> None:
+def _check_signature(
+    public_keys: PublicKeys | None,
+    body: CheckpointBody,
+    signature: str,
+    recorded_version: Any,
+    where: str,
+    *,
+    seq: int | None,
+    line: int | None,
+) -> None:
     if public_keys is None:
         raise PublicKeyError(
             f"{where} needs the audit key's public keys: pass --public-keys or export them"
@@ -253,37 +280,54 @@ def _check_signature(public_keys: PublicKeys | None, body: CheckpointBody, signa
             raise ValueError("its key_version does not match its signature")
     except ValueError as exc:
         raise VerificationFailed(
-            "forged", f"{where} does not verify: {exc}; the checkpoint is forged or altered",
-            seq=seq, line=line,
+            "forged",
+            f"{where} does not verify: {exc}; the checkpoint is forged or altered",
+            seq=seq,
+            line=line,
         ) from None
 
 
-def _classify(walk: _Walk, line: _Line) -> VerificationFailed:
-    """Tell what happened at the first line that does not continue the chain."""
+def _classify(walk: _Walk, line: _Line) -> VerificationFailed:  # noqa: C901 - one decision table
+    """Tell what happened at the first line that does not continue the chain.
+
+    One decision table, read top to bottom: each branch is one tamper class (inserted, altered,
+    reordered, removed) recognised by how the line relates to its neighbours. The branches are
+    ordered (an earlier, more specific explanation wins), which splitting them across functions
+    would hide; the module docstring says why the file is read a second time here.
+    """
     lines = [_parse_line(n, raw) for n, raw, complete in _lines(walk.path, walk.size) if complete]
     i = line.number - 1
     nxt = lines[i + 1] if i + 1 < len(lines) else None
     expected, prev = walk.expected, walk.prev_hash
 
     def is_next(candidate: _Line | None) -> bool:
-        return bool(candidate and candidate.ok and candidate.seq == expected
-                    and candidate.prev == prev)
+        return bool(
+            candidate and candidate.ok and candidate.seq == expected and candidate.prev == prev
+        )
 
     here = f"line {line.number}"
     if not line.ok:
         if is_next(nxt):
             return VerificationFailed(
-                "inserted", f"{here} {line.problem} and is not part of the chain (seq {expected} "
-                f"follows at line {line.number + 1})", seq=line.seq, line=line.number)
+                "inserted",
+                f"{here} {line.problem} and is not part of the chain (seq {expected} "
+                f"follows at line {line.number + 1})",
+                seq=line.seq,
+                line=line.number,
+            )
         seq = line.seq if line.seq is not None else expected
-        return VerificationFailed("altered", f"entry seq {seq} ({here}) {line.problem}",
-                                  seq=seq, line=line.number)
+        return VerificationFailed(
+            "altered", f"entry seq {seq} ({here}) {line.problem}", seq=seq, line=line.number
+        )
 
     copies = [c for c in lines if c.ok and c.number != line.number and c.hash == line.hash]
     if copies:
         return VerificationFailed(
-            "inserted", f"{here} is a copy of entry seq {line.seq} (line {copies[0].number})",
-            seq=line.seq, line=line.number)
+            "inserted",
+            f"{here} is a copy of entry seq {line.seq} (line {copies[0].number})",
+            seq=line.seq,
+            line=line.number,
+        )
 
     last = walk.last
     if last is not None and line.seq == expected - 1 and line.prev == walk.last_prev_hash:
@@ -291,49 +335,88 @@ def _classify(walk: _Walk, line: _Line) -> VerificationFailed:
         # the next entry chains to is genuine.
         if nxt is not None and nxt.ok and nxt.prev == line.hash:
             return VerificationFailed(
-                "inserted", f"line {last.number} (seq {last.seq}) is not part of the chain: "
+                "inserted",
+                f"line {last.number} (seq {last.seq}) is not part of the chain: "
                 f"seq {nxt.seq} (line {nxt.number}) follows the seq {line.seq} at {here}",
-                seq=last.seq, line=last.number)
+                seq=last.seq,
+                line=last.number,
+            )
         return VerificationFailed(
-            "inserted", f"{here} is a second entry for seq {line.seq} (line {last.number}) and "
-            "is not part of the chain", seq=line.seq, line=line.number)
+            "inserted",
+            f"{here} is a second entry for seq {line.seq} (line {last.number}) and "
+            "is not part of the chain",
+            seq=line.seq,
+            line=line.number,
+        )
 
-    later = next((c for c in lines[i + 1:] if is_next(c)), None)
+    later = next((c for c in lines[i + 1 :] if is_next(c)), None)
     if later is not None:
-        assert line.seq is not None
+        assert line.seq is not None  # noqa: S101 - narrows a type; an invariant, not a check
         belongs_elsewhere = line.seq > expected and any(
-            c.ok and c.seq == line.seq - 1 and c.hash == line.prev for c in lines)
+            c.ok and c.seq == line.seq - 1 and c.hash == line.prev for c in lines
+        )
         if belongs_elsewhere:
             return VerificationFailed(
-                "reordered", f"entry seq {expected} is at line {later.number}, after entry seq "
-                f"{line.seq} at {here}", seq=expected, line=later.number)
+                "reordered",
+                f"entry seq {expected} is at line {later.number}, after entry seq "
+                f"{line.seq} at {here}",
+                seq=expected,
+                line=later.number,
+            )
         return VerificationFailed(
-            "inserted", f"{here} (claiming seq {line.seq}) is not part of the chain: seq "
-            f"{expected} follows at line {later.number}", seq=line.seq, line=line.number)
+            "inserted",
+            f"{here} (claiming seq {line.seq}) is not part of the chain: seq "
+            f"{expected} follows at line {later.number}",
+            seq=line.seq,
+            line=line.number,
+        )
 
-    assert line.seq is not None
+    assert line.seq is not None  # noqa: S101 - narrows a type; an invariant, not a check
     if line.seq > expected:
         if line.prev == prev:
             return VerificationFailed(
-                "altered", f"entry at {here} claims seq {line.seq} but follows seq "
-                f"{expected - 1}: its seq was changed", seq=line.seq, line=line.number)
-        gap = f"seq {expected}" if line.seq == expected + 1 else \
-            f"seq {expected}..{line.seq - 1}"
+                "altered",
+                f"entry at {here} claims seq {line.seq} but follows seq "
+                f"{expected - 1}: its seq was changed",
+                seq=line.seq,
+                line=line.number,
+            )
+        gap = f"seq {expected}" if line.seq == expected + 1 else f"seq {expected}..{line.seq - 1}"
         return VerificationFailed(
-            "removed", f"entry {gap} is missing: {here} holds seq {line.seq} after seq "
-            f"{expected - 1}", seq=expected, line=line.number)
-    if line.seq == expected and last is not None and nxt is not None and nxt.ok \
-            and nxt.prev == line.hash and nxt.seq == expected + 1:
+            "removed",
+            f"entry {gap} is missing: {here} holds seq {line.seq} after seq {expected - 1}",
+            seq=expected,
+            line=line.number,
+        )
+    if (
+        line.seq == expected
+        and last is not None
+        and nxt is not None
+        and nxt.ok
+        and nxt.prev == line.hash
+        and nxt.seq == expected + 1
+    ):
         return VerificationFailed(
-            "altered", f"entry seq {last.seq} (line {last.number}) was changed and rehashed: "
-            f"seq {expected} ({here}) does not chain to it", seq=last.seq, line=last.number)
+            "altered",
+            f"entry seq {last.seq} (line {last.number}) was changed and rehashed: "
+            f"seq {expected} ({here}) does not chain to it",
+            seq=last.seq,
+            line=last.number,
+        )
     if line.seq == expected:
         return VerificationFailed(
-            "altered", f"entry seq {expected} ({here}) does not chain to seq {expected - 1}: "
-            "its prev_hash was changed", seq=expected, line=line.number)
+            "altered",
+            f"entry seq {expected} ({here}) does not chain to seq {expected - 1}: "
+            "its prev_hash was changed",
+            seq=expected,
+            line=line.number,
+        )
     return VerificationFailed(
-        "inserted", f"{here} claims seq {line.seq}, already in the chain, and is not part of it",
-        seq=line.seq, line=line.number)
+        "inserted",
+        f"{here} claims seq {line.seq}, already in the chain, and is not part of it",
+        seq=line.seq,
+        line=line.number,
+    )
 
 
 def _check_checkpoint_file(walk: _Walk, side: bytes, checkpoints: Path) -> None:
@@ -355,27 +438,35 @@ def _check_checkpoint_file(walk: _Walk, side: bytes, checkpoints: Path) -> None:
         if seq <= last_seq:
             if walk.checkpoint_entries.get(seq) != digest:
                 raise VerificationFailed(
-                    "altered", f"{where} records checkpoint seq {seq}, which the log does not "
-                    "hold: the checkpoint or the log was altered", seq=seq)
+                    "altered",
+                    f"{where} records checkpoint seq {seq}, which the log does not "
+                    "hold: the checkpoint or the log was altered",
+                    seq=seq,
+                )
             seen.add(seq)
             continue
-        _check_signature(walk.public_keys, body, signature, record.get("key_version"), where,
-                         seq=seq, line=None)
+        _check_signature(
+            walk.public_keys, body, signature, record.get("key_version"), where, seq=seq, line=None
+        )
         if body.to_seq > last_seq:
             message = f"log ends at seq {last_seq} but checkpoint covers up to seq {body.to_seq}"
         else:
-            message = (f"log ends at seq {last_seq} but the checkpoint entry seq {seq} (covering "
-                       f"up to seq {body.to_seq}) was written after it")
+            message = (
+                f"log ends at seq {last_seq} but the checkpoint entry seq {seq} (covering "
+                f"up to seq {body.to_seq}) was written after it"
+            )
         raise VerificationFailed("truncated", message, seq=last_seq + 1)
     missing = sorted(set(walk.checkpoint_entries) - seen)
     if missing:
         walk.warnings.append(
             f"{checkpoints.name} lacks checkpoint(s) seq {', '.join(map(str, missing))} (the next "
-            "writer adds a checkpoint lost in a crash)")
+            "writer adds a checkpoint lost in a crash)"
+        )
 
 
-def verify_log(log: Path, public_keys: PublicKeys | None, *,
-               checkpoints: Path | None = None) -> VerifyReport:
+def verify_log(
+    log: Path, public_keys: PublicKeys | None, *, checkpoints: Path | None = None
+) -> VerifyReport:
     """Verify the chain, every checkpoint and the checkpoint file; raise at the first problem.
 
     Raises `VerificationFailed` (naming the first entry altered, removed, inserted or
@@ -393,6 +484,12 @@ def verify_log(log: Path, public_keys: PublicKeys | None, *,
     fingerprints = (
         {v: public_keys.fingerprint(v) for v in sorted(walk.versions)} if public_keys else {}
     )
-    return VerifyReport(paths.log, walk.expected - 1, len(walk.checkpoint_entries),
-                        walk.checkpointed_to, sum(walk.pending_events), fingerprints,
-                        tuple(walk.warnings))
+    return VerifyReport(
+        paths.log,
+        walk.expected - 1,
+        len(walk.checkpoint_entries),
+        walk.checkpointed_to,
+        sum(walk.pending_events),
+        fingerprints,
+        tuple(walk.warnings),
+    )

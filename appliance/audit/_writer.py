@@ -127,9 +127,18 @@ class AuditLog:
     a field outside the event's whitelist.
     """
 
-    def __init__(self, paths: AuditPaths, signer: Signer | None, *, source: str,
-                 checkpoint_every: int, checkpoint_interval: float,
-                 clock: Callable[[], float], durable: bool, auto_checkpoint: bool) -> None:
+    def __init__(
+        self,
+        paths: AuditPaths,
+        signer: Signer | None,
+        *,
+        source: str,
+        checkpoint_every: int,
+        checkpoint_interval: float,
+        clock: Callable[[], float],
+        durable: bool,
+        auto_checkpoint: bool,
+    ) -> None:
         if checkpoint_every < 1 or checkpoint_interval <= 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval > 0")
         self.paths = paths
@@ -152,11 +161,18 @@ class AuditLog:
         os.register_at_fork(after_in_child=lambda: _call_if_alive(ref))
 
     @classmethod
-    def open(cls, path: Path | str, signer: Signer | None = None, *, source: str = "appliance",
-             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-             checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
-             clock: Callable[[], float] = time.time, durable: bool = True,
-             auto_checkpoint: bool = True) -> AuditLog:
+    def open(
+        cls,
+        path: Path | str,
+        signer: Signer | None = None,
+        *,
+        source: str = "appliance",
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        clock: Callable[[], float] = time.time,
+        durable: bool = True,
+        auto_checkpoint: bool = True,
+    ) -> AuditLog:
         """Open (creating if needed) the log at `path` and check that its tail chains.
 
         `signer` signs checkpoints (`TransitSigner` in services); without one, entries are
@@ -164,9 +180,16 @@ class AuditLog:
         `auto_checkpoint=False` leaves checkpoints to `maybe_checkpoint()` (e.g. from a timer
         thread), so that `record()` never waits for the signer.
         """
-        log = cls(AuditPaths(Path(path)), signer, source=source,
-                  checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
-                  clock=clock, durable=durable, auto_checkpoint=auto_checkpoint)
+        log = cls(
+            AuditPaths(Path(path)),
+            signer,
+            source=source,
+            checkpoint_every=checkpoint_every,
+            checkpoint_interval=checkpoint_interval,
+            clock=clock,
+            durable=durable,
+            auto_checkpoint=auto_checkpoint,
+        )
         try:
             with log._guard():
                 pass
@@ -342,11 +365,14 @@ class AuditLog:
             if size > tail.size:
                 self._absorb(tail, tail.size, size)
             if fragment is not None:
-                self._append_locked(EventType.LOG_RECOVERED, {
-                    "code": "torn_tail",
-                    "fragment_sha256": hashlib.sha256(fragment).hexdigest(),
-                    "fragment_bytes": len(fragment),
-                })
+                self._append_locked(
+                    EventType.LOG_RECOVERED,
+                    {
+                        "code": "torn_tail",
+                        "fragment_sha256": hashlib.sha256(fragment).hexdigest(),
+                        "fragment_bytes": len(fragment),
+                    },
+                )
             return tail
         except OSError as exc:
             self._tail = None
@@ -374,8 +400,7 @@ class AuditLog:
         fragment = os.pread(fd, size - start, start)
         os.ftruncate(fd, start)
         os.fdatasync(fd)
-        logger.warning("audit: cut a torn last line of %d bytes (a crash mid-write)",
-                       len(fragment))
+        logger.warning("audit: cut a torn last line of %d bytes (a crash mid-write)", len(fragment))
         return start, fragment
 
     def _load(self, ino: tuple[int, int], size: int) -> _Tail:
@@ -383,8 +408,13 @@ class AuditLog:
         hint = self._last_side_line()
         if hint is not None:
             try:
-                tail = _Tail(ino, size=int(hint["resume_offset"]), seq=int(hint["to_seq"]),
-                             head=str(hint["head_hash"]), checkpointed_to=int(hint["to_seq"]))
+                tail = _Tail(
+                    ino,
+                    size=int(hint["resume_offset"]),
+                    seq=int(hint["to_seq"]),
+                    head=str(hint["head_hash"]),
+                    checkpointed_to=int(hint["to_seq"]),
+                )
                 if tail.size <= size:
                     self._absorb(tail, tail.size, size)
                     if tail.seq >= int(hint["seq"]):
@@ -443,7 +473,7 @@ class AuditLog:
     def _append_locked(self, kind: EventType, fields: dict[str, Any]) -> AuditRecord:
         """Append one entry; the caller holds the lock and has synced the tail."""
         tail = self._tail
-        assert tail is not None
+        assert tail is not None  # noqa: S101 - narrows a type; an invariant, not a check
         now = self._clock()
         entry: dict[str, Any] = {
             **fields,
@@ -487,7 +517,7 @@ class AuditLog:
         tail = self._tail
         if tail is None or tail.counting == 0:
             return False
-        assert tail.first_counting is not None
+        assert tail.first_counting is not None  # noqa: S101 - narrows a type; an invariant, not a check
         return tail.counting >= self._every or now - tail.first_counting >= self._interval
 
     def _try_checkpoint(self, *, force: bool) -> AuditRecord | None:
@@ -506,7 +536,7 @@ class AuditLog:
             self._checkpoint_thread_lock.release()
 
     def _checkpoint_once(self, force: bool) -> AuditRecord | None:
-        assert self._signer is not None
+        assert self._signer is not None  # noqa: S101 - narrows a type; an invariant, not a check
         with self._guard() as tail:
             if not (self._due(self._clock()) or (force and tail.counting > 0)):
                 return None
@@ -534,9 +564,15 @@ class AuditLog:
                 return None
             self._signing_recovered()
             checkpoint = make_event(
-                EventType.CHECKPOINT, internal=True, from_seq=body.from_seq,
-                to_seq=body.to_seq, head_hash=body.head_hash, merkle_root=body.merkle_root,
-                signed_at=body.signed_at, signature=signature, key_version=version,
+                EventType.CHECKPOINT,
+                internal=True,
+                from_seq=body.from_seq,
+                to_seq=body.to_seq,
+                head_hash=body.head_hash,
+                merkle_root=body.merkle_root,
+                signed_at=body.signed_at,
+                signature=signature,
+                key_version=version,
             )
             with self._guard() as tail:
                 if tail.checkpointed_to != body.from_seq - 1:
@@ -548,19 +584,33 @@ class AuditLog:
     def _signing_failed(self, body: CheckpointBody, exc: Exception) -> None:
         self._retry_at = self._clock() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
-        logger.warning("audit checkpoint of seq %d..%d not signed (%s); retrying in %.0f s",
-                       body.from_seq, body.to_seq, type(exc).__name__, self._retry_delay)
+        logger.warning(
+            "audit checkpoint of seq %d..%d not signed (%s); retrying in %.0f s",
+            body.from_seq,
+            body.to_seq,
+            type(exc).__name__,
+            self._retry_delay,
+        )
         if self._signing_down:
             return
         self._signing_down = True
         code = getattr(exc, "code", None)
         try:
-            event = make_event(EventType.CHECKPOINT_FAILED, internal=True,
-                               code=code if isinstance(code, str) else "signing_failed",
-                               from_seq=body.from_seq, to_seq=body.to_seq)
+            event = make_event(
+                EventType.CHECKPOINT_FAILED,
+                internal=True,
+                code=code if isinstance(code, str) else "signing_failed",
+                from_seq=body.from_seq,
+                to_seq=body.to_seq,
+            )
         except AuditFieldError:
-            event = make_event(EventType.CHECKPOINT_FAILED, internal=True, code="signing_failed",
-                               from_seq=body.from_seq, to_seq=body.to_seq)
+            event = make_event(
+                EventType.CHECKPOINT_FAILED,
+                internal=True,
+                code="signing_failed",
+                from_seq=body.from_seq,
+                to_seq=body.to_seq,
+            )
         with self._guard():
             self._append_locked(event.type, dict(event.fields))
 
@@ -578,8 +628,21 @@ class AuditLog:
             self._side_last_seq = int(last["seq"]) if last else 0
         if entry["seq"] <= self._side_last_seq:
             return
-        line = {k: entry[k] for k in ("seq", "hash", "time", "from_seq", "to_seq", "head_hash",
-                                      "merkle_root", "signed_at", "signature", "key_version")}
+        line = {
+            k: entry[k]
+            for k in (
+                "seq",
+                "hash",
+                "time",
+                "from_seq",
+                "to_seq",
+                "head_hash",
+                "merkle_root",
+                "signed_at",
+                "signature",
+                "key_version",
+            )
+        }
         line["offset"] = offset
         line["resume_offset"] = tail.pending[0].offset
         try:

@@ -42,12 +42,12 @@ from ..observability import (
     read_token,
     serve_metrics,
 )
+from ..queue import HEARTBEAT_KEY, TASK_NAME, make_celery, publish
 from ..redis_conn import connect
 from ..results import ResultStore
 from ..secret_names import check_secret_name, glob_allows
 from ..settings import Settings, get_settings
 from ..vault import Transit, VaultSession, read_secrets
-from .celery_config import HEARTBEAT_KEY, TASK_NAME, make_celery, publish
 from .sandboxes import SandboxPool
 
 log = logging.getLogger("appliance.worker")
@@ -73,15 +73,15 @@ _runtime_lock = threading.Lock()
 def build_runtime(settings: Settings, concurrency: int) -> Runtime:
     """Spawn the fork servers, then log in: the order is the security property."""
     pool = SandboxPool(concurrency)
-    assert settings.vault_role_id_file and settings.vault_secret_id_wrap_file
+    files = settings.service_files()
     session = VaultSession.from_approle(
-        settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
+        settings.vault_addr, files.role_id_file, files.secret_id_wrap_file
     )
-    store = ResultStore(connect(settings, session), settings.result_prefix,
-                        settings.result_ttl_seconds)
+    store = ResultStore(
+        connect(settings, session), settings.result_prefix, settings.result_ttl_seconds
+    )
     transit = Transit(session, settings.transit_mount)
-    assert settings.audit_log is not None
-    audit = AuditLog.open(settings.audit_log, TransitSigner(transit), source="worker")
+    audit = AuditLog.open(files.audit_log, TransitSigner(transit), source="worker")
     audit.start_checkpoint_timer()
     return Runtime(settings, pool, transit, store, audit)
 
@@ -93,15 +93,12 @@ def runtime() -> Runtime:
     return _runtime
 
 
-@signals.celeryd_init.connect
-@signals.setup_logging.connect
 def _on_setup_logging(**_: Any) -> None:
     # Connecting to setup_logging stops Celery from configuring logging: every line is JSON
     # instead; celeryd_init comes earlier, before Celery's own start-up warnings.
     configure_logging("worker")
 
 
-@signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     global _runtime
     concurrency = int(getattr(sender, "concurrency", None) or os.cpu_count() or 1)
@@ -121,7 +118,6 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         serve_metrics("127.0.0.1", settings.metrics_port, token)
 
 
-@signals.worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
     if _runtime is not None:
         _runtime.sandboxes.close()
@@ -151,8 +147,13 @@ def result_body(outcome: sandbox.Outcome) -> dict[str, Any]:
 
 
 def _failure(code: str, message: str) -> dict[str, Any]:
-    return {"status": "failed", "result": None, "stdout": "", "usage": None,
-            "error": {"code": code, "type": "JobError", "message": message}}
+    return {
+        "status": "failed",
+        "result": None,
+        "stdout": "",
+        "usage": None,
+        "error": {"code": code, "type": "JobError", "message": message},
+    }
 
 
 class InFlight(Exception):
@@ -181,8 +182,14 @@ def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> 
         return _claim_and_run(rt, message, spec, ttl, now, request_id)
 
 
-def _claim_and_run(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int,
-                   now: float, request_id: str | None) -> str:
+def _claim_and_run(
+    rt: Runtime,
+    message: JobMessage,
+    spec: dict[str, Any] | None,
+    ttl: int,
+    now: float,
+    request_id: str | None,
+) -> str:
     claim = rt.store.claim(message.nonce, ttl, owner())
     if claim is None:
         if rt.store.has_result(message.result_key):
@@ -200,8 +207,11 @@ def _claim_and_run(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None
         rt.store.finish_claim(message.nonce, ttl)
         return "recovered"
     if not retry and claim.attempts >= rt.settings.max_attempts:
-        body = _failure("worker_lost", f"the job's worker died {claim.attempts} times while "
-                        "running it; it is not retried again")
+        body = _failure(
+            "worker_lost",
+            f"the job's worker died {claim.attempts} times while "
+            "running it; it is not retried again",
+        )
         _finish(rt, message, spec, body, ttl, request_id)
         return "worker_lost"
     if not rt.store.take_over(message.nonce, ttl, owner(), claim, count=not retry):
@@ -251,17 +261,24 @@ def _open(rt: Runtime, message: JobMessage) -> dict[str, Any] | None:
     return spec
 
 
-def _run_and_store(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int,
-                   request_id: str | None) -> str:
+def _run_and_store(
+    rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int, request_id: str | None
+) -> str:
     if spec is None:
         body = _failure("rejected", "the job could not be opened")
     elif not rt.store.start(message.result_key, message.client, message.task_id):
         body = _failure("revoked", "the job was revoked before it started")
     else:
         rt.audit.record(
-            EventType.EXECUTION_STARTED, task_id=message.task_id, function=spec["function"],
-            client=message.client, result_key=message.result_key, module_source=spec["module"],
-            args=spec.get("args", []), kwargs=spec.get("kwargs", {}), request_id=request_id,
+            EventType.EXECUTION_STARTED,
+            task_id=message.task_id,
+            function=spec["function"],
+            client=message.client,
+            result_key=message.result_key,
+            module_source=spec["module"],
+            args=spec.get("args", []),
+            kwargs=spec.get("kwargs", {}),
+            request_id=request_id,
             **_step_fields(spec),
         )
         body = _run(rt, spec)
@@ -273,13 +290,22 @@ def _step_fields(spec: dict[str, Any] | None) -> dict[str, Any]:
     return {"workflow_id": workflow["id"], "step": workflow["step"]} if workflow else {}
 
 
-def _finish(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None,
-            body: dict[str, Any], ttl: int, request_id: str | None) -> str:
+def _finish(
+    rt: Runtime,
+    message: JobMessage,
+    spec: dict[str, Any] | None,
+    body: dict[str, Any],
+    ttl: int,
+    request_id: str | None,
+) -> str:
     """Seal and store the result; in a workflow, enqueue the next step or skip the rest."""
     workflow = (spec or {}).get("workflow")
     if workflow is None:
-        rt.store.put(message.result_key, message.client,
-                     seal_result(rt.transit, body, message.result_key, message.client))
+        rt.store.put(
+            message.result_key,
+            message.client,
+            seal_result(rt.transit, body, message.result_key, message.client),
+        )
     elif body["status"] == "succeeded" and workflow["step"] + 1 < workflow["steps"]:
         _advance(rt, message, workflow, body, request_id)
     else:
@@ -288,21 +314,32 @@ def _finish(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None,
     status = str(body["error"]["code"] if body["error"] else "ok")
     finished: dict[str, Any] = {"client": message.client, "result_key": message.result_key}
     if spec is not None:
-        finished.update(function=spec["function"], module_source=spec["module"],
-                        **_step_fields(spec))
+        finished.update(
+            function=spec["function"], module_source=spec["module"], **_step_fields(spec)
+        )
     if body.get("usage"):
         finished["usage"] = body["usage"]
     if body["status"] == "succeeded":
         finished["result"] = body["result"]
-    rt.audit.record(EventType.EXECUTION_FINISHED, task_id=message.task_id, status=status,
-                    request_id=request_id, **finished)
+    rt.audit.record(
+        EventType.EXECUTION_FINISHED,
+        task_id=message.task_id,
+        status=status,
+        request_id=request_id,
+        **finished,
+    )
     JOBS.labels(status).inc()
     observe_usage(body.get("usage"))
     return status
 
 
-def _advance(rt: Runtime, message: JobMessage, workflow: dict[str, Any], body: dict[str, Any],
-             request_id: str | None) -> None:
+def _advance(
+    rt: Runtime,
+    message: JobMessage,
+    workflow: dict[str, Any],
+    body: dict[str, Any],
+    request_id: str | None,
+) -> None:
     """Store this step's result and enqueue the next step, carrying the value to it sealed."""
     sealed = seal_result(rt.transit, body, message.result_key, message.client)
     step = workflow["step"] + 1
@@ -312,21 +349,21 @@ def _advance(rt: Runtime, message: JobMessage, workflow: dict[str, Any], body: d
         rt.store.put(message.result_key, message.client, sealed)
         return
     nxt = attach_carry(rt.transit, JobMessage.from_wire(json.loads(stored)), body["result"])
-    rt.store.put_and_stage(message.result_key, message.client, sealed, workflow["id"], step,
-                           json.dumps(nxt.to_wire()))
+    rt.store.put_and_stage(
+        message.result_key, message.client, sealed, workflow["id"], step, json.dumps(nxt.to_wire())
+    )
     _publish(rt, nxt, request_id)
     rt.store.unstage(workflow["id"], step)
 
 
 def _publish(rt: Runtime, message: JobMessage, request_id: str | None) -> None:
-    try:
-        publish(app, rt.settings, message.to_wire(), message.task_id, request_id)
-    except Exception as exc:  # kombu raises many types; the retry enqueues the staged step.
-        raise DependencyUnavailable("the broker is unreachable") from exc
+    # On DependencyUnavailable the task is retried, and the retry enqueues the staged step.
+    publish(app, rt.settings, message, request_id)
 
 
-def _enqueue_staged(rt: Runtime, message: JobMessage, spec: dict[str, Any] | None,
-                    request_id: str | None) -> None:
+def _enqueue_staged(
+    rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, request_id: str | None
+) -> None:
     """After a crash: enqueue the next step if the dead worker staged it but did not send it."""
     workflow = (spec or {}).get("workflow")
     if not workflow:
@@ -339,8 +376,13 @@ def _enqueue_staged(rt: Runtime, message: JobMessage, spec: dict[str, Any] | Non
         rt.store.unstage(workflow["id"], step)
 
 
-def _end_workflow(rt: Runtime, message: JobMessage, spec: dict[str, Any],
-                  workflow: dict[str, Any], body: dict[str, Any]) -> None:
+def _end_workflow(
+    rt: Runtime,
+    message: JobMessage,
+    spec: dict[str, Any],
+    workflow: dict[str, Any],
+    body: dict[str, Any],
+) -> None:
     """The last step, or a failed one: store its result and a `skipped` result for every step
     after it, and drop the workflow record, in one transaction."""
     later = [
@@ -349,18 +391,32 @@ def _end_workflow(rt: Runtime, message: JobMessage, spec: dict[str, Any],
         if field.isdigit() and int(field) > workflow["step"]
     ]
     skipped = {
-        "status": "skipped", "result": None, "stdout": "", "usage": None,
-        "error": {"code": "skipped", "type": "WorkflowStepSkipped",
-                  "message": f"step {workflow['step']} ({spec.get('function', '?')}) did not "
-                             f"succeed: {body['error']['code'] if body['error'] else '?'}",
-                  "failed_step": workflow["step"], "failed_result_key": message.result_key},
+        "status": "skipped",
+        "result": None,
+        "stdout": "",
+        "usage": None,
+        "error": {
+            "code": "skipped",
+            "type": "WorkflowStepSkipped",
+            "message": f"step {workflow['step']} ({spec.get('function', '?')}) did not "
+            f"succeed: {body['error']['code'] if body['error'] else '?'}",
+            "failed_step": workflow["step"],
+            "failed_result_key": message.result_key,
+        },
     }
     bodies = {message.result_key: body, **{m.result_key: skipped for m in later}}
-    rt.store.put_many(seal_results(rt.transit, bodies, message.client), message.client,
-                      workflow["id"])
+    rt.store.put_many(
+        seal_results(rt.transit, bodies, message.client), message.client, workflow["id"]
+    )
     for m in later:
-        rt.audit.record(EventType.EXECUTION_FINISHED, task_id=m.task_id, status="skipped",
-                        client=m.client, result_key=m.result_key, workflow_id=workflow["id"])
+        rt.audit.record(
+            EventType.EXECUTION_FINISHED,
+            task_id=m.task_id,
+            status="skipped",
+            client=m.client,
+            result_key=m.result_key,
+            workflow_id=workflow["id"],
+        )
 
 
 def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
@@ -380,8 +436,12 @@ def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
     try:
         with rt.sandboxes.borrow() as sb:
             outcome = sb.run(
-                spec["module"], spec["function"], spec.get("args", []), kwargs,
-                spec.get("limits", {}), spec.get("imports", []),
+                spec["module"],
+                spec["function"],
+                spec.get("args", []),
+                kwargs,
+                spec.get("limits", {}),
+                spec.get("imports", []),
             )
     except sandbox.InvalidRequest as exc:
         return _failure("rejected", str(exc))
@@ -404,8 +464,11 @@ def secrets_refused(names: list[Any], globs: list[Any]) -> str | None:
 
 def redact(body: dict[str, Any], secret_values: dict[str, Any]) -> dict[str, Any]:
     """Replace every secret value that the function echoed (in its value, stdout or error)."""
-    needles = sorted({v for fields in secret_values.values() for v in _strings(fields)
-                      if len(v) >= 4}, key=len, reverse=True)
+    needles = sorted(
+        {v for fields in secret_values.values() for v in _strings(fields) if len(v) >= 4},
+        key=len,
+        reverse=True,
+    )
     if not needles:
         return body
     text = json.dumps(body)
@@ -425,8 +488,7 @@ def _strings(value: Any) -> list[str]:
     return [str(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=None)
-def run_job(self: Task, message: Any) -> str:
+def _run_job(self: Task, message: Any) -> str:
     """The only task: its argument is identifiers and ciphertext."""
     request_id = getattr(self.request, "appliance_request_id", None)
     token = current_request_id.set(request_id)
@@ -445,8 +507,12 @@ def run_job(self: Task, message: Any) -> str:
         raise self.retry(countdown=runtime().settings.heartbeat_seconds, exc=exc) from exc
     except MessageRejected as exc:
         log.warning("refused task message %s: %s", self.request.id, exc.reason)
-        runtime().audit.record(EventType.TASK_REJECTED, code=exc.reason.replace(" ", "_"),
-                               task_id=task_id, request_id=request_id)
+        runtime().audit.record(
+            EventType.TASK_REJECTED,
+            code=exc.reason.replace(" ", "_"),
+            task_id=task_id,
+            request_id=request_id,
+        )
         JOBS.labels("rejected").inc()
         return "rejected"
     except DependencyUnavailable as exc:
@@ -454,3 +520,12 @@ def run_job(self: Task, message: Any) -> str:
         raise self.retry(countdown=2, exc=exc) from exc
     finally:
         current_request_id.reset(token)
+
+
+# Celery is untyped: its signals and task decorator are applied as calls, not decorators, so
+# the functions keep their types. Signals hold their receivers weakly; the module keeps them.
+signals.celeryd_init.connect(_on_setup_logging)
+signals.setup_logging.connect(_on_setup_logging)
+signals.worker_init.connect(_on_worker_init)
+signals.worker_shutdown.connect(_on_worker_shutdown)
+run_job = app.task(name=TASK_NAME, bind=True, acks_late=True, max_retries=None)(_run_job)

@@ -42,9 +42,9 @@ from flower.views.monitor import Metrics
 from tornado import web
 from tornado.routing import URLSpec
 
+from ..queue import make_celery
 from ..settings import Settings, get_settings
 from ..vault import FlowerCredential, VaultSession, read_flower_credential
-from .celery_config import make_celery
 
 log = logging.getLogger("appliance.flower")
 
@@ -59,11 +59,25 @@ _STATUS_WORD = re.compile(r"'[a-z_]{1,32}'")
 _EXCEPTION_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,100}")
 
 #: Flower's routes (patterns as in `flower.urls`) that only read. Everything else is refused.
-_READ_ROUTES = frozenset({
-    "/", "/workers", "/worker/(.+)", "/task/(.+)", "/tasks", "/tasks/datatable", "/broker",
-    "/api/workers", "/api/tasks", "/api/task/types", "/api/queues/length", "/api/task/info/(.*)",
-    "/healthcheck", "/static/(.*)", "/logout",
-})
+_READ_ROUTES = frozenset(
+    {
+        "/",
+        "/workers",
+        "/worker/(.+)",
+        "/task/(.+)",
+        "/tasks",
+        "/tasks/datatable",
+        "/broker",
+        "/api/workers",
+        "/api/tasks",
+        "/api/task/types",
+        "/api/queues/length",
+        "/api/task/info/(.*)",
+        "/healthcheck",
+        "/static/(.*)",
+        "/logout",
+    }
+)
 
 
 def redact_event(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,12 +172,22 @@ def build(capp: Celery, credential: FlowerCredential, *, address: str, port: int
     # this process runs one Flower, so replacing it here is the way to choose the routes.
     flower.app.default_handlers = read_only_handlers()
     events = RedactingEvents(
-        capp, io_loop=_io_loop(), db=opts.db, persistent=False, enable_events=True,
-        state_save_interval=0, max_workers_in_memory=opts.max_workers,
+        capp,
+        io_loop=_io_loop(),
+        db=opts.db,
+        persistent=False,
+        enable_events=True,
+        state_save_interval=0,
+        max_workers_in_memory=opts.max_workers,
         max_tasks_in_memory=opts.max_tasks,
     )
-    return Flower(capp=capp, options=opts, events=events, io_loop=_io_loop(),
-                  **{**flower_settings, "debug": False})
+    return Flower(
+        capp=capp,
+        options=opts,
+        events=events,
+        io_loop=_io_loop(),
+        **{**flower_settings, "debug": False},
+    )
 
 
 def _io_loop() -> Any:
@@ -175,8 +199,9 @@ def _io_loop() -> Any:
 def fetch_credential(settings: Settings) -> FlowerCredential:
     """Log in with the `flower` AppRole, read the login, revoke the token."""
     if settings.vault_role_id_file is None or settings.vault_secret_id_wrap_file is None:
-        raise SystemExit("Flower needs APPLIANCE_VAULT_ROLE_ID_FILE and "
-                         "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE")
+        raise SystemExit(
+            "Flower needs APPLIANCE_VAULT_ROLE_ID_FILE and APPLIANCE_VAULT_SECRET_ID_WRAP_FILE"
+        )
     session = VaultSession.from_approle(
         settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
     )
@@ -192,14 +217,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5555)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Flower's access log names URLs only, but stays off as in Flower's own default.
     logging.getLogger("tornado.access").disabled = True
     settings = get_settings()
     credential = fetch_credential(settings)
-    app = build(make_celery(settings, "appliance-flower"), credential,
-                address=args.address, port=args.port)
+    app = build(
+        make_celery(settings, "appliance-flower"), credential, address=args.address, port=args.port
+    )
     atexit.register(app.stop)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     port = app.start_http_server()

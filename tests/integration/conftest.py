@@ -1,7 +1,10 @@
-"""The whole stack, started by `appliance.stack.up` on free loopback ports in a temp directory.
+"""Fixtures of the real stack, never stubbed and never skipped.
 
-The same orchestrator the README's first command runs: real Redis (TLS, ACL users), real
-OpenBao, a real Celery worker, the API under uvicorn and Flower.
+Two kinds: the whole stack, started by `appliance.stack.up` on free loopback ports in a temp
+directory (the same orchestrator the README's first command runs: real Redis with TLS and ACL
+users, real OpenBao, a real Celery worker, the API under uvicorn and Flower); and, session-scoped,
+single services (PKI, Redis, OpenBao) for the tests of one adapter. Each is a real process with
+its state in a temporary directory, stopped at the end of the session even when tests fail.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -23,14 +26,49 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance import stack
-from appliance._stack import generate_root_token
+from appliance._stack import (
+    BaoHandle,
+    Bootstrap,
+    Pki,
+    RedisHandle,
+    StackError,
+    bootstrap,
+    ensure_pki,
+    free_port,
+    generate_root_token,
+    start_openbao,
+    start_redis,
+    stop_openbao,
+    stop_redis,
+)
 from appliance.cli import SignedClient
+from appliance.queue import BROKER_KEY_PREFIX
 from appliance.registry import Client, Registry
 from appliance.vault import Transit, VaultSession
-from appliance.worker.celery_config import BROKER_KEY_PREFIX
 
 #: Every port of a test stack: any free one (0).
 FREE_PORTS = {"redis": 0, "bao": 0, "api": 0, "flower": 0, "metrics": 0}
+
+
+def _pairs(items: Any) -> list[bytes]:
+    return [b for pair in items for b in pair]
+
+
+def _nothing(admin: Any, key: bytes) -> list[bytes]:
+    return []
+
+
+#: How to read every value of a key, by its Redis type.
+_REDIS_READERS: dict[bytes, Callable[[Any, bytes], list[bytes]]] = {
+    b"string": lambda admin, key: [admin.get(key) or b""],
+    b"list": lambda admin, key: list(admin.lrange(key, 0, -1)),
+    b"hash": lambda admin, key: _pairs(admin.hgetall(key).items()),
+    b"set": lambda admin, key: list(admin.smembers(key)),
+    b"zset": lambda admin, key: [m for m, _ in admin.zrange(key, 0, -1, withscores=True)],
+    b"stream": lambda admin, key: [
+        b for _id, fields in admin.xrange(key) for b in _pairs(fields.items())
+    ],
+}
 
 
 @dataclass
@@ -43,9 +81,14 @@ class Stack:
     def admin_redis(self) -> redis.Redis:
         r = self.status["redis"]
         return redis.Redis(
-            host=r["host"], port=r["port"], ssl=True, ssl_ca_certs=r["tls"]["ca"],
-            ssl_certfile=r["tls"]["cert"], ssl_keyfile=r["tls"]["key"],
-            username=r["username"], password=Path(r["password_file"]).read_text().strip(),
+            host=r["host"],
+            port=r["port"],
+            ssl=True,
+            ssl_ca_certs=r["tls"]["ca"],
+            ssl_certfile=r["tls"]["cert"],
+            ssl_keyfile=r["tls"]["key"],
+            username=r["username"],
+            password=Path(r["password_file"]).read_text().strip(),
         )
 
     def local_key(self, key_file: Path | None = None) -> Ed25519PrivateKey:
@@ -69,8 +112,12 @@ class Stack:
         password = Path(r["password_file"]).read_text().strip()
         app = Celery(name, broker=f"rediss://admin:{password}@127.0.0.1:{r['port']}/0")
         app.conf.update(
-            broker_use_ssl={"ssl_cert_reqs": 2, "ssl_ca_certs": r["tls"]["ca"],
-                            "ssl_certfile": r["tls"]["cert"], "ssl_keyfile": r["tls"]["key"]},
+            broker_use_ssl={
+                "ssl_cert_reqs": 2,
+                "ssl_ca_certs": r["tls"]["ca"],
+                "ssl_certfile": r["tls"]["cert"],
+                "ssl_keyfile": r["tls"]["key"],
+            },
             broker_transport_options={"global_keyprefix": BROKER_KEY_PREFIX},
             **conf,
         )
@@ -82,8 +129,12 @@ class Stack:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`appliance --state STATE ARGS...` in a process of its own."""
-        return subprocess.run([sys.executable, "-m", "appliance.cli", "--state", str(self.state),
-                               *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "appliance.cli", "--state", str(self.state), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def audit_entries(self) -> list[dict[str, Any]]:
         path = Path(self.status["audit_log"])
@@ -105,22 +156,7 @@ class Stack:
         chunks: list[bytes] = []
         for key in admin.scan_iter():
             chunks.append(key)
-            kind = admin.type(key)
-            if kind == b"string":
-                chunks.append(admin.get(key) or b"")
-            elif kind == b"list":
-                chunks.extend(admin.lrange(key, 0, -1))
-            elif kind == b"hash":
-                for f, v in admin.hgetall(key).items():
-                    chunks += [f, v]
-            elif kind == b"set":
-                chunks.extend(admin.smembers(key))
-            elif kind == b"zset":
-                chunks.extend(m for m, _ in admin.zrange(key, 0, -1, withscores=True))
-            elif kind == b"stream":
-                for _id, fields in admin.xrange(key):
-                    for f, v in fields.items():
-                        chunks += [f, v]
+            chunks.extend(_REDIS_READERS.get(admin.type(key), _nothing)(admin, key))
         return b"\n".join(chunks)
 
     def wait_result(self, client: SignedClient, key: str, timeout: float = 30) -> httpx.Response:
@@ -155,3 +191,54 @@ def is_problem(resp: httpx.Response, status: int) -> dict[str, Any]:
         assert field in body
     assert body["status"] == status
     return body
+
+
+_Handle = TypeVar("_Handle")
+
+
+def _start_on_free_port(start: Callable[[int], _Handle], attempts: int = 3) -> _Handle:
+    """Start a service on a fresh free port, retrying if another process grabbed the port first."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except StackError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def stack_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The state directory shared by the session's services (like `appliance up --state`)."""
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def pki(stack_state: Path) -> Pki:
+    """The session's CA, server certificate and per-role client certificates."""
+    return ensure_pki(stack_state / "tls")
+
+
+@pytest.fixture(scope="session")
+def redis_server(stack_state: Path, pki: Pki) -> Iterator[RedisHandle]:
+    """A TLS-only Redis with the ACL roles of `policies/redis-acl.json`."""
+    try:
+        yield _start_on_free_port(lambda port: start_redis(stack_state, port, pki))
+    finally:
+        stop_redis(stack_state)
+
+
+@pytest.fixture(scope="session")
+def openbao(stack_state: Path) -> Iterator[BaoHandle]:
+    """A sealed-storage OpenBao (raft), initialised and unsealed, with its file audit device and
+    a root token in memory (not yet bootstrapped)."""
+    try:
+        yield _start_on_free_port(lambda port: start_openbao(stack_state, port))
+    finally:
+        stop_openbao(stack_state)
+
+
+@pytest.fixture(scope="session")
+def bao_bootstrap(openbao: BaoHandle) -> Bootstrap:
+    """The session's OpenBao with transit keys, KV, policies and AppRoles configured."""
+    return bootstrap(openbao)

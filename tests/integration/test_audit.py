@@ -35,8 +35,9 @@ pytestmark = pytest.mark.integration
 def _service_signer(bao_bootstrap: Bootstrap, directory: Path, role: str = "api") -> TransitSigner:
     """A signer as a service holds it: logged in with its own AppRole (policy: sign only)."""
     role_id, wrap = bao_bootstrap.handle.write_service_credentials(role, directory)
-    return TransitSigner(Transit(VaultSession.from_approle(bao_bootstrap.handle.addr, role_id,
-                                                           wrap)))
+    return TransitSigner(
+        Transit(VaultSession.from_approle(bao_bootstrap.handle.addr, role_id, wrap))
+    )
 
 
 def _operator_keys_source(bao_bootstrap: Bootstrap) -> TransitSigner:
@@ -66,20 +67,28 @@ def test_the_services_cannot_read_the_key_but_can_sign(api_signer: TransitSigner
         api_signer.public_keys()
 
 
-def _writer(addr: str, role_id: str, wrap: str, log: str, index: int, count: int,
-            barrier: Any) -> None:
+def _writer(
+    addr: str, role_id: str, wrap: str, log: str, index: int, count: int, barrier: Any
+) -> None:
     session = VaultSession.from_approle(addr, Path(role_id), Path(wrap))
-    audit = AuditLog.open(Path(log), TransitSigner(Transit(session)), source=f"worker{index}",
-                          checkpoint_every=50)
+    audit = AuditLog.open(
+        Path(log), TransitSigner(Transit(session)), source=f"worker{index}", checkpoint_every=50
+    )
     barrier.wait()
     for i in range(count):
-        audit.record(EventType.EXECUTION_FINISHED, task_id=f"{index}-{i}", function="f",
-                     status="ok", usage={"cpu_ms": i})
+        audit.record(
+            EventType.EXECUTION_FINISHED,
+            task_id=f"{index}-{i}",
+            function="f",
+            status="ok",
+            usage={"cpu_ms": i},
+        )
     audit.close()
 
 
-def test_four_worker_processes_signing_through_openbao(bao_bootstrap: Bootstrap,
-                                                       tmp_path: Path) -> None:
+def test_four_worker_processes_signing_through_openbao(
+    bao_bootstrap: Bootstrap, tmp_path: Path
+) -> None:
     log = tmp_path / "audit" / "audit.jsonl"
     keys = export_public_keys(_operator_keys_source(bao_bootstrap), paths(log).public_keys)
     AuditLog.open(log).close()
@@ -90,8 +99,20 @@ def test_four_worker_processes_signing_through_openbao(bao_bootstrap: Bootstrap,
         creds = tmp_path / f"creds{n}"
         creds.mkdir()
         role_id, wrap = bao_bootstrap.handle.write_service_credentials("worker", creds)
-        workers.append(context.Process(target=_writer, args=(
-            bao_bootstrap.handle.addr, str(role_id), str(wrap), str(log), n, 250, barrier)))
+        workers.append(
+            context.Process(
+                target=_writer,
+                args=(
+                    bao_bootstrap.handle.addr,
+                    str(role_id),
+                    str(wrap),
+                    str(log),
+                    n,
+                    250,
+                    barrier,
+                ),
+            )
+        )
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -106,12 +127,14 @@ def test_four_worker_processes_signing_through_openbao(bao_bootstrap: Bootstrap,
     assert result.exit_code == 0 and "chain intact" in result.stdout
 
 
-def test_openbao_down_costs_no_entry(bao_bootstrap: Bootstrap, api_signer: TransitSigner,
-                                     tmp_path: Path) -> None:
+def test_openbao_down_costs_no_entry(
+    bao_bootstrap: Bootstrap, api_signer: TransitSigner, tmp_path: Path
+) -> None:
     log_path = tmp_path / "audit" / "audit.jsonl"
     keys = export_public_keys(_operator_keys_source(bao_bootstrap), paths(log_path).public_keys)
-    unreachable = TransitSigner(Transit(VaultSession(f"http://127.0.0.1:{free_port()}", "t",
-                                                     timeout=1)))
+    unreachable = TransitSigner(
+        Transit(VaultSession(f"http://127.0.0.1:{free_port()}", "t", timeout=1))
+    )
     log = AuditLog.open(log_path, unreachable, checkpoint_every=5)
     started = time.monotonic()
     for i in range(20):
@@ -135,8 +158,9 @@ class _KeysUpTo:
         return {v: k for v, k in self.source.public_keys().items() if int(v) <= self.version}
 
 
-def test_rotating_the_audit_key_needs_a_new_export(bao_bootstrap: Bootstrap, tmp_path: Path,
-                                                  api_signer: TransitSigner) -> None:
+def test_rotating_the_audit_key_needs_a_new_export(
+    bao_bootstrap: Bootstrap, tmp_path: Path, api_signer: TransitSigner
+) -> None:
     log_path = tmp_path / "audit" / "audit.jsonl"
     operator = _operator_keys_source(bao_bootstrap)
     before = key_version(api_signer.sign(b"probe"))
@@ -160,12 +184,29 @@ def test_no_plaintext_with_the_real_signer(api_signer: TransitSigner, tmp_path: 
     marks = canaries()
     source = f"def f(x):\n    return '{marks['source']}' + x\n"
     log = AuditLog.open(tmp_path / "audit" / "audit.jsonl", api_signer, checkpoint_every=2)
-    log.record(EventType.SUBMISSION_ACCEPTED, client="alice", function="f", task_id="t",
-               result_key="f_1_ab", module_source=source, args=[marks["arg"]],
-               kwargs={"k": marks["kwarg"]})
-    log.record(EventType.EXECUTION_FINISHED, task_id="t", status="ok", module_source=source,
-               result=marks["result"] + marks["secret"])
-    log.record(EventType.RESULT_READ, client="alice", result_key="f_1_ab", status="succeeded",
-               result=marks["result"])
+    log.record(
+        EventType.SUBMISSION_ACCEPTED,
+        client="alice",
+        function="f",
+        task_id="t",
+        result_key="f_1_ab",
+        module_source=source,
+        args=[marks["arg"]],
+        kwargs={"k": marks["kwarg"]},
+    )
+    log.record(
+        EventType.EXECUTION_FINISHED,
+        task_id="t",
+        status="ok",
+        module_source=source,
+        result=marks["result"] + marks["secret"],
+    )
+    log.record(
+        EventType.RESULT_READ,
+        client="alice",
+        result_key="f_1_ab",
+        status="succeeded",
+        result=marks["result"],
+    )
     log.close()
     assert_absent(tmp_path / "audit", marks)

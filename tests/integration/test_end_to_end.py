@@ -50,7 +50,7 @@ def test_signed_submission_returns_the_value(appliance_stack: Stack) -> None:
     assert 0 < ttl <= 300
     envelope = json.loads(json.loads(stored)["sealed"])
     assert set(envelope) == {"v", "kid", "n", "ct"} and envelope["kid"].startswith("vault:v")
-    assert b"\"sum\"" not in stored and b"succeeded" not in stored
+    assert b'"sum"' not in stored and b"succeeded" not in stored
 
     # Same answer by path.
     again = client.request("GET", f"/v1/results/{key}")
@@ -82,8 +82,14 @@ def _queue_and_keys(stack: Stack) -> tuple[int, set[bytes]]:
     return int(admin.llen("celery:appliance")), keys
 
 
-def _raw(stack: Stack, method: str, path: str, content: bytes | None = None,
-         content_type: str = "application/json", **sign: Any) -> httpx.Response:
+def _raw(
+    stack: Stack,
+    method: str,
+    path: str,
+    content: bytes | None = None,
+    content_type: str = "application/json",
+    **sign: Any,
+) -> httpx.Response:
     headers = {"content-type": content_type} if content is not None else {}
     req = httpx.Request(method, stack.status["api_url"] + path, content=content, headers=headers)
     key = sign.pop("key", None) or stack.local_key()
@@ -99,8 +105,12 @@ def _body(**overrides: Any) -> bytes:
 
 def _tamper(stack: Stack) -> httpx.Response:
     body = _body()
-    req = httpx.Request("POST", stack.status["api_url"] + "/v1/tasks", content=body,
-                        headers={"content-type": "application/json"})
+    req = httpx.Request(
+        "POST",
+        stack.status["api_url"] + "/v1/tasks",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     sign_request(req, "local", stack.local_key(), body)
     tampered = body.replace(b"[1, 2]", b"[1, 3]")
     req2 = httpx.Request("POST", req.url, content=tampered, headers=dict(req.headers))
@@ -109,12 +119,22 @@ def _tamper(stack: Stack) -> httpx.Response:
 
 def _untagged(stack: Stack) -> httpx.Response:
     body = _body()
-    req = httpx.Request("POST", stack.status["api_url"] + "/v1/tasks", content=body,
-                        headers={"content-type": "application/json"})
-    signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519,
-                               key_resolver=_PrivateKey(stack.local_key()))
-    signer.sign(req, key_id="local", nonce=secrets.token_hex(8),
-                covered_component_ids=("@method", "@target-uri", "content-type"), body=body)
+    req = httpx.Request(
+        "POST",
+        stack.status["api_url"] + "/v1/tasks",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+    signer = HTTPMessageSigner(
+        signature_algorithm=algorithms.ED25519, key_resolver=_PrivateKey(stack.local_key())
+    )
+    signer.sign(
+        req,
+        key_id="local",
+        nonce=secrets.token_hex(8),
+        covered_component_ids=("@method", "@target-uri", "content-type"),
+        body=body,
+    )
     return httpx.Client().send(req)
 
 
@@ -130,37 +150,76 @@ def _now(offset: int) -> datetime.datetime:
 
 
 BAD_INPUTS = {
-    "unsigned": (lambda s: _raw(s, "POST", "/v1/tasks", _body(), unsigned=True), 401,
-                 "missing_signature"),
+    "unsigned": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(), unsigned=True),
+        401,
+        "missing_signature",
+    ),
     "tampered body": (_tamper, 401, "invalid_signature"),
-    "wrong key": (lambda s: _raw(s, "POST", "/v1/tasks", _body(),
-                                 key=Ed25519PrivateKey.generate()), 401, "invalid_signature"),
-    "unknown key": (lambda s: _raw(s, "POST", "/v1/tasks", _body(), keyid="nobody",
-                                   key=Ed25519PrivateKey.generate()), 401, "unknown_key"),
-    "stale created": (lambda s: _raw(s, "POST", "/v1/tasks", _body(), created=_now(-301)),
-                      401, "stale_signature"),
-    "future created": (lambda s: _raw(s, "POST", "/v1/tasks", _body(), created=_now(60)),
-                       401, "stale_signature"),
-    "expired": (lambda s: _raw(s, "POST", "/v1/tasks", _body(), expires=_now(-5)),
-                401, "stale_signature"),
+    "wrong key": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(), key=Ed25519PrivateKey.generate()),
+        401,
+        "invalid_signature",
+    ),
+    "unknown key": (
+        lambda s: _raw(
+            s, "POST", "/v1/tasks", _body(), keyid="nobody", key=Ed25519PrivateKey.generate()
+        ),
+        401,
+        "unknown_key",
+    ),
+    "stale created": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(), created=_now(-301)),
+        401,
+        "stale_signature",
+    ),
+    "future created": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(), created=_now(60)),
+        401,
+        "stale_signature",
+    ),
+    "expired": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(), expires=_now(-5)),
+        401,
+        "stale_signature",
+    ),
     "replayed nonce": (_replayed, 401, "replayed_nonce"),
     "missing tag": (_untagged, 401, "missing_tag"),
-    "non-JSON": (lambda s: _raw(s, "POST", "/v1/tasks", b"module=x", "text/plain"), 415,
-                 "unsupported_media_type"),
-    "malformed JSON": (lambda s: _raw(s, "POST", "/v1/tasks", b'{"module": '), 400,
-                       "malformed_json"),
-    "oversized body": (lambda s: _raw(s, "POST", "/v1/tasks",
-                                      _body(module="#" * (300 * 1024))), 413, "body_too_large"),
-    "invalid function name": (lambda s: _raw(s, "POST", "/v1/tasks",
-                                             _body(function="__import__")), 400,
-                              "invalid_function"),
-    "unknown field": (lambda s: _raw(s, "POST", "/v1/tasks", _body(shell="rm -rf /")), 400,
-                      "invalid_field"),
-    "limits above policy": (lambda s: _raw(s, "POST", "/v1/tasks",
-                                           _body(limits={"memory_mb": 10**6})), 403,
-                            "limits_not_allowed"),
-    "import never allowed": (lambda s: _raw(s, "POST", "/v1/tasks", _body(imports=["os"])),
-                             403, "import_not_allowed"),
+    "non-JSON": (
+        lambda s: _raw(s, "POST", "/v1/tasks", b"module=x", "text/plain"),
+        415,
+        "unsupported_media_type",
+    ),
+    "malformed JSON": (
+        lambda s: _raw(s, "POST", "/v1/tasks", b'{"module": '),
+        400,
+        "malformed_json",
+    ),
+    "oversized body": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(module="#" * (300 * 1024))),
+        413,
+        "body_too_large",
+    ),
+    "invalid function name": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(function="__import__")),
+        400,
+        "invalid_function",
+    ),
+    "unknown field": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(shell="rm -rf /")),
+        400,
+        "invalid_field",
+    ),
+    "limits above policy": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(limits={"memory_mb": 10**6})),
+        403,
+        "limits_not_allowed",
+    ),
+    "import never allowed": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(imports=["os"])),
+        403,
+        "import_not_allowed",
+    ),
 }
 
 
@@ -230,11 +289,12 @@ def test_no_canary_in_redis_or_logs(appliance_stack: Stack) -> None:
 
 def test_pickle_message_is_refused_not_executed(appliance_stack: Stack, tmp_path: Path) -> None:
     """Someone holding broker credentials pushes a pickled task: the worker never unpickles it."""
-    from appliance.worker.celery_config import TASK_NAME
+    from appliance.queue import TASK_NAME
 
     marker = tmp_path / "pwned"
     attacker = appliance_stack.broker_producer(
-        "attacker", task_serializer="pickle", accept_content=["pickle", "json"])
+        "attacker", task_serializer="pickle", accept_content=["pickle", "json"]
+    )
 
     class Exploit:
         def __reduce__(self) -> tuple[Any, ...]:
@@ -251,7 +311,8 @@ def test_pickle_message_is_refused_not_executed(appliance_stack: Stack, tmp_path
     assert admin.llen("celery:appliance") == 0  # consumed and refused, not left to loop
     assert not marker.exists()
     assert "untrusted content" in appliance_stack.logs() or "ContentDisallowed" in (
-        appliance_stack.logs())
+        appliance_stack.logs()
+    )
     # The worker is still alive and serving.
     client = appliance_stack.client()
     key = submit(client, ADD, "add", args=[1, 1]).json()["result_key"]
@@ -263,5 +324,8 @@ def test_readyz_and_healthz(appliance_stack: Stack) -> None:
     assert httpx.get(base + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(base + "/readyz")
     assert ready.status_code == 200 and ready.json()["checks"] == {
-        "redis": True, "vault": True, "worker": True}
+        "redis": True,
+        "vault": True,
+        "worker": True,
+    }
     assert httpx.get(base + "/openapi.json").status_code == 200

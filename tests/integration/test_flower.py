@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from appliance._stack import BaoHandle, Bootstrap, Pki, operator_token_file, password_file
 from appliance.cli import main as cli
+from appliance.queue import BROKER_KEY_PREFIX, TASK_NAME
 from appliance.vault import FlowerCredential, VaultSession, read_flower_credential
-from appliance.worker.celery_config import BROKER_KEY_PREFIX, TASK_NAME
 
 from .conftest import Stack, submit
 
@@ -35,8 +35,9 @@ def flower_login(stack: Stack) -> FlowerCredential:
     return read_flower_credential(VaultSession(stack.status["vault_addr"], token))
 
 
-def flower_get(stack: Stack, path: str, login: FlowerCredential | None = None,
-               **kw: Any) -> httpx.Response:
+def flower_get(
+    stack: Stack, path: str, login: FlowerCredential | None = None, **kw: Any
+) -> httpx.Response:
     auth = (login.username, login.password) if login else None
     return httpx.get(stack.status["flower_url"] + path, auth=auth, timeout=10, **kw)
 
@@ -48,15 +49,18 @@ def flower_tasks(stack: Stack, login: FlowerCredential) -> dict[str, dict[str, A
     return tasks
 
 
-def wait_flower_sees(stack: Stack, login: FlowerCredential, task_ids: set[str],
-                     timeout: float = 30) -> dict[str, dict[str, Any]]:
+def wait_flower_sees(
+    stack: Stack, login: FlowerCredential, task_ids: set[str], timeout: float = 30
+) -> dict[str, dict[str, Any]]:
     """Flower's tasks once every id in `task_ids` is there, named and finished."""
     deadline = time.monotonic() + timeout
     while True:
         tasks = flower_tasks(stack, login)
-        seen = {tid for tid in task_ids
-                if tasks.get(tid, {}).get("name") == TASK_NAME
-                and tasks[tid].get("state") == "SUCCESS"}
+        seen = {
+            tid
+            for tid in task_ids
+            if tasks.get(tid, {}).get("name") == TASK_NAME and tasks[tid].get("state") == "SUCCESS"
+        }
         if seen == task_ids:
             return tasks
         if time.monotonic() > deadline:
@@ -98,36 +102,46 @@ def _flower_bao(openbao: BaoHandle, directory: Path) -> hvac.Client:
 
 
 @pytest.fixture(scope="module")
-def flower_bao(openbao: BaoHandle, bao_bootstrap: Bootstrap,
-               tmp_path_factory: pytest.TempPathFactory) -> hvac.Client:
+def flower_bao(
+    openbao: BaoHandle, bao_bootstrap: Bootstrap, tmp_path_factory: pytest.TempPathFactory
+) -> hvac.Client:
     return _flower_bao(openbao, tmp_path_factory.mktemp("flower-creds"))
 
 
 def _kv_read(path: str) -> Callable[[hvac.Client], Any]:
     return lambda c: c.secrets.kv.v2.read_secret_version(
-        path, mount_point="kv", raise_on_deleted_version=True)
+        path, mount_point="kv", raise_on_deleted_version=True
+    )
 
 
 _FLOWER_FORBIDDEN: dict[str, Callable[[hvac.Client], Any]] = {
     "read the client registry": _kv_read("appliance/clients/local"),
     "list the client registry": lambda c: c.secrets.kv.v2.list_secrets(
-        "appliance/clients", mount_point="kv"),
+        "appliance/clients", mount_point="kv"
+    ),
     "read task secrets": _kv_read("appliance/secrets/db"),
     "list kv": lambda c: c.secrets.kv.v2.list_secrets("appliance", mount_point="kv"),
     "read its login's metadata": lambda c: c.secrets.kv.v2.read_secret_metadata(
-        "appliance/flower", mount_point="kv"),
+        "appliance/flower", mount_point="kv"
+    ),
     "rewrite its login": lambda c: c.secrets.kv.v2.create_or_update_secret(
-        "appliance/flower", secret={"username": "x", "password": "y"}, mount_point="kv"),
+        "appliance/flower", secret={"username": "x", "password": "y"}, mount_point="kv"
+    ),
     "delete its login": lambda c: c.secrets.kv.v2.delete_latest_version_of_secret(
-        "appliance/flower", mount_point="kv"),
+        "appliance/flower", mount_point="kv"
+    ),
     "jobs data key": lambda c: c.secrets.transit.generate_data_key(
-        "jobs", "plaintext", context="eA==", mount_point="transit"),
+        "jobs", "plaintext", context="eA==", mount_point="transit"
+    ),
     "results data key": lambda c: c.secrets.transit.generate_data_key(
-        "results", "plaintext", context="eA==", mount_point="transit"),
+        "results", "plaintext", context="eA==", mount_point="transit"
+    ),
     "sign a task": lambda c: c.secrets.transit.generate_hmac(
-        "task-signing", "eA==", mount_point="transit"),
+        "task-signing", "eA==", mount_point="transit"
+    ),
     "sign an audit checkpoint": lambda c: c.secrets.transit.sign_data(
-        "audit", "eA==", mount_point="transit"),
+        "audit", "eA==", mount_point="transit"
+    ),
     "mint a worker secret_id": lambda c: c.auth.approle.generate_secret_id("worker"),
     "mint its own secret_id": lambda c: c.auth.approle.generate_secret_id("flower"),
     "read the api role_id": lambda c: c.auth.approle.read_role_id("api"),
@@ -156,7 +170,8 @@ def test_operator_reads_the_login_but_cannot_change_it(appliance_stack: Stack) -
     assert _kv_read("appliance/flower")(operator)["data"]["data"]["username"] == "operator"
     with pytest.raises(hvac.exceptions.Forbidden):
         operator.secrets.kv.v2.create_or_update_secret(
-            "appliance/flower", secret={"username": "x", "password": "y"}, mount_point="kv")
+            "appliance/flower", secret={"username": "x", "password": "y"}, mount_point="kv"
+        )
 
 
 def test_cli_shows_the_login_and_status_only_points_to_it(appliance_stack: Stack) -> None:
@@ -164,13 +179,18 @@ def test_cli_shows_the_login_and_status_only_points_to_it(appliance_stack: Stack
     state = str(appliance_stack.state)
     shown = CliRunner().invoke(cli, ["flower-credentials", "--state", state, "--json"])
     assert shown.exit_code == 0, shown.output
-    assert json.loads(shown.output) == {"url": appliance_stack.status["flower_url"],
-                                        "username": login.username, "password": login.password}
+    assert json.loads(shown.output) == {
+        "url": appliance_stack.status["flower_url"],
+        "username": login.username,
+        "password": login.password,
+    }
     status = CliRunner().invoke(cli, ["status", "--state", state, "--json"])
     assert status.exit_code == 0, status.output
     assert login.password not in status.output
     assert json.loads(status.output)["flower_credentials"] == {
-        "vault_path": "kv/appliance/flower", "command": "appliance flower-credentials"}
+        "vault_path": "kv/appliance/flower",
+        "command": "appliance flower-credentials",
+    }
     assert flower_get(appliance_stack, "/workers", login).status_code == 200
 
 
@@ -194,9 +214,22 @@ def test_password_is_in_no_file_argv_or_environment(appliance_stack: Stack) -> N
 # Every page, API route and /metrics needs the login
 # --------------------------------------------------------------------------------------------
 
-_PROTECTED = ["/", "/workers", "/tasks", "/tasks/datatable", "/broker", "/metrics",
-              "/api/workers", "/api/tasks", "/api/task/types", "/api/queues/length",
-              "/api/task/info/x", "/task/x", "/worker/x", "/no-such-page"]
+_PROTECTED = [
+    "/",
+    "/workers",
+    "/tasks",
+    "/tasks/datatable",
+    "/broker",
+    "/metrics",
+    "/api/workers",
+    "/api/tasks",
+    "/api/task/types",
+    "/api/queues/length",
+    "/api/task/info/x",
+    "/task/x",
+    "/worker/x",
+    "/no-such-page",
+]
 
 
 @pytest.mark.parametrize("path", _PROTECTED)
@@ -269,10 +302,22 @@ def test_no_route_submits_or_controls(appliance_stack: Stack) -> None:
         # Without the login: 401, like every other route.
         assert httpx.post(url, json=body, timeout=10).status_code == 401, url
         # With it: refused, and the reason says where to go instead.
-        resp = httpx.post(url, json=body, auth=(login.username, login.password), timeout=10,
-                          params={"terminate": "true", "n": "1", "min": "1", "max": "2",
-                                  "queue": "appliance", "soft": "1", "hard": "2",
-                                  "ratelimit": "1/s"})
+        resp = httpx.post(
+            url,
+            json=body,
+            auth=(login.username, login.password),
+            timeout=10,
+            params={
+                "terminate": "true",
+                "n": "1",
+                "min": "1",
+                "max": "2",
+                "queue": "appliance",
+                "soft": "1",
+                "hard": "2",
+                "ratelimit": "1/s",
+            },
+        )
         assert resp.status_code == 403, (url, resp.status_code, resp.text[:200])
         assert "signed API" in resp.text
     time.sleep(1.5)  # Anything enqueued would have been received and reported by now.
@@ -291,13 +336,19 @@ def test_flower_broker_user_cannot_enqueue(appliance_stack: Stack) -> None:
     r = appliance_stack.status["redis"]
     password = password_file(state, "flower")
     cert, key = Pki(state / "tls").client("flower")
-    app = Celery("intruder", broker=f"rediss://flower:{password.read_text().strip()}"
-                 f"@127.0.0.1:{r['port']}/0")
+    app = Celery(
+        "intruder", broker=f"rediss://flower:{password.read_text().strip()}@127.0.0.1:{r['port']}/0"
+    )
     app.conf.update(
-        broker_use_ssl={"ssl_cert_reqs": 2, "ssl_ca_certs": r["tls"]["ca"],
-                        "ssl_certfile": str(cert), "ssl_keyfile": str(key)},
+        broker_use_ssl={
+            "ssl_cert_reqs": 2,
+            "ssl_ca_certs": r["tls"]["ca"],
+            "ssl_certfile": str(cert),
+            "ssl_keyfile": str(key),
+        },
         broker_transport_options={"global_keyprefix": BROKER_KEY_PREFIX},
-        broker_connection_retry=False, broker_connection_max_retries=0,
+        broker_connection_retry=False,
+        broker_connection_max_retries=0,
         task_publish_retry=False,
     )
     admin = appliance_stack.admin_redis()

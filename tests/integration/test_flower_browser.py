@@ -40,10 +40,14 @@ def browser() -> Iterator[Any]:
     executable = _chromium()
     if executable is None:
         if os.geteuid() == 0:
-            pytest.fail("Debian's chromium is missing: `./dev.sh test` installs it "
-                        "(apt-get install -y chromium)")
-        pytest.skip("Debian's chromium is missing and we are not root: "
-                    "run `sudo apt-get install -y chromium`")
+            pytest.fail(
+                "Debian's chromium is missing: `./dev.sh test` installs it "
+                "(apt-get install -y chromium)"
+            )
+        pytest.skip(
+            "Debian's chromium is missing and we are not root: "
+            "run `sudo apt-get install -y chromium`"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -65,8 +69,10 @@ def _canary_jobs(stack: Stack, count: int = 3) -> tuple[list[str], list[str]]:
         in_argument = f"carg{secrets.token_hex(8)}"
         in_result = f"cres{secrets.token_hex(8)}"
         # The result canary is built at run time (reversed), so it is not in the source itself.
-        module = (f"# {in_module}\nMARK = '{in_module}'\n\n"
-                  f"def echo(value):\n    return [value, MARK, '{in_result[::-1]}'[::-1]]\n")
+        module = (
+            f"# {in_module}\nMARK = '{in_module}'\n\n"
+            f"def echo(value):\n    return [value, MARK, '{in_result[::-1]}'[::-1]]\n"
+        )
         resp = submit(client, module, "echo", args=[in_argument])
         assert resp.status_code == 202, resp.text
         accepted = resp.json()
@@ -105,8 +111,14 @@ def test_flower_in_a_real_browser(appliance_stack: Stack, browser: Any) -> None:
         task = api_tasks[tid]
         assert task["args"] == "[redacted]" and task["kwargs"] == "[redacted]"
         assert task["result"] == "'ok'"
-    for path in ["/api/tasks", "/api/workers", "/api/task/types", "/api/queues/length",
-                 "/metrics", *(f"/api/task/info/{tid}" for tid in task_ids)]:
+    for path in [
+        "/api/tasks",
+        "/api/workers",
+        "/api/task/types",
+        "/api/queues/length",
+        "/metrics",
+        *(f"/api/task/info/{tid}" for tid in task_ids),
+    ]:
         resp = flower_get(appliance_stack, path, login)
         assert resp.status_code == 200, path
         assert _leaks(resp.text, needles) == [], path
@@ -159,8 +171,10 @@ def test_flower_in_a_real_browser(appliance_stack: Stack, browser: Any) -> None:
     for path, text in pages.items():
         assert _leaks(text, needles) == [], f"a canary or credential shows on {path}"
     assert SCREENSHOT.stat().st_size > 10_000
-    print(f"\nFlower browser test: {time.monotonic() - started:.1f} s, "
-          f"{len(pages)} pages, screenshot {SCREENSHOT}")
+    print(
+        f"\nFlower browser test: {time.monotonic() - started:.1f} s, "
+        f"{len(pages)} pages, screenshot {SCREENSHOT}"
+    )
 
 
 def test_browser_without_login_sees_nothing(appliance_stack: Stack, browser: Any) -> None:

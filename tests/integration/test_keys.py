@@ -53,8 +53,18 @@ def test_rotation_keeps_old_results_until_retired(appliance_stack: Stack) -> Non
     client = appliance_stack.client()
     assert client.request("GET", "/get-result", params={"key": old}).json()["result"] == 1
 
-    res = runner.invoke(main, [*state, "keys", "rotate", "--key", "results",
-                               "--min-decryption-version", str(new_version)])
+    res = runner.invoke(
+        main,
+        [
+            *state,
+            "keys",
+            "rotate",
+            "--key",
+            "results",
+            "--min-decryption-version",
+            str(new_version),
+        ],
+    )
     assert res.exit_code == 0, res.output
     # The API caches nothing about keys: the retired version is refused at once.
     gone = client.request("GET", "/get-result", params={"key": old})

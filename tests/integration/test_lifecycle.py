@@ -112,7 +112,8 @@ def test_revoking_a_queued_job(tuned_stack: Stack) -> None:
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"key": queued["result_key"], "status": "revoked"}
     assert is_problem(client.request("DELETE", f"/v1/results/{running}"), 409)["code"] == (
-        "already_running")
+        "already_running"
+    )
 
     body = tuned_stack.wait_result(client, queued["result_key"], timeout=60).json()
     assert body["status"] == "failed" and body["error"]["code"] == "revoked"

@@ -34,7 +34,8 @@ def _scrape(url: str, token: str) -> Samples:
     assert resp.status_code == 200, resp.text
     return {
         (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(resp.text) for s in family.samples
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
     }
 
 
@@ -75,8 +76,16 @@ def test_metrics_count_known_traffic(appliance_stack: Stack) -> None:
     requests = "appliance_http_requests_total"
     assert delta(api, api_before, requests, route="/v1/tasks", method="POST", status="202") == 4
     assert delta(api, api_before, requests, route="/v1/tasks", method="POST", status="401") == 1
-    assert delta(api, api_before, "appliance_http_request_duration_seconds_count",
-                 route="/v1/tasks", method="POST") == 5
+    assert (
+        delta(
+            api,
+            api_before,
+            "appliance_http_request_duration_seconds_count",
+            route="/v1/tasks",
+            method="POST",
+        )
+        == 5
+    )
     assert delta(worker, worker_before, "appliance_jobs_total", status="ok") == 3
     assert delta(worker, worker_before, "appliance_jobs_total", status="runtime_error") == 1
     assert delta(worker, worker_before, "appliance_job_duration_seconds_count") == 4
@@ -102,8 +111,12 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 def test_logs_are_json_and_the_request_id_follows_the_job(appliance_stack: Stack) -> None:
     rid = f"req-{secrets.token_hex(8)}"
     client = appliance_stack.client()
-    resp = client.request("POST", "/v1/tasks", {"module": ADD, "function": "add",
-                                                "args": [2, 3]}, headers={"x-request-id": rid})
+    resp = client.request(
+        "POST",
+        "/v1/tasks",
+        {"module": ADD, "function": "add", "args": [2, 3]},
+        headers={"x-request-id": rid},
+    )
     assert resp.status_code == 202 and resp.headers["x-request-id"] == rid
     accepted = resp.json()
     assert appliance_stack.wait_result(client, accepted["result_key"]).json()["result"] == 5
@@ -136,8 +149,9 @@ def _until_minute_has(seconds: float) -> None:
 
 
 def test_rate_limit_is_429_with_retry_after_and_queues_nothing(appliance_stack: Stack) -> None:
-    client = appliance_stack.client("metered", appliance_stack.add_client(
-        "metered", rate_per_minute=3))
+    client = appliance_stack.client(
+        "metered", appliance_stack.add_client("metered", rate_per_minute=3)
+    )
     _until_minute_has(20)
     for i in range(3):
         assert submit(client, ADD, "add", args=[i, i]).status_code == 202
@@ -146,20 +160,25 @@ def test_rate_limit_is_429_with_retry_after_and_queues_nothing(appliance_stack: 
     over = submit(client, ADD, "add", args=[1, 1])
     assert is_problem(over, 429)["code"] == "rate_limited"
     assert 1 <= int(over.headers["retry-after"]) <= 61
-    workflow = client.request("POST", "/v1/workflows", {"steps": [
-        {"module": ADD, "function": "add", "args": [1, 1]}]})
+    workflow = client.request(
+        "POST", "/v1/workflows", {"steps": [{"module": ADD, "function": "add", "args": [1, 1]}]}
+    )
     assert is_problem(workflow, 429)["code"] == "rate_limited"
     assert {k for k in admin.scan_iter("pending:*")} <= pending
-    refused = [e for e in audit_entries(appliance_stack) if e["type"] == "submission.rejected"
-               and e.get("client") == "metered"]
+    refused = [
+        e
+        for e in audit_entries(appliance_stack)
+        if e["type"] == "submission.rejected" and e.get("client") == "metered"
+    ]
     assert [e["code"] for e in refused] == ["rate_limited", "rate_limited"]
     # Another client is not affected.
     assert submit(appliance_stack.client(), ADD, "add", args=[1, 1]).status_code == 202
 
 
 def test_daily_quota_counts_workflow_steps(appliance_stack: Stack) -> None:
-    client = appliance_stack.client("quota", appliance_stack.add_client(
-        "quota", rate_per_minute=100, daily_quota=3))
+    client = appliance_stack.client(
+        "quota", appliance_stack.add_client("quota", rate_per_minute=100, daily_quota=3)
+    )
     step = {"module": ADD, "function": "add", "args": [1, 1]}
     assert client.request("POST", "/v1/workflows", {"steps": [step, step]}).status_code == 202
     too_many = client.request("POST", "/v1/workflows", {"steps": [step, step]})

@@ -89,8 +89,10 @@ def test_relay_forwards_only_a_login_as_vault(lease_stack: Stack) -> None:
     for first in (f"AUTH admin {admin_password}", "PING", f"HELLO 3 AUTH admin {admin_password}"):
         words = first.split()
         command = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+        ):
             conn.sendall(command.encode())
             assert conn.recv(100) == b"", first  # Closed without a reply from Redis.
 
@@ -109,8 +111,11 @@ def test_revoking_leases_mid_stream_loses_nothing(lease_stack: Stack, root: hvac
             root.adapter.put(f"/v1/sys/leases/revoke-prefix/database/creds/{role}")
             assert not _leased_users(admin, role) & before[role]  # Deleted in Redis.
             count = len(stream.accepted)
-            _wait_until(lambda c=count: len(stream.accepted) >= c + 5, 60,
-                        f"submissions stalled after revoking the {role} lease")
+            _wait_until(
+                lambda c=count: len(stream.accepted) >= c + 5,
+                60,
+                f"submissions stalled after revoking the {role} lease",
+            )
     finally:
         stream.stop.set()
         submitter.join(30)
@@ -129,6 +134,8 @@ def test_revoking_leases_mid_stream_loses_nothing(lease_stack: Stack, root: hvac
     assert accepted.status_code == 202
     assert lease_stack.wait_result(client, accepted.json()["result_key"]).json()["result"] == 100
     worker_log = (lease_stack.state / "run" / "worker" / "worker.log").read_text()
-    print(f"\naccepted {len(stream.accepted)}, refused {len(stream.refused)}, broker reconnects "
-          f"{worker_log.count('Connection to broker lost')}, "
-          f"retries {worker_log.count('Retry in')}")
+    print(
+        f"\naccepted {len(stream.accepted)}, refused {len(stream.refused)}, broker reconnects "
+        f"{worker_log.count('Connection to broker lost')}, "
+        f"retries {worker_log.count('Retry in')}"
+    )

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from appliance._stack import RedisHandle
+from appliance.queue import HEARTBEAT_KEY
 from appliance.results import Claim, ResultStore, new_result_key
-from appliance.worker.celery_config import HEARTBEAT_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -81,8 +81,9 @@ def test_liveness_comes_from_the_heartbeat(worker: ResultStore) -> None:
     assert not worker.worker_alive("never:3", HEARTBEAT_KEY, 15, now)
 
 
-def test_revoke_wins_or_loses_against_start_never_both(api: ResultStore,
-                                                       worker: ResultStore) -> None:
+def test_revoke_wins_or_loses_against_start_never_both(
+    api: ResultStore, worker: ResultStore
+) -> None:
     for _ in range(30):
         key = new_result_key("f", int(time.time() * 1000))
         api.mark(key, "alice", "queued", "t")

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.integration
 
 def _put_secret(stack: Stack, name: str, data: dict[str, str]) -> None:
     vault = stack.registry().session
-    vault.call(lambda c: c.secrets.kv.v2.create_or_update_secret(
-        path=f"appliance/secrets/{name}", secret=data, mount_point="kv"))
+    vault.call(
+        lambda c: c.secrets.kv.v2.create_or_update_secret(
+            path=f"appliance/secrets/{name}", secret=data, mount_point="kv"
+        )
+    )
 
 
 def test_secret_reaches_the_function_and_nothing_else(appliance_stack: Stack) -> None:
@@ -52,8 +55,9 @@ def test_secret_reaches_the_function_and_nothing_else(appliance_stack: Stack) ->
 def test_missing_secret_fails_the_job_cleanly(appliance_stack: Stack) -> None:
     key_file = appliance_stack.add_client("ghost", allowed_secrets=("nothing-*",))
     client = appliance_stack.client("ghost", key_file)
-    key = submit(client, "def f(secrets):\n    return 1\n", "f",
-                 secrets=["nothing-here"]).json()["result_key"]
+    key = submit(client, "def f(secrets):\n    return 1\n", "f", secrets=["nothing-here"]).json()[
+        "result_key"
+    ]
     body = appliance_stack.wait_result(client, key).json()
     assert body["status"] == "failed" and body["error"]["code"] == "secret_unavailable"
 
@@ -80,8 +84,12 @@ _TRAVERSALS = [
 
 def _client_ran(stack: Stack, keyid: str) -> list[str]:
     """The audit entries that say a job of `keyid` was accepted or ran."""
-    return [e["type"] for e in stack.audit_entries() if e.get("client") == keyid
-            and e["type"] in ("submission.accepted", "execution.started", "execution.finished")]
+    return [
+        e["type"]
+        for e in stack.audit_entries()
+        if e.get("client") == keyid
+        and e["type"] in ("submission.accepted", "execution.started", "execution.finished")
+    ]
 
 
 def test_a_traversal_name_is_400_and_nothing_runs(appliance_stack: Stack) -> None:
@@ -126,22 +134,35 @@ def test_the_worker_refuses_a_traversal_name_the_api_did_not_check(appliance_sta
     """Defence in depth: a job sealed and signed as the API would (here with a root token, as a
     buggy API could) that names a traversal path ends failed, and team B's secret is not read."""
     from appliance.jobs import JobMessage, seal_job, sign_message
+    from appliance.queue import TASK_NAME
     from appliance.results import new_result_key
-    from appliance.worker.celery_config import TASK_NAME
 
     canary = f"TEAMBCANARY{secrets.token_hex(8)}"
     _put_secret(appliance_stack, "team-b/token", {"value": canary})
     leak = "def use(secrets):\n    return [v for s in secrets.values() for v in s.values()]\n"
-    for name, globs in (("team-a/../team-b/token", ["team-a/*"]), ("team-b/token", ["team-a/*"]),
-                        ("team-b/token", [])):
-        spec = {"module": leak, "function": "use", "args": [], "kwargs": {}, "limits": {},
-                "imports": [], "secrets": [name], "secret_globs": globs}
+    for name, globs in (
+        ("team-a/../team-b/token", ["team-a/*"]),
+        ("team-b/token", ["team-a/*"]),
+        ("team-b/token", []),
+    ):
+        spec = {
+            "module": leak,
+            "function": "use",
+            "args": [],
+            "kwargs": {},
+            "limits": {},
+            "imports": [],
+            "secrets": [name],
+            "secret_globs": globs,
+        }
         transit = appliance_stack.root_transit()
         task_id, key = str(uuid.uuid4()), new_result_key("use", int(time.time() * 1000))
         message = sign_message(
-            transit, JobMessage(task_id, key, "local", seal_job(transit, spec, task_id, key,
-                                                                "local")),
-            TASK_NAME, time.time())
+            transit,
+            JobMessage(task_id, key, "local", seal_job(transit, spec, task_id, key, "local")),
+            TASK_NAME,
+            time.time(),
+        )
         producer = appliance_stack.broker_producer("intruder", task_serializer="json")
         producer.send_task(TASK_NAME, args=[message.to_wire()], queue="appliance")
         body = appliance_stack.wait_result(appliance_stack.client(), key).json()
@@ -152,8 +173,15 @@ def test_the_worker_refuses_a_traversal_name_the_api_did_not_check(appliance_sta
 
 def test_clients_add_refuses_a_malformed_secret_glob(appliance_stack: Stack) -> None:
     _, public = write_keypair(appliance_stack.state / "clients", "badglob")
-    done = appliance_stack.cli("clients", "add", "badglob", "--public-key", str(public),
-                               "--allow-secret", "team-a/../team-b/*")
+    done = appliance_stack.cli(
+        "clients",
+        "add",
+        "badglob",
+        "--public-key",
+        str(public),
+        "--allow-secret",
+        "team-a/../team-b/*",
+    )
     assert done.returncode == 2, done
     assert "invalid" in done.stderr and "team-a/../team-b/*" in done.stderr
     assert appliance_stack.registry().get("badglob") is None

@@ -11,15 +11,22 @@ from typing import Any
 import pytest
 
 from appliance.jobs import JobMessage, seal_job, sign_message
+from appliance.queue import TASK_NAME
 from appliance.results import new_result_key
-from appliance.worker.celery_config import TASK_NAME
 
 from .conftest import Stack
 
 pytestmark = pytest.mark.integration
 
-SPEC = {"module": "def f():\n    return 7\n", "function": "f", "args": [], "kwargs": {},
-        "limits": {}, "imports": [], "secrets": []}
+SPEC = {
+    "module": "def f():\n    return 7\n",
+    "function": "f",
+    "args": [],
+    "kwargs": {},
+    "limits": {},
+    "imports": [],
+    "secrets": [],
+}
 
 
 def _message(stack: Stack) -> JobMessage:
@@ -56,8 +63,9 @@ def _result_exists(stack: Stack, key: str, wait: float = 0) -> bool:
 
 def test_unsigned_injected_message_is_refused(appliance_stack: Stack) -> None:
     message = _message(appliance_stack)
-    forged = replace(message, nonce="n" * 32, expires=int(time.time()) + 600,
-                     signature="vault:v1:" + "A" * 44)
+    forged = replace(
+        message, nonce="n" * 32, expires=int(time.time()) + 600, signature="vault:v1:" + "A" * 44
+    )
     _send(appliance_stack, forged.to_wire())
     assert _wait_log(appliance_stack, "bad signature")
     assert not _result_exists(appliance_stack, message.result_key, wait=1)
@@ -69,8 +77,9 @@ def test_message_with_foreign_fields_is_refused(appliance_stack: Stack) -> None:
 
 
 def test_replayed_message_runs_once(appliance_stack: Stack) -> None:
-    signed = sign_message(appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME,
-                          time.time())
+    signed = sign_message(
+        appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME, time.time()
+    )
     _send(appliance_stack, signed.to_wire())
     assert _result_exists(appliance_stack, signed.result_key, wait=15)
     admin = appliance_stack.admin_redis()
@@ -81,16 +90,18 @@ def test_replayed_message_runs_once(appliance_stack: Stack) -> None:
 
 
 def test_expired_message_is_refused(appliance_stack: Stack) -> None:
-    signed = sign_message(appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME,
-                          time.time() - 7200)
+    signed = sign_message(
+        appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME, time.time() - 7200
+    )
     _send(appliance_stack, signed.to_wire())
     assert _wait_log(appliance_stack, ": expired")
     assert not _result_exists(appliance_stack, signed.result_key, wait=1)
 
 
 def test_signature_does_not_transfer_to_other_arguments(appliance_stack: Stack) -> None:
-    signed = sign_message(appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME,
-                          time.time())
+    signed = sign_message(
+        appliance_stack.root_transit(), _message(appliance_stack), TASK_NAME, time.time()
+    )
     other = _message(appliance_stack)
     swapped = replace(signed, sealed_job=other.sealed_job)
     before = appliance_stack.logs().count("bad signature")

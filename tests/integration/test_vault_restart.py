@@ -73,8 +73,13 @@ class Stream:
                 self.accepted[resp.json()["result_key"]] = i
                 self.accepted_at.append(time.monotonic())
             else:
-                self.refused.append((time.monotonic(), resp.status_code,
-                                     resp.headers.get("Retry-After") or resp.text))
+                self.refused.append(
+                    (
+                        time.monotonic(),
+                        resp.status_code,
+                        resp.headers.get("Retry-After") or resp.text,
+                    )
+                )
             time.sleep(0.05)
 
 
@@ -95,14 +100,20 @@ def test_openbao_restart_under_load_loses_nothing(restart_stack: Stack) -> None:
         time.sleep(0.3)  # picked up and opened by the worker, not yet sealed
         down_at = time.monotonic()
         assert stop_openbao(restart_stack.state)
-        _wait_until(lambda: any(t > down_at for t, _, _ in stream.refused), 30,
-                    "no submission was refused while OpenBao was down")
+        _wait_until(
+            lambda: any(t > down_at for t, _, _ in stream.refused),
+            30,
+            "no submission was refused while OpenBao was down",
+        )
         time.sleep(2)
 
         restarted_at = time.monotonic()
         stack.up(restart_stack.state)  # Starts and unseals OpenBao; the services keep running.
-        _wait_until(lambda: any(t > restarted_at for t in stream.accepted_at), 60,
-                    "no submission accepted after the restart")
+        _wait_until(
+            lambda: any(t > restarted_at for t in stream.accepted_at),
+            60,
+            "no submission accepted after the restart",
+        )
         recovery = min(t for t in stream.accepted_at if t > restarted_at) - restarted_at
         time.sleep(1)
     finally:
@@ -110,8 +121,9 @@ def test_openbao_restart_under_load_loses_nothing(restart_stack: Stack) -> None:
         submitter.join(30)
 
     outage = [(code, retry) for t, code, retry in stream.refused if t > down_at]
-    assert outage and all(code == 503 and retry and int(retry) > 0 for code, retry in outage), \
+    assert outage and all(code == 503 and retry and int(retry) > 0 for code, retry in outage), (
         sorted(set(outage), key=str)
+    )
     assert [r for r in stream.refused if r[0] <= down_at] == []
     client = restart_stack.client()
     for key, i in stream.accepted.items():
@@ -126,8 +138,10 @@ def test_openbao_restart_under_load_loses_nothing(restart_stack: Stack) -> None:
     worker_log = (restart_stack.state / "run" / "worker" / "worker.log").read_text()
     retries = worker_log.count("Retry in")
     assert retries > 0  # Jobs did meet the outage, and were retried rather than dropped.
-    print(f"\naccepted {len(stream.accepted)}, refused during the outage {len(outage)}, "
-          f"worker retries {retries}, first acceptance {recovery:.2f} s after `up` began")
+    print(
+        f"\naccepted {len(stream.accepted)}, refused during the outage {len(outage)}, "
+        f"worker retries {retries}, first acceptance {recovery:.2f} s after `up` began"
+    )
 
 
 def test_restart_keeps_identities_and_leaves_no_root_token(restart_stack: Stack) -> None:
@@ -137,8 +151,9 @@ def test_restart_keeps_identities_and_leaves_no_root_token(restart_stack: Stack)
     root = hvac.Client(url=addr, token=generate_root_token(addr, restart_stack.state))
     try:
         accessors = root.list("auth/token/accessors")["data"]["keys"]
-        roots = [a for a in accessors
-                 if "root" in root.auth.token.lookup_accessor(a)["data"]["policies"]]
+        roots = [
+            a for a in accessors if "root" in root.auth.token.lookup_accessor(a)["data"]["policies"]
+        ]
         assert len(roots) == 1  # Only the one just generated for this test.
     finally:
         root.auth.token.revoke_self()

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from appliance.cli import main
 from appliance.jobs import JobMessage
-from appliance.worker.celery_config import TASK_NAME
+from appliance.queue import TASK_NAME
 
 from .conftest import Stack, is_problem
 
@@ -49,9 +49,17 @@ def test_three_steps_chain_their_results(appliance_stack: Stack) -> None:
     canary = f"CANARY{secrets.token_hex(6)}"
     tail = f"def wrap(v, tag):\n    return {{'total': v, 'tag': tag + '{canary}'}}\n"
     client = appliance_stack.client()
-    resp = client.request("POST", "/v1/workflows", {"steps": [
-        _step(INC, "inc", 1), _step(SCALE, "scale", 10), _step(tail, "wrap", "t-"),
-    ]})
+    resp = client.request(
+        "POST",
+        "/v1/workflows",
+        {
+            "steps": [
+                _step(INC, "inc", 1),
+                _step(SCALE, "scale", 10),
+                _step(tail, "wrap", "t-"),
+            ]
+        },
+    )
     assert resp.status_code == 202, resp.text
     accepted = resp.json()
     assert set(accepted) >= {"workflow_id", "result_key", "steps"}
@@ -68,17 +76,31 @@ def test_three_steps_chain_their_results(appliance_stack: Stack) -> None:
     everything = in_flight + appliance_stack.all_redis_bytes() + appliance_stack.logs().encode()
     assert canary.encode() not in everything
     assert not appliance_stack.admin_redis().exists(f"workflow:{accepted['workflow_id']}")
-    finished = _wait_audit(appliance_stack, lambda e: e["type"] == "execution.finished"
-                           and e.get("workflow_id") == accepted["workflow_id"]
-                           and e.get("step") == 2)
+    finished = _wait_audit(
+        appliance_stack,
+        lambda e: (
+            e["type"] == "execution.finished"
+            and e.get("workflow_id") == accepted["workflow_id"]
+            and e.get("step") == 2
+        ),
+    )
     assert finished
 
 
 def test_failing_middle_step_skips_the_rest(appliance_stack: Stack) -> None:
     client = appliance_stack.client()
-    resp = client.request("POST", "/v1/workflows", {"steps": [
-        _step(INC, "inc", 1), _step(BOOM, "boom"), _step(INC, "inc"), _step(INC, "inc"),
-    ]})
+    resp = client.request(
+        "POST",
+        "/v1/workflows",
+        {
+            "steps": [
+                _step(INC, "inc", 1),
+                _step(BOOM, "boom"),
+                _step(INC, "inc"),
+                _step(INC, "inc"),
+            ]
+        },
+    )
     assert resp.status_code == 202, resp.text
     steps = resp.json()["steps"]
     bodies = [appliance_stack.wait_result(client, s["result_key"]).json() for s in steps]
@@ -89,8 +111,9 @@ def test_failing_middle_step_skips_the_rest(appliance_stack: Stack) -> None:
         assert skipped["error"]["code"] == "skipped"
         assert skipped["error"]["failed_step"] == 1
         assert skipped["error"]["failed_result_key"] == steps[1]["result_key"]
-    started = {e.get("task_id") for e in audit_entries(appliance_stack)
-               if e["type"] == "execution.started"}
+    started = {
+        e.get("task_id") for e in audit_entries(appliance_stack) if e["type"] == "execution.started"
+    }
     assert steps[1]["task_id"] in started
     assert not {steps[2]["task_id"], steps[3]["task_id"]} & started  # never ran
 
@@ -118,16 +141,30 @@ def test_a_step_over_its_limits_refuses_the_whole_workflow(appliance_stack: Stac
     client = appliance_stack.client()
 
     def submit() -> None:
-        resp = client.request("POST", "/v1/workflows", {"steps": [
-            _step(INC, "inc", 1), _step(INC, "inc", limits={"memory_mb": 1_000_000}),
-        ]})
+        resp = client.request(
+            "POST",
+            "/v1/workflows",
+            {
+                "steps": [
+                    _step(INC, "inc", 1),
+                    _step(INC, "inc", limits={"memory_mb": 1_000_000}),
+                ]
+            },
+        )
         assert is_problem(resp, 403)["code"] == "limits_not_allowed"
 
     _nothing_queued(appliance_stack, submit)
 
 
-@pytest.mark.parametrize("body", [{"steps": []}, {"steps": "x"}, {"steps": [{"module": 1}]},
-                                  {"steps": [_step(INC, "inc")], "extra": 1}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"steps": []},
+        {"steps": "x"},
+        {"steps": [{"module": 1}]},
+        {"steps": [_step(INC, "inc")], "extra": 1},
+    ],
+)
 def test_malformed_workflow_is_400(appliance_stack: Stack, body: dict[str, Any]) -> None:
     resp = appliance_stack.client().request("POST", "/v1/workflows", body)
     assert is_problem(resp, 400)["code"] == "invalid_field"
@@ -138,9 +175,16 @@ def test_later_step_pushed_early_without_its_carry_is_refused(appliance_stack: S
     it before step 0 has finished: it carries no sealed value, so it is refused unrun, and the
     workflow still completes with the right values."""
     client = appliance_stack.client()
-    resp = client.request("POST", "/v1/workflows", {"steps": [
-        _step(SLOW, "slow", 5), _step(INC, "inc"),
-    ]})
+    resp = client.request(
+        "POST",
+        "/v1/workflows",
+        {
+            "steps": [
+                _step(SLOW, "slow", 5),
+                _step(INC, "inc"),
+            ]
+        },
+    )
     accepted = resp.json()
     stored = appliance_stack.admin_redis().hget(f"workflow:{accepted['workflow_id']}", "1")
     assert stored is not None
@@ -148,24 +192,36 @@ def test_later_step_pushed_early_without_its_carry_is_refused(appliance_stack: S
     intruder = appliance_stack.broker_producer("intruder", task_serializer="json")
     intruder.send_task(TASK_NAME, args=[early.to_wire()], queue="appliance")
 
-    bodies = [appliance_stack.wait_result(client, s["result_key"]).json()
-              for s in accepted["steps"]]
+    bodies = [
+        appliance_stack.wait_result(client, s["result_key"]).json() for s in accepted["steps"]
+    ]
     assert [b["result"] for b in bodies] == [5, 6]
-    refused = _wait_audit(appliance_stack, lambda e: e["type"] == "task.rejected"
-                          and e.get("task_id") == early.task_id)
+    refused = _wait_audit(
+        appliance_stack,
+        lambda e: e["type"] == "task.rejected" and e.get("task_id") == early.task_id,
+    )
     assert refused and refused[0]["code"] == "bad_carry"
-    started = [e for e in audit_entries(appliance_stack) if e["type"] == "execution.started"
-               and e.get("task_id") == early.task_id]
+    started = [
+        e
+        for e in audit_entries(appliance_stack)
+        if e["type"] == "execution.started" and e.get("task_id") == early.task_id
+    ]
     assert len(started) == 1  # only the real step 1 ran
 
 
 def test_workflow_cli(appliance_stack: Stack, tmp_path: Path) -> None:
     (tmp_path / "inc.py").write_text(INC)
     steps = tmp_path / "steps.json"
-    steps.write_text(json.dumps({"steps": [
-        {"module_file": "inc.py", "function": "inc", "args": [40]},
-        {"module_file": "inc.py", "function": "inc"},
-    ]}))
+    steps.write_text(
+        json.dumps(
+            {
+                "steps": [
+                    {"module_file": "inc.py", "function": "inc", "args": [40]},
+                    {"module_file": "inc.py", "function": "inc"},
+                ]
+            }
+        )
+    )
     state = ["--state", str(appliance_stack.state)]
     result = CliRunner().invoke(main, [*state, "workflow", str(steps), "--wait"])
     assert result.exit_code == 0, result.output

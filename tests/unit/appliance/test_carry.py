@@ -46,9 +46,11 @@ def test_a_carried_value_opens_only_on_its_own_step() -> None:
     carried = attach_carry(transit, MESSAGE, {"total": [1, 2, 3]})  # type: ignore[arg-type]
     assert "total" not in carried.carry
     assert open_carry(transit, JobMessage.from_wire(carried.to_wire())) == {"total": [1, 2, 3]}
-    for moved in (replace(carried, task_id="task-3"),
-                  replace(carried, result_key="f_1_" + "b" * 32),
-                  replace(carried, client="mallory")):
+    for moved in (
+        replace(carried, task_id="task-3"),
+        replace(carried, result_key="f_1_" + "b" * 32),
+        replace(carried, client="mallory"),
+    ):
         with pytest.raises(SealBroken):
             open_carry(transit, moved)  # type: ignore[arg-type]
 
@@ -62,7 +64,10 @@ def test_carry_is_the_only_optional_field_and_must_be_text() -> None:
     wire = MESSAGE.to_wire()
     assert "carry" not in wire and JobMessage.from_wire(wire) == MESSAGE
     assert JobMessage.from_wire({**wire, "carry": "x"}).carry == "x"
-    for bad in ({**wire, "carry": 1}, {**wire, "extra": "x"},
-                {k: v for k, v in wire.items() if k != "nonce"}):
+    for bad in (
+        {**wire, "carry": 1},
+        {**wire, "extra": "x"},
+        {k: v for k, v in wire.items() if k != "nonce"},
+    ):
         with pytest.raises(MessageRejected):
             JobMessage.from_wire(bad)

@@ -30,10 +30,17 @@ def _routes() -> dict[str, Any]:
 
 def test_acting_routes_are_refused() -> None:
     routes = _routes()
-    for pattern in ("/api/task/async-apply/(.+)", "/api/task/send-task/(.+)",
-                    "/api/task/apply/(.+)", "/api/task/revoke/(.+)", "/api/task/abort/(.+)",
-                    "/api/worker/shutdown/(.+)", "/api/worker/pool/restart/(.+)",
-                    "/api/task/result/(.+)", "/login/?"):
+    for pattern in (
+        "/api/task/async-apply/(.+)",
+        "/api/task/send-task/(.+)",
+        "/api/task/apply/(.+)",
+        "/api/task/revoke/(.+)",
+        "/api/task/abort/(.+)",
+        "/api/worker/shutdown/(.+)",
+        "/api/worker/pool/restart/(.+)",
+        "/api/task/result/(.+)",
+        "/login/?",
+    ):
         assert routes[pattern] is Refused, pattern
     assert routes["/metrics"] is AuthenticatedMetrics
     assert routes[".*"] is NotFound
@@ -45,8 +52,14 @@ def test_a_route_flower_adds_later_is_refused() -> None:
 
 
 def test_task_event_is_redacted() -> None:
-    event = {"type": "task-received", "uuid": "u", "name": "appliance.run_job",
-             "args": "['canary-arg']", "kwargs": "{'k': 'canary-kw'}", "hostname": "w"}
+    event = {
+        "type": "task-received",
+        "uuid": "u",
+        "name": "appliance.run_job",
+        "args": "['canary-arg']",
+        "kwargs": "{'k': 'canary-kw'}",
+        "hostname": "w",
+    }
     clean = redact_event(event)
     assert clean["args"] == REDACTED and clean["kwargs"] == REDACTED
     assert clean["uuid"] == "u" and clean["name"] == "appliance.run_job"
@@ -60,8 +73,13 @@ def test_result_is_kept_only_as_a_status_word() -> None:
 
 
 def test_exception_keeps_only_its_type() -> None:
-    clean = redact_event({"type": "task-failed", "exception": "ValueError('canary')",
-                          "traceback": "Traceback ... canary"})
+    clean = redact_event(
+        {
+            "type": "task-failed",
+            "exception": "ValueError('canary')",
+            "traceback": "Traceback ... canary",
+        }
+    )
     assert clean["exception"] == "ValueError" and clean["traceback"] == REDACTED
 
 
@@ -70,10 +88,22 @@ def test_worker_events_pass_through() -> None:
     assert redact_event(event) == event
 
 
-@given(st.dictionaries(st.sampled_from(["args", "kwargs", "result", "exception", "traceback"]),
-                       st.text()),
-       st.sampled_from(["task-received", "task-started", "task-succeeded", "task-failed",
-                        "task-retried", "task-sent", "task-rejected"]))
+@given(
+    st.dictionaries(
+        st.sampled_from(["args", "kwargs", "result", "exception", "traceback"]), st.text()
+    ),
+    st.sampled_from(
+        [
+            "task-received",
+            "task-started",
+            "task-succeeded",
+            "task-failed",
+            "task-retried",
+            "task-sent",
+            "task-rejected",
+        ]
+    ),
+)
 def test_only_status_words_and_exception_types_survive(fields: dict[str, str], kind: str) -> None:
     clean = redact_event({"type": kind, **fields})
     for name in ("args", "kwargs", "traceback"):
@@ -83,5 +113,6 @@ def test_only_status_words_and_exception_types_survive(fields: dict[str, str], k
         assert clean["result"] == REDACTED or re.fullmatch(r"'[a-z_]{1,32}'", clean["result"])
     if "exception" in fields:
         kept = clean["exception"]
-        assert kept == REDACTED or (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", kept)
-                                    and fields["exception"].startswith(kept))
+        assert kept == REDACTED or (
+            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", kept) and fields["exception"].startswith(kept)
+        )

@@ -38,8 +38,11 @@ class StubOpenBao:
         self.issued += 1
         lease_id = f"database/creds/worker/{self.issued}"
         self.started[lease_id] = self.now
-        return {"lease_id": lease_id, "lease_duration": self.ttl,
-                "data": {"username": f"V_WORKER_{self.issued}", "password": f"pw{self.issued}"}}
+        return {
+            "lease_id": lease_id,
+            "lease_duration": self.ttl,
+            "data": {"username": f"V_WORKER_{self.issued}", "password": f"pw{self.issued}"},
+        }
 
     def put(self, url: str, json: dict[str, str]) -> dict[str, Any]:
         assert url == "/v1/sys/leases/renew"
@@ -118,17 +121,20 @@ def _read(raw: bytes) -> list[bytes]:
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize(("words", "relayed"), [
-    ((b"AUTH", b"vault", b"pw"), True),
-    ((b"auth", b"vault", b"pw"), True),
-    ((b"HELLO", b"3", b"AUTH", b"vault", b"pw"), True),
-    ((b"HELLO", b"3", b"AUTH", b"vault", b"pw", b"SETNAME", b"x"), True),
-    ((b"AUTH", b"admin", b"pw"), False),
-    ((b"AUTH", b"pw"), False),  # The `default` user.
-    ((b"HELLO", b"3", b"AUTH", b"admin", b"vault"), False),
-    ((b"HELLO", b"3"), False),
-    ((b"PING",), False),
-])
+@pytest.mark.parametrize(
+    ("words", "relayed"),
+    [
+        ((b"AUTH", b"vault", b"pw"), True),
+        ((b"auth", b"vault", b"pw"), True),
+        ((b"HELLO", b"3", b"AUTH", b"vault", b"pw"), True),
+        ((b"HELLO", b"3", b"AUTH", b"vault", b"pw", b"SETNAME", b"x"), True),
+        ((b"AUTH", b"admin", b"pw"), False),
+        ((b"AUTH", b"pw"), False),  # The `default` user.
+        ((b"HELLO", b"3", b"AUTH", b"admin", b"vault"), False),
+        ((b"HELLO", b"3"), False),
+        ((b"PING",), False),
+    ],
+)
 def test_relay_forwards_only_a_login_as_vault(words: tuple[bytes, ...], relayed: bool) -> None:
     assert logs_in_as_relayed_user(_read(_command(*words))) is relayed
 

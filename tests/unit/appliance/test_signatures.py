@@ -35,8 +35,12 @@ class Nonces:
         return True
 
 
-def _signed(body: bytes | None = b'{"a": 1}', url: str = "http://api.test/v1/tasks",
-            offset: int = 0, **kw: object) -> UnverifiedRequest:
+def _signed(
+    body: bytes | None = b'{"a": 1}',
+    url: str = "http://api.test/v1/tasks",
+    offset: int = 0,
+    **kw: object,
+) -> UnverifiedRequest:
     method = "POST" if body else "GET"
     headers = {"content-type": "application/json"} if body else {}
     req = httpx.Request(method, url, content=body, headers=headers)
@@ -45,8 +49,12 @@ def _signed(body: bytes | None = b'{"a": 1}', url: str = "http://api.test/v1/tas
     return UnverifiedRequest(req.method, str(req.url), dict(req.headers))
 
 
-def _verify(req: UnverifiedRequest, body: bytes = b'{"a": 1}', nonces: Nonces | None = None,
-            now: float = NOW) -> str:
+def _verify(
+    req: UnverifiedRequest,
+    body: bytes = b'{"a": 1}',
+    nonces: Nonces | None = None,
+    now: float = NOW,
+) -> str:
     return verify_request(req, body, Keys(), nonces or Nonces(), lambda: now)
 
 
@@ -126,8 +134,7 @@ def test_registry_down_is_503_not_a_bad_signature() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(sig_input=st.text(max_size=200), sig=st.text(max_size=200),
-       body=st.binary(max_size=64))
+@given(sig_input=st.text(max_size=200), sig=st.text(max_size=200), body=st.binary(max_size=64))
 def test_arbitrary_signature_headers_never_crash(sig_input: str, sig: str, body: bytes) -> None:
     headers = {"signature-input": sig_input, "signature": sig, "content-type": "application/json"}
     req = UnverifiedRequest("POST", "http://api.test/v1/tasks", headers)
@@ -136,12 +143,15 @@ def test_arbitrary_signature_headers_never_crash(sig_input: str, sig: str, body:
 
 
 @settings(max_examples=100, deadline=None)
-@given(params=st.dictionaries(st.sampled_from(["created", "keyid", "nonce", "tag", "alg",
-                                               "expires"]),
-                              st.one_of(st.integers(), st.text(max_size=20)), max_size=6))
+@given(
+    params=st.dictionaries(
+        st.sampled_from(["created", "keyid", "nonce", "tag", "alg", "expires"]),
+        st.one_of(st.integers(), st.text(max_size=20)),
+        max_size=6,
+    )
+)
 def test_arbitrary_parameters_never_crash(params: dict[str, object]) -> None:
     rendered = ";".join(f"{k}={json.dumps(v)}" for k, v in params.items())
     headers = {"signature-input": f'sig1=("@method");{rendered}', "signature": "sig1=:AAAA:"}
     with pytest.raises(Unauthorized):
-        _verify(UnverifiedRequest("GET", "http://api.test/x", headers), body=b"",
-                now=time.time())
+        _verify(UnverifiedRequest("GET", "http://api.test/x", headers), body=b"", now=time.time())

@@ -20,14 +20,21 @@ from appliance.audit._format import canonical
 SEED = bytes(range(32))
 
 
-def write_sample(path: Path, signer: Signer | None, count: int, *, every: int = 10,
-                 close: bool = False) -> None:
+def write_sample(
+    path: Path, signer: Signer | None, count: int, *, every: int = 10, close: bool = False
+) -> None:
     """`count` accepted submissions, checkpointed every `every` entries."""
     log = AuditLog.open(path, signer, source="test", checkpoint_every=every, durable=False)
     for i in range(count):
-        log.record(EventType.SUBMISSION_ACCEPTED, client=f"client{i % 3}", function="add",
-                   task_id=f"task-{i}", result_key=f"add_1700000000000_{i:032x}",
-                   module_source="def add(a, b):\n    return a + b\n", args=[i, 1])
+        log.record(
+            EventType.SUBMISSION_ACCEPTED,
+            client=f"client{i % 3}",
+            function="add",
+            task_id=f"task-{i}",
+            result_key=f"add_1700000000000_{i:032x}",
+            module_source="def add(a, b):\n    return a + b\n",
+            args=[i, 1],
+        )
     log.close(final_checkpoint=close)
 
 
@@ -72,13 +79,19 @@ def paths(path: Path) -> AuditPaths:
 
 def write_in_process(path: str, index: int, count: int, barrier: Any, out: Any) -> None:
     """Body of one writer process: `count` entries as fast as it can, then a final checkpoint."""
-    log = AuditLog.open(Path(path), UnsafeInMemorySigner.from_seed(SEED), source=f"w{index}",
-                        checkpoint_every=100)
+    log = AuditLog.open(
+        Path(path), UnsafeInMemorySigner.from_seed(SEED), source=f"w{index}", checkpoint_every=100
+    )
     barrier.wait()
     started = time.perf_counter()
     for i in range(count):
-        log.record(EventType.EXECUTION_FINISHED, task_id=f"w{index}-{i}", function="f",
-                   status="ok", usage={"cpu_ms": i, "wall_ms": i})
+        log.record(
+            EventType.EXECUTION_FINISHED,
+            task_id=f"w{index}-{i}",
+            function="f",
+            status="ok",
+            usage={"cpu_ms": i, "wall_ms": i},
+        )
     elapsed = time.perf_counter() - started
     log.close()
     out.put(elapsed)

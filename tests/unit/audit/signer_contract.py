@@ -37,9 +37,9 @@ class SignerContract:
         assert prefix == "vault" and key_version(signature) >= 1 and version.startswith("v")
         assert len(base64.b64decode(b64)) == 64  # a raw Ed25519 signature
 
-    def test_verifies_offline_with_exported_keys(self, signer: Signer,
-                                                 public_source: PublicKeySource,
-                                                 tmp_path: Path) -> None:
+    def test_verifies_offline_with_exported_keys(
+        self, signer: Signer, public_source: PublicKeySource, tmp_path: Path
+    ) -> None:
         keys = export_public_keys(public_source, tmp_path / "audit-pubkeys.json")
         loaded = load_public_keys(tmp_path / "audit-pubkeys.json")
         assert sorted(loaded.keys) == sorted(keys.keys)
@@ -50,8 +50,9 @@ class SignerContract:
         with pytest.raises(ValueError, match="does not verify"):
             keys.check(message + b"!", signature)
 
-    def test_signs_checkpoints_that_verify(self, signer: Signer, public_source: PublicKeySource,
-                                           tmp_path: Path) -> None:
+    def test_signs_checkpoints_that_verify(
+        self, signer: Signer, public_source: PublicKeySource, tmp_path: Path
+    ) -> None:
         log = tmp_path / "audit" / "audit.jsonl"
         keys = export_public_keys(public_source, tmp_path / "audit" / "audit-pubkeys.json")
         write_sample(log, signer, 25, every=10, close=True)
@@ -59,9 +60,9 @@ class SignerContract:
         assert report.checkpoints == 3 and report.unsigned == 0
         assert [r["type"] for r in records(log)].count("checkpoint") == 3
 
-    def test_a_checkpoint_by_another_key_fails(self, signer: Signer,
-                                               public_source: PublicKeySource,
-                                               tmp_path: Path) -> None:
+    def test_a_checkpoint_by_another_key_fails(
+        self, signer: Signer, public_source: PublicKeySource, tmp_path: Path
+    ) -> None:
         log = tmp_path / "audit" / "audit.jsonl"
         keys = export_public_keys(public_source, tmp_path / "audit" / "audit-pubkeys.json")
         version = key_version(signer.sign(b"x"))
@@ -70,9 +71,9 @@ class SignerContract:
             verify_log(log, keys)
         assert info.value.kind == "forged" and info.value.seq == 11
 
-    def test_entries_survive_a_signer_that_is_down(self, signer: Signer,
-                                                   public_source: PublicKeySource,
-                                                   tmp_path: Path) -> None:
+    def test_entries_survive_a_signer_that_is_down(
+        self, signer: Signer, public_source: PublicKeySource, tmp_path: Path
+    ) -> None:
         class Down:
             def sign(self, message: bytes) -> str:
                 raise OSError("signer unreachable")

@@ -15,9 +15,16 @@ from appliance.audit import AuditFieldError, EventType, UnsafeMemoryAuditSink, m
 
 def test_accepted_submission_keeps_only_hashes() -> None:
     source = "def add(a, b):\n    return a + b\n"
-    event = make_event(EventType.SUBMISSION_ACCEPTED, client="alice", function="add",
-                       task_id="t1", result_key="add_1_ab", module_source=source,
-                       args=[1, 2], kwargs={"x": 3})
+    event = make_event(
+        EventType.SUBMISSION_ACCEPTED,
+        client="alice",
+        function="add",
+        task_id="t1",
+        result_key="add_1_ab",
+        module_source=source,
+        args=[1, 2],
+        kwargs={"x": 3},
+    )
     assert event.fields["module_sha256"] == hashlib.sha256(source.encode()).hexdigest()
     assert event.fields["status"] == "accepted"
     assert set(event.blind) == {"args_hmac"}
@@ -43,8 +50,12 @@ def test_required_fields_and_fixed_status() -> None:
         make_event("execution.finished", task_id="t1")
     with pytest.raises(AuditFieldError, match="status"):
         make_event("policy.denied", client="a", code="function_not_allowed", status="ok")
-    event = make_event("execution.finished", task_id="t1", status="timeout",
-                       usage={"cpu_ms": 5, "wall_ms": 9, "max_rss_kb": 1000})
+    event = make_event(
+        "execution.finished",
+        task_id="t1",
+        status="timeout",
+        usage={"cpu_ms": 5, "wall_ms": 9, "max_rss_kb": 1000},
+    )
     assert event.fields["usage"] == {"cpu_ms": 5, "wall_ms": 9, "max_rss_kb": 1000}
 
 
@@ -63,8 +74,13 @@ def test_result_none_is_a_result() -> None:
 
 def test_module_source_and_hash_must_agree() -> None:
     with pytest.raises(AuditFieldError, match="disagree"):
-        make_event("execution.started", task_id="t", function="f", module_source="x",
-                   module_sha256="0" * 64)
+        make_event(
+            "execution.started",
+            task_id="t",
+            function="f",
+            module_source="x",
+            module_sha256="0" * 64,
+        )
 
 
 @pytest.mark.parametrize("value", ["Ok", "has space", "x" * 65, "", "ok\n", 3])
@@ -75,9 +91,15 @@ def test_slugs_are_strict_and_never_echoed(value: object) -> None:
         assert value.strip() not in str(info.value)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("http_status", 99), ("http_status", "401"), ("http_status", True), ("step", -1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("http_status", 99),
+        ("http_status", "401"),
+        ("http_status", True),
+        ("step", -1),
+    ],
+)
 def test_integers_are_range_checked(field: str, value: object) -> None:
     with pytest.raises(AuditFieldError):
         extra: dict[str, Any] = {field: value}
@@ -85,8 +107,13 @@ def test_integers_are_range_checked(field: str, value: object) -> None:
 
 
 def test_usage_is_counters_only() -> None:
-    for usage in ({"cpu_ms": -1}, {"cpu_ms": 1.5}, {"Bad Key": 1}, {f"k{i}": 1 for i in range(17)},
-                  ["cpu_ms"]):
+    for usage in (
+        {"cpu_ms": -1},
+        {"cpu_ms": 1.5},
+        {"Bad Key": 1},
+        {f"k{i}": 1 for i in range(17)},
+        ["cpu_ms"],
+    ):
         with pytest.raises(AuditFieldError):
             make_event("execution.finished", task_id="t", status="ok", usage=usage)
 
@@ -99,17 +126,20 @@ def test_an_untrusted_identifier_is_stored_verbatim_only_when_harmless(claimed: 
         # An empty string is not an identifier: stored as its digest.
         assert stored == "sha256:" + hashlib.sha256(b"").hexdigest()
         return
-    assert stored == claimed or stored == "sha256:" + hashlib.sha256(
-        claimed.encode("utf-8", "surrogatepass")).hexdigest()
+    assert (
+        stored == claimed
+        or stored
+        == "sha256:" + hashlib.sha256(claimed.encode("utf-8", "surrogatepass")).hexdigest()
+    )
     assert re.fullmatch(r"[A-Za-z0-9_.:@/+=\[\]-]{1,200}", str(stored))
 
 
 def test_memory_sink_applies_the_same_rules() -> None:
     sink = UnsafeMemoryAuditSink()
-    sink.record("result.read", client="alice", result_key="k1", status="succeeded",
-                result={"v": 1})
+    sink.record("result.read", client="alice", result_key="k1", status="succeeded", result={"v": 1})
     with pytest.raises(AuditFieldError):
-        sink.record("result.read", client="alice", result_key="k1", status="succeeded",
-                    value={"v": 1})
+        sink.record(
+            "result.read", client="alice", result_key="k1", status="succeeded", value={"v": 1}
+        )
     [stored] = sink.of_type("result.read")
     assert stored["client"] == "alice" and "result_hmac" in stored and "result" not in stored

@@ -35,8 +35,9 @@ def test_merkle_root_small_trees_by_hand() -> None:
     node = hashlib.sha256(b"\x01" + la + lb).digest()
     assert merkle_root([a.hex()]) == la.hex()
     assert merkle_root([a.hex(), b.hex()]) == node.hex()
-    assert merkle_root([a.hex(), b.hex(), c.hex()]) == \
-        hashlib.sha256(b"\x01" + node + lc).hexdigest()
+    assert (
+        merkle_root([a.hex(), b.hex(), c.hex()]) == hashlib.sha256(b"\x01" + node + lc).hexdigest()
+    )
 
 
 def test_canonical_is_sorted_compact_utf8() -> None:

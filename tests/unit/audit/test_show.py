@@ -14,16 +14,19 @@ from appliance.audit._show import format_table, to_json_lines
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("30s", NOW - timedelta(seconds=30)),
-    ("15m", NOW - timedelta(minutes=15)),
-    ("2h", NOW - timedelta(hours=2)),
-    ("7d", NOW - timedelta(days=7)),
-    ("1w", NOW - timedelta(weeks=1)),
-    ("2025-05-31T10:00:00Z", datetime(2025, 5, 31, 10, tzinfo=UTC)),
-    ("2025-05-31T10:00:00+02:00", datetime(2025, 5, 31, 8, tzinfo=UTC)),
-    ("2025-05-31", datetime(2025, 5, 31, tzinfo=UTC)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("30s", NOW - timedelta(seconds=30)),
+        ("15m", NOW - timedelta(minutes=15)),
+        ("2h", NOW - timedelta(hours=2)),
+        ("7d", NOW - timedelta(days=7)),
+        ("1w", NOW - timedelta(weeks=1)),
+        ("2025-05-31T10:00:00Z", datetime(2025, 5, 31, 10, tzinfo=UTC)),
+        ("2025-05-31T10:00:00+02:00", datetime(2025, 5, 31, 8, tzinfo=UTC)),
+        ("2025-05-31", datetime(2025, 5, 31, tzinfo=UTC)),
+    ],
+)
 def test_since_accepts_durations_and_iso_times(text: str, expected: datetime) -> None:
     assert parse_since(text, NOW) == expected
 
@@ -38,17 +41,34 @@ def test_since_refuses_anything_else(text: str) -> None:
 def log(tmp_path: Path) -> Path:
     path = tmp_path / "audit.jsonl"
     hours_ago = [5.0]
-    audit = AuditLog.open(path, clock=lambda: NOW.timestamp() - 3600 * hours_ago[0],
-                          durable=False)
+    audit = AuditLog.open(path, clock=lambda: NOW.timestamp() - 3600 * hours_ago[0], durable=False)
     events: list[tuple[str, dict[str, Any]]] = [
-        ("submission.accepted", {"client": "alice", "function": "add", "task_id": "t1",
-                                 "result_key": "add_1_a", "module_source": "x"}),
-        ("execution.finished", {"client": "alice", "function": "add", "task_id": "t1",
-                                "status": "ok", "usage": {"cpu_ms": 3}}),
+        (
+            "submission.accepted",
+            {
+                "client": "alice",
+                "function": "add",
+                "task_id": "t1",
+                "result_key": "add_1_a",
+                "module_source": "x",
+            },
+        ),
+        (
+            "execution.finished",
+            {
+                "client": "alice",
+                "function": "add",
+                "task_id": "t1",
+                "status": "ok",
+                "usage": {"cpu_ms": 3},
+            },
+        ),
         ("policy.denied", {"client": "bob", "function": "rm", "code": "function_not_allowed"}),
         ("auth.failed", {"code": "bad_signature", "client": "bob"}),
-        ("execution.finished", {"client": "bob", "function": "add", "task_id": "t2",
-                                "status": "timeout"}),
+        (
+            "execution.finished",
+            {"client": "bob", "function": "add", "task_id": "t2", "status": "timeout"},
+        ),
     ]
     for event_type, fields in events:
         audit.record(event_type, **fields)
@@ -83,8 +103,15 @@ def test_lines_that_are_not_entries_are_counted(log: Path) -> None:
 def test_table_and_json_lines(log: Path) -> None:
     entries = select(log, Filters()).entries
     table = format_table(entries)
-    assert table.splitlines()[0].split() == ["SEQ", "TIME", "TYPE", "CLIENT", "FUNCTION",
-                                             "STATUS", "DETAIL"]
+    assert table.splitlines()[0].split() == [
+        "SEQ",
+        "TIME",
+        "TYPE",
+        "CLIENT",
+        "FUNCTION",
+        "STATUS",
+        "DETAIL",
+    ]
     assert "code=function_not_allowed" in table and "usage=cpu_ms:3" in table
     lines = to_json_lines(entries).splitlines()
     assert len(lines) == 5 and lines[0].startswith('{"client":"alice"')

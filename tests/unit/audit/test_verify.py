@@ -49,8 +49,12 @@ def failure(log: Path, keys: PublicKeys) -> VerificationFailed:
 
 def test_an_intact_log_verifies(log: Path, keys: PublicKeys) -> None:
     report = verify_log(log, keys)
-    assert (report.entries, report.checkpoints, report.signed_through, report.unsigned) == \
-        (38, 3, 32, 5)
+    assert (report.entries, report.checkpoints, report.signed_through, report.unsigned) == (
+        38,
+        3,
+        32,
+        5,
+    )
     assert report.warnings == ()
 
 
@@ -71,8 +75,9 @@ def test_a_reformatted_line_is_altered(log: Path, keys: PublicKeys) -> None:
     assert (error.kind, error.seq) == ("altered", 7) and "canonical" in str(error)
 
 
-def test_an_edit_then_rehash_of_the_rest_is_caught_by_the_checkpoint(log: Path,
-                                                                     keys: PublicKeys) -> None:
+def test_an_edit_then_rehash_of_the_rest_is_caught_by_the_checkpoint(
+    log: Path, keys: PublicKeys
+) -> None:
     lines = read_lines(log)
     forged = entry(lines[13])
     forged["status"] = "rejected"
@@ -172,8 +177,9 @@ def test_a_tail_cut_before_the_last_checkpoint_is_reported(log: Path, keys: Publ
     assert str(error) == "truncated: log ends at seq 30 but checkpoint covers up to seq 32"
 
 
-def test_a_tail_cut_just_before_the_checkpoint_entry_is_reported(log: Path,
-                                                                 keys: PublicKeys) -> None:
+def test_a_tail_cut_just_before_the_checkpoint_entry_is_reported(
+    log: Path, keys: PublicKeys
+) -> None:
     write_lines(log, read_lines(log)[:32])
     error = failure(log, keys)
     assert error.kind == "truncated" and "checkpoint entry seq 33" in str(error)
@@ -185,7 +191,8 @@ def test_a_log_emptied_is_truncated(log: Path, keys: PublicKeys) -> None:
 
 
 def test_a_tail_cut_after_the_last_checkpoint_only_shortens_the_unsigned_part(
-        log: Path, keys: PublicKeys) -> None:
+    log: Path, keys: PublicKeys
+) -> None:
     write_lines(log, read_lines(log)[:35])
     report = verify_log(log, keys)
     assert report.entries == 35 and report.unsigned == 2
@@ -211,8 +218,9 @@ def test_a_checkpoint_by_an_unexported_key_version_says_so(log: Path, tmp_path: 
     assert error.kind == "forged" and "export them again" in str(error)
 
 
-def test_a_forged_checkpoint_record_does_not_pass_for_truncation(log: Path,
-                                                                keys: PublicKeys) -> None:
+def test_a_forged_checkpoint_record_does_not_pass_for_truncation(
+    log: Path, keys: PublicKeys
+) -> None:
     side = paths(log).checkpoints
     record = json.loads(side.read_bytes().splitlines()[-1])
     record.update(seq=99, to_seq=98)
@@ -221,8 +229,9 @@ def test_a_forged_checkpoint_record_does_not_pass_for_truncation(log: Path,
     assert error.kind == "forged"
 
 
-def test_a_checkpoint_record_that_disagrees_with_the_log_is_altered(log: Path,
-                                                                   keys: PublicKeys) -> None:
+def test_a_checkpoint_record_that_disagrees_with_the_log_is_altered(
+    log: Path, keys: PublicKeys
+) -> None:
     side = paths(log).checkpoints
     records = side.read_bytes().splitlines()
     first = json.loads(records[0])

@@ -24,8 +24,9 @@ from appliance.audit import (
 
 from .helpers import write_sample
 
-_SETTINGS = settings(max_examples=60, deadline=None,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @cache
@@ -37,8 +38,11 @@ def _sample() -> tuple[list[bytes], bytes, bytes]:
     paths = AuditPaths(directory / "audit.jsonl")
     export_public_keys(signer, paths.public_keys)
     write_sample(paths.log, signer, 30, every=8, close=True)
-    return (paths.log.read_bytes().splitlines(keepends=True), paths.checkpoints.read_bytes(),
-            paths.public_keys.read_bytes())
+    return (
+        paths.log.read_bytes().splitlines(keepends=True),
+        paths.checkpoints.read_bytes(),
+        paths.public_keys.read_bytes(),
+    )
 
 
 def _verify(lines: list[bytes]) -> None:
@@ -102,8 +106,10 @@ def test_any_deletion_swap_or_copy_is_detected(data: st.DataObject) -> None:
 
 
 @_SETTINGS
-@given(st.lists(st.binary(max_size=200).filter(lambda b: b"\n" not in b), min_size=1,
-                max_size=3), st.integers(0, 40))
+@given(
+    st.lists(st.binary(max_size=200).filter(lambda b: b"\n" not in b), min_size=1, max_size=3),
+    st.integers(0, 40),
+)
 def test_arbitrary_bytes_only_ever_fail_verification(junk: list[bytes], at: int) -> None:
     lines = list(_sample()[0])
     for piece in junk:

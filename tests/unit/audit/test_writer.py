@@ -145,8 +145,10 @@ def test_four_processes_lose_nothing_and_repeat_nothing(tmp_path: Path) -> None:
     AuditLog.open(path).close()
     context = multiprocessing.get_context("fork")
     barrier, out = context.Barrier(4), context.Queue()
-    workers = [context.Process(target=write_in_process, args=(str(path), n, 1000, barrier, out))
-               for n in range(4)]
+    workers = [
+        context.Process(target=write_in_process, args=(str(path), n, 1000, barrier, out))
+        for n in range(4)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -243,8 +245,7 @@ def test_a_checkpoint_is_due_after_t_seconds(tmp_path: Path) -> None:
 
 def test_without_auto_checkpoint_record_never_signs(tmp_path: Path) -> None:
     signer = CountingSigner()
-    log = AuditLog.open(tmp_path / "audit.jsonl", signer, checkpoint_every=2,
-                        auto_checkpoint=False)
+    log = AuditLog.open(tmp_path / "audit.jsonl", signer, checkpoint_every=2, auto_checkpoint=False)
     for i in range(5):
         _task(log, i)
     assert signer.calls == 0

@@ -1,13 +1,14 @@
-"""One Celery configuration for every role: JSON only, TLS, no result backend, no plaintext."""
+"""The broker seam: one Celery configuration for every role (JSON only, TLS, no result backend,
+no plaintext) and the one place a publish is attempted and its errors translated."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Celery
 
-from ..redis_conn import broker_url, ssl_options
-from ..settings import Settings
+from .errors import DependencyUnavailable
+from .jobs import JobMessage
+from .redis_conn import broker_url, ssl_options
+from .settings import Settings
 
 TASK_NAME = "appliance.run_job"
 BROKER_KEY_PREFIX = "celery:"
@@ -53,10 +54,23 @@ def make_celery(settings: Settings, name: str = "appliance") -> Celery:
     return app
 
 
-def publish(app: Celery, settings: Settings, wire: dict[str, Any], task_id: str,
-            request_id: str | None = None) -> None:
-    """Enqueue a signed job message; Flower and task events see only `[sealed job]`. The
-    request id (not secret) rides in a header so logs can follow the job."""
-    app.send_task(TASK_NAME, args=[wire], task_id=task_id, queue=settings.queue_name,
-                  argsrepr="[sealed job]", kwargsrepr="{}",
-                  headers={"appliance_request_id": request_id} if request_id else None)
+def publish(
+    app: Celery, settings: Settings, message: JobMessage, request_id: str | None = None
+) -> None:
+    """Enqueue a signed job message, or raise DependencyUnavailable (the job was not queued).
+
+    Flower and task events see only `[sealed job]`. The request id (not secret) rides in a
+    header so logs can follow the job.
+    """
+    try:
+        app.send_task(
+            TASK_NAME,
+            args=[message.to_wire()],
+            task_id=message.task_id,
+            queue=settings.queue_name,
+            argsrepr="[sealed job]",
+            kwargsrepr="{}",
+            headers={"appliance_request_id": request_id} if request_id else None,
+        )
+    except Exception as exc:  # kombu raises many unrelated types; the job was not queued.
+        raise DependencyUnavailable("the broker is unreachable") from exc

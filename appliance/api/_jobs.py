@@ -1,0 +1,179 @@
+"""The API's use cases: submit a job or a workflow, read or revoke a result.
+
+Each class takes its collaborators explicitly (key service, store, broker, audit sink, clock),
+so a unit test builds one with stubs and no service is reached through a bag of services.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from ..audit import AuditSink, EventType
+from ..errors import Conflict, Forbidden, NotFound, SealBroken
+from ..jobs import MESSAGE_TTL_SECONDS, JobMessage, open_result, seal_job, sign_message
+from ..queue import TASK_NAME
+from ..registry import Client
+from ..results import ResultStore, Stored, check_result_key, new_result_key
+from ..vault import Transit
+
+#: Hands a signed message to the broker, or raises DependencyUnavailable.
+Publish = Callable[[JobMessage, str | None], None]
+
+
+class Submissions:
+    """Seal, record, publish and audit accepted jobs."""
+
+    def __init__(
+        self,
+        transit: Transit,
+        store: ResultStore,
+        publish: Publish,
+        audit: AuditSink,
+        clock: Callable[[], float],
+    ) -> None:
+        self.transit = transit
+        self.store = store
+        self.publish = publish
+        self.audit = audit
+        self.clock = clock
+
+    def enqueue(
+        self, client: Client, spec: dict[str, Any], request_id: str | None = None
+    ) -> dict[str, str]:
+        """Seal the job, record it as queued, and hand it to the broker."""
+        message = self._sign_job(client, spec)
+        self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
+        self.publish(message, request_id)
+        self._audit_accepted(message, spec, request_id)
+        return {"task_id": message.task_id, "result_key": message.result_key, "status": "queued"}
+
+    def enqueue_workflow(
+        self, client: Client, specs: list[dict[str, Any]], request_id: str | None = None
+    ) -> dict[str, Any]:
+        """Seal and sign every step up front; queue the first. The signed messages of the later
+        steps wait in Redis (`workflow:<id>`) until the worker that finishes a step enqueues
+        the next one, with the step's value sealed to it."""
+        workflow_id = str(uuid.uuid4())
+        steps = [
+            {**spec, "workflow": {"id": workflow_id, "step": i, "steps": len(specs)}}
+            for i, spec in enumerate(specs)
+        ]
+        messages = [self._sign_job(client, spec) for spec in steps]
+        for message in messages:
+            self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
+        self.store.save_workflow(
+            workflow_id,
+            {i: json.dumps(m.to_wire()) for i, m in enumerate(messages) if i},
+            MESSAGE_TTL_SECONDS,
+        )
+        self.publish(messages[0], request_id)
+        for i, (message, spec) in enumerate(zip(messages, steps, strict=True)):
+            self._audit_accepted(message, spec, request_id, workflow_id=workflow_id, step=i)
+        return {
+            "workflow_id": workflow_id,
+            "result_key": messages[-1].result_key,
+            "status": "queued",
+            "steps": [{"task_id": m.task_id, "result_key": m.result_key} for m in messages],
+        }
+
+    def _sign_job(self, client: Client, spec: dict[str, Any]) -> JobMessage:
+        """Seal a job and sign its message: identifiers and ciphertext only."""
+        task_id = str(uuid.uuid4())
+        result_key = new_result_key(spec["function"], int(self.clock() * 1000))
+        sealed = seal_job(self.transit, spec, task_id, result_key, client.keyid)
+        message = JobMessage(task_id, result_key, client.keyid, sealed)
+        return sign_message(self.transit, message, TASK_NAME, self.clock())
+
+    def _audit_accepted(
+        self, message: JobMessage, spec: dict[str, Any], request_id: str | None, **step: Any
+    ) -> None:
+        self.audit.record(
+            EventType.SUBMISSION_ACCEPTED,
+            client=message.client,
+            function=spec["function"],
+            task_id=message.task_id,
+            result_key=message.result_key,
+            module_source=spec["module"],
+            args=spec["args"],
+            kwargs=spec["kwargs"],
+            request_id=request_id,
+            **step,
+        )
+
+
+class Results:
+    """Read or revoke a client's own results."""
+
+    def __init__(
+        self,
+        transit: Transit,
+        store: ResultStore,
+        audit: AuditSink,
+        clock: Callable[[], float],
+    ) -> None:
+        self.transit = transit
+        self.store = store
+        self.audit = audit
+        self.clock = clock
+
+    def read(self, client: Client, untrusted_key: str) -> tuple[int, dict[str, Any]]:
+        """The status and body for a result read by `client`."""
+        key, stored = self._own_record(client, untrusted_key)
+        if stored.sealed is None:
+            # "queued", "running", or "revoked" until a worker drains the revoked message.
+            return 202, {"key": key, "status": stored.state}
+        try:
+            body = open_result(self.transit, stored.sealed, key, client.keyid)
+        except SealBroken as exc:
+            raise NotFound("the result cannot be opened", code="result_unavailable") from exc
+        expires_at = self.clock() + stored.ttl_ms / 1000
+        self.audit.record(
+            EventType.RESULT_READ,
+            client=client.keyid,
+            result_key=key,
+            status=body["status"],
+            http_status=200,
+        )
+        return 200, {
+            "key": key,
+            "status": body["status"],
+            "result": body["result"],
+            "error": body["error"],
+            "stdout": body.get("stdout", ""),
+            "usage": body.get("usage"),
+            "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
+        }
+
+    def revoke(self, client: Client, untrusted_key: str) -> dict[str, str]:
+        """Revoke a queued job (it will not run), or forget a finished result early."""
+        key, stored = self._own_record(client, untrusted_key)
+        if stored.state == "done":
+            self.store.delete(key)
+            outcome = "deleted"
+        elif stored.state == "revoked" or self.store.revoke(key, client.keyid) in (
+            "queued",
+            "revoked",
+        ):
+            outcome = "revoked"
+        else:
+            raise Conflict(
+                "the job is already running; it cannot be revoked", code="already_running"
+            )
+        self.audit.record(
+            EventType.TASK_REVOKED, client=client.keyid, result_key=key, status=outcome
+        )
+        return {"key": key, "status": outcome}
+
+    def _own_record(self, client: Client, untrusted_key: str) -> tuple[str, Stored]:
+        """The well-formed key and its record, when it exists and belongs to `client`."""
+        key = check_result_key(untrusted_key)
+        stored = self.store.get(key)
+        if stored is None:
+            raise NotFound("no such result, or it has expired", code="result_not_found")
+        if stored.client != client.keyid:
+            raise Forbidden("this result belongs to another client", code="not_your_result")
+        return key, stored

@@ -1,0 +1,80 @@
+"""The one mapping of errors to RFC 9457 problem+json responses, and the audit of refusals.
+
+Every `ApplianceError` carries its HTTP status and code; FastAPI's own validation and routing
+errors are mapped here too, so no response of the API is anything but a problem document.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..audit import AuditError, AuditSink, EventType
+from ..errors import ApplianceError
+
+log = logging.getLogger("appliance.api")
+
+
+def problem(
+    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A problem+json response."""
+    return JSONResponse(
+        {
+            "type": f"urn:appliance:problem:{code}",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "code": code,
+        },
+        status_code=status,
+        media_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def audit_refusal(audit: AuditSink, client: str | None, exc: ApplianceError) -> None:
+    """One audit entry per refused request: who (if known), what and why; never the body."""
+    common: dict[str, Any] = {"code": exc.code, "http_status": exc.status}
+    try:
+        if exc.status == 401:
+            audit.record(EventType.AUTH_FAILED, **common)
+        elif exc.status == 403 and client is not None:
+            audit.record(EventType.POLICY_DENIED, client=client, **common)
+        else:
+            audit.record(
+                EventType.SUBMISSION_REJECTED, **({"client": client} if client else {}), **common
+            )
+    except AuditError:
+        log.warning("could not audit a refused request")
+
+
+async def _appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
+    services = getattr(request.app.state, "services", None)
+    if 400 <= exc.status < 500 and services is not None:
+        client = getattr(request.state, "client", None)
+        await run_in_threadpool(audit_refusal, services.audit, client, exc)
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return problem(exc.status, exc.code, exc.title, exc.detail, headers)
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return problem(400, "invalid_field", "Bad request", str(exc.errors()[0].get("msg")))
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return problem(exc.status_code, f"http_{exc.status_code}", str(exc.detail), str(exc.detail))
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Route every error the app can meet through `problem`."""
+    app.exception_handler(ApplianceError)(_appliance_error)
+    app.exception_handler(RequestValidationError)(_validation)
+    app.exception_handler(StarletteHTTPException)(_http)

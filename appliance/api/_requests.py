@@ -1,0 +1,101 @@
+"""The first steps of every signed request: read the body under a cap, verify the signature,
+parse the JSON. Each raises an `ApplianceError` before anything else happens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from ..errors import BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from ..registry import Client, Registry
+from ..signatures import NonceStore, UnverifiedRequest, verify_request
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length", code="bad_content_length")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _ResolvedClient:
+    """The registry as the signature verifier's key resolver, keeping the client it resolved:
+    one registry lookup per request, and the policy checked is the one whose key verified."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.client: Client | None = None
+
+    def public_key(self, keyid: str) -> Ed25519PublicKey | None:
+        self.client = self.registry.get(keyid)
+        return self.client.public_key() if self.client else None
+
+
+class Authenticator:
+    """Verifies a request's signature against the registry and the nonces seen."""
+
+    def __init__(self, registry: Registry, nonces: NonceStore, clock: Callable[[], float]) -> None:
+        self.registry = registry
+        self.nonces = nonces
+        self.clock = clock
+
+    def authenticate(self, request: Request, body: bytes) -> Client:
+        """The signing client (or raise Unauthorized)."""
+        unverified = UnverifiedRequest(request.method, str(request.url), dict(request.headers))
+        resolved = _ResolvedClient(self.registry)
+        keyid = verify_request(unverified, body, resolved, self.nonces, self.clock)
+        client = resolved.client
+        if client is None or client.keyid != keyid:  # verify_request resolved no other key.
+            raise Unauthorized(f"unknown or disabled key {keyid!r}", code="unknown_key")
+        request.state.client = client.keyid
+        return client
+
+
+def parse_body(request: Request, body: bytes, model: type[M]) -> M:
+    """Parse a JSON body into `model`; 415 when not JSON, 400 when malformed."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType("the body must be application/json")
+    try:
+        raw = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="malformed_json") from exc
+    if not isinstance(raw, dict):
+        raise BadRequest("body must be a JSON object", code="malformed_json")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise BadRequest(_first_error(exc), code="invalid_field") from exc
+
+
+def request_id(request: Request) -> str | None:
+    """The id the middleware gave this request."""
+    rid: str | None = getattr(request.state, "request_id", None)
+    return rid
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
