@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import _isolation, _restricted
+from . import _isolation, _reply, _restricted
 from ._framing import read_frame
 from ._limits import Limits
 from ._outcome import error
@@ -35,10 +35,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _reply(body: str) -> NoReturn:
-    _deliver(body.encode("utf-8", "surrogatepass"))
 
 
 def _deliver(data: bytes) -> NoReturn:
@@ -69,14 +65,12 @@ def _error_of(exc: BaseException) -> dict[str, str]:
     return error(name if type(name) is str else "Exception", message)
 
 
-def _status_body(status: str, err: dict[str, str], state: _restricted.RunState) -> str:
-    return json.dumps(
-        {"status": status, "value": None, "stdout": state.stdout(), "error": err},
-    )
+def _status_body(status: str, err: dict[str, str], state: _restricted.RunState) -> bytes:
+    return _reply.encode(status, err, "", state.stdout())
 
 
-def execute(run: PreparedRun, state: _restricted.RunState) -> str:
-    """Run the user function and return the reply body (a JSON object as text)."""
+def execute(run: PreparedRun, state: _restricted.RunState) -> bytes:
+    """Run the user function and return the reply (see `_reply`)."""
     try:
         code = _restricted.compile_module(run.source)
     except _restricted.CompileRejected as exc:
@@ -108,7 +102,7 @@ def execute(run: PreparedRun, state: _restricted.RunState) -> str:
     return _finish(value, state)
 
 
-def _finish(value: Any, state: _restricted.RunState) -> str:
+def _finish(value: Any, state: _restricted.RunState) -> bytes:
     # Serializing may run user code (a dict subclass's items(), say), which may be denied,
     # print, or raise anything: so the value is encoded first and the verdict taken after.
     encoded: str | None = None
@@ -135,20 +129,16 @@ def _finish(value: Any, state: _restricted.RunState) -> str:
         return _status_body(
             "output_limit", error("OutputLimit", "return value exceeded its cap"), state
         )
-    return (
-        '{"status": "ok", "value": ' + encoded + ', "stdout": ' + json.dumps(state.stdout())
-        + ', "error": null}'
-    )
+    return _reply.encode("ok", None, encoded, state.stdout())
 
 
 #: How the child turns a request into a reply body once isolated (see `execute`).
-Executor = Callable[[PreparedRun, _restricted.RunState], str]
+Executor = Callable[[PreparedRun, _restricted.RunState], bytes]
 
 # Sent when even the reply cannot be built for lack of memory; encoded before the limits apply.
-_MEMORY_REPLY = json.dumps(
-    {"status": "memory_limit", "value": None, "stdout": "",
-     "error": error("MemoryError", "memory limit reached")}
-).encode()
+_MEMORY_REPLY = _reply.encode(
+    "memory_limit", error("MemoryError", "memory limit reached"), "", ""
+)
 
 
 def _fail_layer(exc: _isolation.LayerFailed, reply_fd: int) -> NoReturn:
@@ -264,11 +254,11 @@ def _run(run: PreparedRun, executor: Executor) -> NoReturn:
     state: _restricted.RunState
 
     def abort(status: str, err: dict[str, str]) -> NoReturn:
-        _reply(_status_body(status, err, state))
+        _deliver(_status_body(status, err, state))
 
     try:
         state = _restricted.RunState(run.limits.output_bytes, abort)
         body = executor(run, state)
     except MemoryError:
         _deliver(_MEMORY_REPLY)
-    _reply(body)
+    _deliver(body)

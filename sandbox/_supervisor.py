@@ -20,72 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _child, _isolation, _restricted, _seccomp, _zygote
+from . import _child, _isolation, _reply, _restricted, _seccomp, _zygote
 from ._cgroup import MemoryCgroup
 from ._errors import IsolationUnavailable, ZygoteLost
 from ._framing import write_frame
-from ._outcome import STATUSES, Outcome, Status, Usage, error
+from ._outcome import Outcome, Status, Usage, error
 from ._policy import LAYERS, Policy
 from ._request import PreparedRun
 
-#: Deepest nesting accepted in a reply's value.
-MAX_VALUE_DEPTH = 100
-_REPLY_OVERHEAD = 64 * 1024
 #: Children kept forked and isolated ahead of their request (see `Supervisor.prepare_next`).
 #: Two, so that back-to-back runs find one whose set-up finished during the previous run.
 SPARE_CHILDREN = 2
 #: Runs of the warm-up request in this process before any child is forked (see __init__).
 WARM_UP_ROUNDS = 20
-
-
-def _check_depth(value: Any) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_VALUE_DEPTH:
-            return False
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return True
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    # 1e999 parses to inf, which no JSON encoder may emit again.
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-def parse_reply(untrusted_output: bytes) -> dict[str, Any] | None:
-    """Parse the child's reply as untrusted JSON; None when it is not a well-formed outcome."""
-    try:
-        reply = json.loads(
-            untrusted_output, parse_constant=_reject_constant, parse_float=_finite_float
-        )
-    except (ValueError, RecursionError, UnicodeDecodeError, MemoryError):
-        return None
-    if not isinstance(reply, dict) or set(reply) != {"status", "value", "stdout", "error"}:
-        return None
-    if reply["status"] not in STATUSES or not isinstance(reply["stdout"], str):
-        return None
-    err = reply["error"]
-    if reply["status"] == "ok":
-        if err is not None:
-            return None
-    elif not (
-        isinstance(err, dict)
-        and set(err) == {"type", "message"}
-        and all(isinstance(v, str) for v in err.values())
-    ):
-        return None
-    return reply
 
 
 @dataclass
@@ -236,7 +183,10 @@ class Supervisor:
                 self._netns_fd = _isolation.create_netns()
             except OSError:
                 pass  # Each child then tries to make its own, and the probe reports the result.
-        self._tmp_root = Path(tempfile.mkdtemp(prefix="sandbox-"))
+        _remove_stale_roots(Path(tempfile.gettempdir()))
+        # Named after this process, so that whatever a killed fork server leaves is found and
+        # removed by the next one (`_remove_stale_roots`).
+        self._tmp_root = Path(tempfile.mkdtemp(prefix=f"sandbox-{os.getpid()}-"))
         os.chmod(self._tmp_root, 0o711)  # noqa: S103 - traversable, not listable
         self._skip: frozenset[str] = frozenset()
         self.layers = self.probe()
@@ -538,7 +488,7 @@ class Supervisor:
         pid = child.known_pid()
         watch = _Watch(
             child,
-            cap=2 * run.limits.output_bytes * 6 + _REPLY_OVERHEAD,
+            cap=1 + _reply.raw_cap(run.limits.output_bytes),
             deadline=started + run.limits.wall_seconds,
             cpu_limit=child.cpu_at_dispatch + run.limits.cpu_seconds,
             pidfd=os.pidfd_open(pid),
@@ -554,7 +504,7 @@ class Supervisor:
                 watch.closed_alive
                 and os.WIFSIGNALED(status)
                 and os.WTERMSIG(status) == signal.SIGKILL
-                and parse_reply(_body(child)) is not None
+                and _reply.split(_body(child)) is not None
             ):
                 # A whole reply, then the kill this process sent. (A child the kernel killed
                 # for its CPU limit, say, never wrote one: its status stands.)
@@ -625,10 +575,9 @@ class Supervisor:
             return failed("memory_limit", "MemoryError", "memory limit reached")
         if os.WIFSIGNALED(status):
             return self._signalled(os.WTERMSIG(status), usage, run, degraded)
-        reply = parse_reply(_body(child)) if marker == _child.ISOLATED else None
-        if reply is None or os.WEXITSTATUS(status) != 0:
+        if marker != _child.ISOLATED or os.WEXITSTATUS(status) != 0:
             return failed("crashed", "Crashed", "the child gave no valid reply")
-        return _reply_outcome(reply, run, usage, degraded)
+        return _reply_outcome(_body(child), run, usage, degraded)
 
     def _signalled(
         self, sig: int, usage: Usage, run: PreparedRun, degraded: tuple[str, ...]
@@ -708,34 +657,31 @@ def _waiting(child: _Child) -> bool:
 
 
 def _reply_outcome(
-    reply: dict[str, Any], run: PreparedRun, usage: Usage, degraded: tuple[str, ...]
+    untrusted: memoryview, run: PreparedRun, usage: Usage, degraded: tuple[str, ...]
 ) -> Outcome:
-    """The outcome a well-formed reply describes, once its claims are checked against the caps."""
+    """The outcome a whole reply describes, once each part is checked (see `_reply.decode`)."""
+    try:
+        reply = _reply.decode(untrusted, run.limits.output_bytes)
+    except _reply.ReplyTooLarge:
+        return Outcome("output_limit", error=error("OutputLimit", "reply exceeded its cap"),
+                       usage=usage, degraded=degraded)
+    if reply is None:
+        return Outcome("crashed", error=error("Crashed", "the child gave no valid reply"),
+                       usage=usage, degraded=degraded)
     value = reply["value"]
-    if reply["status"] == "ok" and not _check_depth(value):
+    if reply["status"] == "ok" and not _reply.check_depth(value):
         return Outcome("runtime_error", stdout=reply["stdout"], usage=usage,
                        error=error("TypeError", "return value nests too deeply"),
                        degraded=degraded)
-    if not _within(reply["stdout"], run.limits.output_bytes) or (
-        reply["status"] == "ok"
-        and not _within(json.dumps(value, allow_nan=False), run.limits.output_bytes)
-    ):
-        # The child claims its own output was within the cap; that is checked here.
-        return Outcome("output_limit", error=error("OutputLimit", "reply exceeded its cap"),
-                       usage=usage, degraded=degraded)
     err = reply["error"]
     return Outcome(reply["status"], value=value if reply["status"] == "ok" else None,
                    stdout=reply["stdout"], usage=usage, degraded=degraded,
                    error=None if err is None else error(err["type"], err["message"]))
 
 
-def _body(child: _Child) -> bytes:
+def _body(child: _Child) -> memoryview:
     """The reply after the child's isolation marker."""
-    return bytes(memoryview(child.reply)[1:])
-
-
-def _within(text: str, cap: int) -> bool:
-    return len(text) <= cap and len(text.encode("utf-8", "surrogatepass")) <= cap
+    return memoryview(child.reply)[1:]
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -777,6 +723,18 @@ def _isolation_reason(report: bytes) -> str:
         return f"isolation layer {body['layer']} unavailable: {body['reason']}"[:500]
     except Exception:  # noqa: BLE001 - any malformed report is just "unavailable"
         return "an isolation layer is unavailable"
+
+
+def _remove_stale_roots(tmp: Path) -> None:
+    """Remove the working directories of fork servers that died without closing."""
+    for root in tmp.glob("sandbox-*-*"):
+        try:
+            os.kill(int(root.name.split("-")[1]), 0)
+            continue  # still running
+        except (ValueError, PermissionError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _kill_group(pid: int) -> None:

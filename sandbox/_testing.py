@@ -54,7 +54,7 @@ class _Capture:
         pass
 
 
-def _execute_unrestricted(run: PreparedRun, state: _restricted.RunState) -> str:
+def _execute_unrestricted(run: PreparedRun, state: _restricted.RunState) -> bytes:
     """UNSAFE executor: plain `compile` and `exec` with the real builtins, then the normal reply."""
     try:
         code = compile(run.source, "<unsafe-raw>", "exec")

@@ -7,6 +7,8 @@ believed only when the child's set-up reported it before user code could run.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from .conftest import assert_status, attempt, attempt_raw
@@ -49,10 +51,9 @@ def test_deeply_nested_json_with_the_isolation_exit_code_is_a_crash(raw):
 def test_a_forged_reply_past_the_output_cap_is_an_output_limit(raw):
     source = (
         "import os, json\n"
+        "from sandbox._reply import encode\n"
         "def f():\n"
-        "    body = json.dumps({'status': 'ok', 'value': 'x' * 300000, 'stdout': 'y' * 300000,\n"
-        "                       'error': None})\n"
-        "    os.write(3, body.encode())\n"
+        "    os.write(3, encode('ok', None, json.dumps('x' * 300000), 'y' * 300000))\n"
         "    os.close(3)\n"
         "    os._exit(0)\n"
     )
@@ -71,11 +72,11 @@ def test_garbage_replies_are_crashes(raw, garbage):
 
 def test_a_forged_error_is_cut_to_the_contract_lengths(raw):
     source = (
-        "import os, json\n"
+        "import os\n"
+        "from sandbox._reply import encode\n"
         "def f():\n"
-        "    body = json.dumps({'status': 'runtime_error', 'value': None, 'stdout': '',\n"
-        "                       'error': {'type': 'T' * 5000, 'message': 'm' * 100000}})\n"
-        "    os.write(3, body.encode())\n"
+        "    error = {'type': 'T' * 5000, 'message': 'm' * 50000}\n"
+        "    os.write(3, encode('runtime_error', error, '', ''))\n"
         "    os.close(3)\n"
         "    os._exit(0)\n"
     )
@@ -83,3 +84,45 @@ def test_a_forged_error_is_cut_to_the_contract_lengths(raw):
     assert_status(outcome, "runtime_error")
     assert outcome.error is not None
     assert len(outcome.error["type"]) <= 100 and len(outcome.error["message"]) <= 2000
+
+
+def _peak_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+# The smallest JSON values cost the parser about twenty times their size in memory: a reply
+# made of them, written straight to the channel, once cost the fork server 4.9 GB and 53 s of
+# CPU for a run that used 31 ms (2026-12 red team). The reply's parts are now capped, and the
+# value's containers counted, before anything is parsed.
+TINY_CONTAINERS = """
+import os, json
+from sandbox._reply import encode
+def f(count):
+    value = "[" + "[]," * count + "[]]"
+    os.write(3, encode("ok", None, value, ""))
+    os.close(3)
+    os._exit(0)
+"""
+
+
+def test_a_reply_of_millions_of_tiny_values_costs_the_server_nothing(raw):
+    server = raw._proc.pid
+    before = _peak_kb(server)
+    outcome = attempt_raw(raw, TINY_CONTAINERS, 2_000_000, limits=BIG)
+    assert_status(outcome, "output_limit", "OutputLimit")
+    assert _peak_kb(server) - before < 64 * 1024  # the 6 MB of reply, not gigabytes of lists
+    assert attempt_raw(raw, "def f():\n    return 'alive'\n").value == "alive"
+
+
+def test_a_stdout_flood_in_a_forged_reply_is_capped_before_parsing(raw):
+    source = (
+        "import os\n"
+        "from sandbox._reply import encode\n"
+        "def f():\n"
+        "    os.write(3, encode('ok', None, '1', '[],' * 400000))\n"
+        "    os.close(3)\n"
+        "    os._exit(0)\n"
+    )
+    limits = {"cpu_seconds": 1, "wall_seconds": 3, "memory_mb": 64, "output_bytes": 100000}
+    assert_status(attempt_raw(raw, source, limits=limits), "output_limit", "OutputLimit")

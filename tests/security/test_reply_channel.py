@@ -19,9 +19,10 @@ pytestmark = pytest.mark.timeout(60)
 
 _CLOSE_THEN_SPIN = """
 import os
+from sandbox._reply import encode
 def f():
     pid = os.getpid()
-    os.write(3, ('{"status": "ok", "value": %d, "stdout": "", "error": null}' % pid).encode())
+    os.write(3, encode("ok", None, str(pid), ""))
     os.close(3)
     while True:
         pass
@@ -29,19 +30,21 @@ def f():
 
 _CLOSE_THEN_SLEEP_UNDER_SIGNALS = """
 import os, signal, time
+from sandbox._reply import encode
 def f():
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     pid = os.getpid()
-    os.write(3, ('{"status": "ok", "value": %d, "stdout": "", "error": null}' % pid).encode())
+    os.write(3, encode("ok", None, str(pid), ""))
     os.close(3)
     time.sleep(30)
 """
 
 _CLOSE_WITH_GARBAGE = """
 import os
+from sandbox._reply import encode
 def f():
-    os.write(3, b'{"status": "ok", "value": ')
+    os.write(3, encode("ok", None, "12345", "")[:-3])
     os.close(3)
     while True:
         pass

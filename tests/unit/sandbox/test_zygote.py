@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,3 +115,17 @@ def test_close_leaves_no_process_behind():
     assert set(_children(os.getpid())) == before
     for pid in (zygote, *spares):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_a_killed_fork_servers_directories_are_removed_by_the_next_one():
+    box = Sandbox().start()
+    server = box._proc.pid
+    roots = list(Path(tempfile.gettempdir()).glob(f"sandbox-{server}-*"))
+    assert len(roots) == 1
+    os.kill(server, signal.SIGKILL)
+    box._proc.wait()
+    box._proc = None
+    assert roots[0].exists()  # left behind by the kill
+    with Sandbox() as fresh:
+        fresh.start()
+        assert not roots[0].exists()
