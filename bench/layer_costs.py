@@ -24,7 +24,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +50,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"p50": pct(values, 0.5), "p99": pct(values, 0.99),
-            "mean": statistics.fmean(values), "n": len(values)}
+    return {
+        "p50": pct(values, 0.5),
+        "p99": pct(values, 0.99),
+        "mean": statistics.fmean(values),
+        "n": len(values),
+    }
 
 
 def _fork_and_reap(fork: object) -> float:
@@ -68,8 +74,10 @@ def namespaces(rounds: int) -> dict[str, dict[str, float]]:
         share = rounds // BLOCKS + (block < rounds % BLOCKS)
         plain.extend(_fork_and_reap(os.fork) for _ in range(share))
         isolated.extend(_fork_and_reap(_isolation.fork_child) for _ in range(share))
-    return {"os.fork + exit + reap": summary(plain),
-            "fork_child (PID, UTS, IPC namespaces) + exit + reap": summary(isolated)}
+    return {
+        "os.fork + exit + reap": summary(plain),
+        "fork_child (PID, UTS, IPC namespaces) + exit + reap": summary(isolated),
+    }
 
 
 def memory_cgroup(rounds: int) -> dict[str, object]:
@@ -90,9 +98,12 @@ def memory_cgroup(rounds: int) -> dict[str, object]:
             remove.append((time.perf_counter() - t) * 1000)
     finally:
         handle.close()
-    return {"backend": handle.describe(), "make (with the spare)": summary(make),
-            "limit (at hand-over: critical path)": summary(limit),
-            "remove (after the reap)": summary(remove)}
+    return {
+        "backend": handle.describe(),
+        "make (with the spare)": summary(make),
+        "limit (at hand-over: critical path)": summary(limit),
+        "remove (after the reap)": summary(remove),
+    }
 
 
 def seccomp(rounds: int) -> dict[str, object]:
@@ -112,8 +123,12 @@ def seccomp(rounds: int) -> dict[str, object]:
         os.waitpid(pid, 0)
     os.close(read_fd)
     os.close(write_fd)
-    return {"allowed": info.allowed, "denied_by_name": info.denied,
-            "bpf_instructions": len(program) // 8, "install_ms": summary(installs)}
+    return {
+        "allowed": info.allowed,
+        "denied_by_name": info.denied,
+        "bpf_instructions": len(program) // 8,
+        "install_ms": summary(installs),
+    }
 
 
 def cpu_clock(rounds: int) -> dict[str, float]:
@@ -136,15 +151,27 @@ def cpu_clock(rounds: int) -> dict[str, float]:
 class _TreeServer:
     """The fork server of another checkout, driven by its own boot (argv) and frame protocol."""
 
-    BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
-            "from sandbox._server import main; main()")
+    BOOT = (
+        "import sys; sys.path.insert(0, sys.argv[1]); del sys.argv[1]; "
+        "from sandbox._server import main; main()"
+    )
 
     def __init__(self, tree: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", self.BOOT, str(tree), str(tree / "policies" /
-                                                                  "sandbox.json")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={},
-            cwd="/")
+            [
+                sys.executable,
+                "-I",
+                "-c",
+                self.BOOT,
+                str(tree),
+                str(tree / "policies" / "sandbox.json"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={},
+            cwd="/",
+        )
         assert self.proc.stdout is not None and self.proc.stdin is not None
         hello = read_frame(self.proc.stdout.fileno())
         assert hello is not None and json.loads(hello)["ready"]
@@ -200,30 +227,26 @@ def _ablated(name: str, tmp: Path) -> Sandbox:
     return Ablated(policy)
 
 
-def side_by_side(tree: Path | None, runs: int) -> dict[str, dict[str, float]]:
-    import tempfile
+def _sandbox_call(box: Sandbox) -> Callable[[], None]:
+    def run() -> None:
+        assert box.run(TRIVIAL, "f", [21]).value == 42
 
-    tmp = Path(tempfile.mkdtemp(prefix="layer-costs-"))
-    calls: dict[str, object] = {}
-    boxes = [Sandbox().start()]
-    calls["this tree"] = boxes[0]
-    for name in _ABLATIONS:
-        box = _ablated(name, tmp).start()
-        boxes.append(box)
-        calls[f"this tree {name}"] = box
-    old = _TreeServer(tree) if tree else None
+    return run
 
-    def runner(target: object):  # type: ignore[no-untyped-def]
-        if isinstance(target, _TreeServer):
-            return target.run
 
-        def run() -> None:
-            assert target.run(TRIVIAL, "f", [21]).value == 42  # type: ignore[attr-defined]
-        return run
+def _timed(call: Callable[[], None], count: int, gap: float) -> list[float]:
+    times = []
+    for _ in range(count):
+        if gap:
+            time.sleep(gap)
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
 
-    targets = {label: runner(t) for label, t in calls.items()}
-    if old is not None:
-        targets["baseline tree"] = old.run
+
+def _alternate(targets: dict[str, Callable[[], None]], runs: int) -> dict[str, list[float]]:
+    """Every target, 10 ms apart and back to back, in alternating blocks."""
     times: dict[str, list[float]] = {}
     for _ in range(20):
         for call in targets.values():
@@ -232,17 +255,26 @@ def side_by_side(tree: Path | None, runs: int) -> dict[str, dict[str, float]]:
         share = runs // BLOCKS + (block < runs % BLOCKS)
         for gap, mode in ((PACED_GAP_S, "10 ms apart"), (0.0, "back to back")):
             for label, call in targets.items():
-                bucket = times.setdefault(f"{label}, {mode}", [])
-                for _ in range(share):
-                    if gap:
-                        time.sleep(gap)
-                    t = time.perf_counter()
-                    call()
-                    bucket.append((time.perf_counter() - t) * 1000)
-    for box in boxes:
-        box.close()
+                times.setdefault(f"{label}, {mode}", []).extend(_timed(call, share, gap))
+    return times
+
+
+def side_by_side(tree: Path | None, runs: int) -> dict[str, dict[str, float]]:
+    tmp = Path(tempfile.mkdtemp(prefix="layer-costs-"))
+    boxes = {"this tree": Sandbox().start()}
+    for name in _ABLATIONS:
+        boxes[f"this tree {name}"] = _ablated(name, tmp).start()
+    targets = {label: _sandbox_call(box) for label, box in boxes.items()}
+    old = _TreeServer(tree) if tree else None
     if old is not None:
-        old.close()
+        targets["baseline tree"] = old.run
+    try:
+        times = _alternate(targets, runs)
+    finally:
+        for box in boxes.values():
+            box.close()
+        if old is not None:
+            old.close()
     return {label: summary(values) for label, values in times.items()}
 
 
@@ -251,8 +283,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--baseline-tree", type=Path, help="a checkout to compare with")
     parser.add_argument("--runs", type=int, default=500, help="side-by-side runs per mode")
-    parser.add_argument("--json", type=Path,
-                        default=ROOT / "artifacts" / "bench" / "layer_costs.json")
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "artifacts" / "bench" / "layer_costs.json"
+    )
     ns = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the layers measured need it")

@@ -48,8 +48,13 @@ class _Files:
     swap_limit: str | None
 
 
-_V1 = _Files("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.oom_control",
-             b"oom_kill", "memory.memsw.limit_in_bytes")
+_V1 = _Files(
+    "memory.limit_in_bytes",
+    "memory.usage_in_bytes",
+    "memory.oom_control",
+    b"oom_kill",
+    "memory.memsw.limit_in_bytes",
+)
 _V2 = _Files("memory.max", "memory.current", "memory.events", b"oom_kill", "memory.swap.max")
 
 

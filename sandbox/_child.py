@@ -120,9 +120,7 @@ def _finish(value: Any, state: _restricted.RunState) -> bytes:
     if state.denial is not None:
         return _status_body("denied", error("PolicyViolation", state.denial), state)
     if state.output_exceeded:
-        return _status_body(
-            "output_limit", error("OutputLimit", "stdout exceeded its cap"), state
-        )
+        return _status_body("output_limit", error("OutputLimit", "stdout exceeded its cap"), state)
     if encoded is None:
         return _status_body(status, failure or error("TypeError", "not serializable"), state)
     if len(encoded.encode("utf-8", "surrogatepass")) > state.output_cap:
@@ -136,9 +134,7 @@ def _finish(value: Any, state: _restricted.RunState) -> bytes:
 Executor = Callable[[PreparedRun, _restricted.RunState], bytes]
 
 # Sent when even the reply cannot be built for lack of memory; encoded before the limits apply.
-_MEMORY_REPLY = _reply.encode(
-    "memory_limit", error("MemoryError", "memory limit reached"), "", ""
-)
+_MEMORY_REPLY = _reply.encode("memory_limit", error("MemoryError", "memory limit reached"), "", "")
 
 
 def _fail_layer(exc: _isolation.LayerFailed, reply_fd: int) -> NoReturn:

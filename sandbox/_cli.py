@@ -43,8 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--args", default="[]", help="positional arguments as a JSON list")
     run.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
     run.add_argument("--limits", default="{}", help="limits as a JSON object")
-    run.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
-                     help="allow importing MODULE (must be importable in the policy)")
+    run.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="allow importing MODULE (must be importable in the policy)",
+    )
     # UNSAFE, test-only and undocumented: run the source as plain Python (no RestrictedPython)
     # behind every OS layer, to prove that this path's OS layers hold on their own.
     run.add_argument("--unsafe-raw-code", action="store_true", help=argparse.SUPPRESS)
@@ -92,7 +97,11 @@ def _run(parser: argparse.ArgumentParser, ns: argparse.Namespace, policy: Policy
     )
     with _open_sandbox(parser, ns) as box:
         outcome = box.run(
-            request.source, request.entry, request.args, request.kwargs, request.limits,
+            request.source,
+            request.entry,
+            request.args,
+            request.kwargs,
+            request.limits,
             request.imports,
         )
     print(json.dumps(outcome.to_dict()))
@@ -107,14 +116,21 @@ def _doctor(parser: argparse.ArgumentParser, ns: argparse.Namespace, policy: Pol
         layer for layer, why in layers.items() if why and layer in policy.required_layers
     ]
     if ns.json:
-        print(json.dumps({
-            "ok": not missing_required,
-            "layers": {
-                layer: {"active": not why, "required": layer in policy.required_layers,
-                        "detail": why or details.get(layer, "")}
-                for layer, why in layers.items()
-            },
-        }))
+        print(
+            json.dumps(
+                {
+                    "ok": not missing_required,
+                    "layers": {
+                        layer: {
+                            "active": not why,
+                            "required": layer in policy.required_layers,
+                            "detail": why or details.get(layer, ""),
+                        }
+                        for layer, why in layers.items()
+                    },
+                }
+            )
+        )
     else:
         for layer, why in layers.items():
             state = "active" if not why else "MISSING"

@@ -107,7 +107,7 @@ class Sandbox:
             write_all = stdin.fileno()
             boot = f"{_PROJECT_ROOT}\0{self.policy_path}\n".encode()
             while boot:
-                boot = boot[os.write(write_all, boot):]
+                boot = boot[os.write(write_all, boot) :]
             hello = read_frame(stdout.fileno())
         except (OSError, EOFError, ValueError):
             hello = None
@@ -196,8 +196,9 @@ class Sandbox:
         Raises InvalidRequest (and runs nothing) for a bad request, IsolationUnavailable when a
         required layer is missing on this host.
         """
-        run = prepare(self.policy, source, entry, list(args), dict(kwargs or {}), limits,
-                      allow_imports)
+        run = prepare(
+            self.policy, source, entry, list(args), dict(kwargs or {}), limits, allow_imports
+        )
         return outcome_from_dict(self._call(run.to_wire())["outcome"])
 
     def doctor(self) -> dict[str, str]:

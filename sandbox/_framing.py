@@ -32,7 +32,7 @@ def write_frame(fd: int, body: bytes) -> None:
     """Write one length-prefixed frame."""
     data = memoryview(_HEADER.pack(len(body)) + body)
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def _read_exact(fd: int, size: int) -> bytes | None:

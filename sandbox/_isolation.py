@@ -34,7 +34,11 @@ _libc_sethostname = _libc.sethostname
 _libc_syscall = ctypes.PyDLL(None, use_errno=True).syscall
 _libc_syscall.restype = ctypes.c_long
 _libc_syscall.argtypes = [
-    ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_long,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
     ctypes.c_ulong,
 ]
 _before_fork = ctypes.pythonapi.PyOS_BeforeFork
@@ -66,6 +70,7 @@ _FIRST_FREE_FD = 6
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: Descriptors a child may hold at once (the interpreter needs a few for its own reads).
 MAX_OPEN_FILES = 16
+
 
 class LayerFailed(Exception):
     """Raised in the child when a required isolation layer cannot be applied."""
@@ -239,7 +244,9 @@ def _fds(setup: ChildSetup, reply_fd: int, request_fd: int | None) -> None:
     lifted = [
         (target, fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FIRST_FREE_FD))
         for target, fd in (
-            (REPLY_FD, reply_fd), (REQUEST_FD, request_fd), (NETNS_FD, setup.netns_fd)
+            (REPLY_FD, reply_fd),
+            (REQUEST_FD, request_fd),
+            (NETNS_FD, setup.netns_fd),
         )
         if fd is not None
     ]
@@ -384,9 +391,7 @@ def _seccomp(setup: ChildSetup) -> None:
     setup.seccomp.install()
 
 
-def enter(
-    setup: ChildSetup, reply_fd: int, request_fd: int | None, tolerant: bool = False
-) -> None:
+def enter(setup: ChildSetup, reply_fd: int, request_fd: int | None, tolerant: bool = False) -> None:
     """Apply every layer not in `setup.skip`, in order; raise LayerFailed for one that fails.
 
     With `tolerant` (used only by the probe, which runs no user code) a failing layer is

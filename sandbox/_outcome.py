@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Status = Literal[
-    "ok", "compile_error", "runtime_error", "denied", "timeout", "memory_limit", "output_limit",
+    "ok",
+    "compile_error",
+    "runtime_error",
+    "denied",
+    "timeout",
+    "memory_limit",
+    "output_limit",
     "crashed",
 ]
 STATUSES: frozenset[str] = frozenset(Status.__args__)  # type: ignore[attr-defined]
@@ -63,7 +69,10 @@ def outcome_from_dict(body: dict[str, Any]) -> Outcome:
         value=body.get("value"),
         stdout=body.get("stdout", ""),
         error=body.get("error"),
-        usage=Usage(int(usage.get("cpu_ms", 0)), int(usage.get("wall_ms", 0)),
-                    int(usage.get("max_rss_kb", 0))),
+        usage=Usage(
+            int(usage.get("cpu_ms", 0)),
+            int(usage.get("wall_ms", 0)),
+            int(usage.get("max_rss_kb", 0)),
+        ),
         degraded=tuple(body.get("degraded", ())),
     )

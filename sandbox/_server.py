@@ -108,8 +108,9 @@ def main(policy_path: str | None = None, supervisor_class: type[Supervisor] = Su
             try:
                 answer = _handle(supervisor, frame)
             except ZygoteLost as exc:
-                write_frame(resp_fd, json.dumps(
-                    {"error": {"code": exc.code, "message": str(exc)}}).encode())
+                write_frame(
+                    resp_fd, json.dumps({"error": {"code": exc.code, "message": str(exc)}}).encode()
+                )
                 return
             write_frame(resp_fd, encode_answer(answer))
             supervisor.prepare_next()

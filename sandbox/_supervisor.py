@@ -62,6 +62,7 @@ class _Child:
         if self.pid is None:
             raise RuntimeError("the child's pid is not known yet")
         return self.pid
+
     reaped: bool = False
     #: Killed after a whole reply, its usage read while it lived; reaped without waiting.
     finished_alive: bool = False
@@ -585,16 +586,28 @@ class Supervisor:
         if sig == signal.SIGXCPU or (
             sig == signal.SIGKILL and usage.cpu_ms >= run.limits.cpu_seconds * 1000
         ):
-            return Outcome("timeout", error=error("Timeout", "CPU time limit reached"),
-                           usage=usage, degraded=degraded)
+            return Outcome(
+                "timeout",
+                error=error("Timeout", "CPU time limit reached"),
+                usage=usage,
+                degraded=degraded,
+            )
         if sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS) and (
             usage.max_rss_kb >= run.limits.memory_mb * 1024 * 0.9
         ):
-            return Outcome("memory_limit", error=error("MemoryError", "memory limit reached"),
-                           usage=usage, degraded=degraded)
+            return Outcome(
+                "memory_limit",
+                error=error("MemoryError", "memory limit reached"),
+                usage=usage,
+                degraded=degraded,
+            )
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return Outcome("crashed", error=error("Crashed", f"the child died by signal {name}"),
-                       usage=usage, degraded=degraded)
+        return Outcome(
+            "crashed",
+            error=error("Crashed", f"the child died by signal {name}"),
+            usage=usage,
+            degraded=degraded,
+        )
 
     def _collect_probe(self, child: _Child) -> dict[str, str]:
         """Read the probe's report; the caller kills and reaps the probe afterwards."""
@@ -663,20 +676,37 @@ def _reply_outcome(
     try:
         reply = _reply.decode(untrusted, run.limits.output_bytes)
     except _reply.ReplyTooLarge:
-        return Outcome("output_limit", error=error("OutputLimit", "reply exceeded its cap"),
-                       usage=usage, degraded=degraded)
+        return Outcome(
+            "output_limit",
+            error=error("OutputLimit", "reply exceeded its cap"),
+            usage=usage,
+            degraded=degraded,
+        )
     if reply is None:
-        return Outcome("crashed", error=error("Crashed", "the child gave no valid reply"),
-                       usage=usage, degraded=degraded)
+        return Outcome(
+            "crashed",
+            error=error("Crashed", "the child gave no valid reply"),
+            usage=usage,
+            degraded=degraded,
+        )
     value = reply["value"]
     if reply["status"] == "ok" and not _reply.check_depth(value):
-        return Outcome("runtime_error", stdout=reply["stdout"], usage=usage,
-                       error=error("TypeError", "return value nests too deeply"),
-                       degraded=degraded)
+        return Outcome(
+            "runtime_error",
+            stdout=reply["stdout"],
+            usage=usage,
+            error=error("TypeError", "return value nests too deeply"),
+            degraded=degraded,
+        )
     err = reply["error"]
-    return Outcome(reply["status"], value=value if reply["status"] == "ok" else None,
-                   stdout=reply["stdout"], usage=usage, degraded=degraded,
-                   error=None if err is None else error(err["type"], err["message"]))
+    return Outcome(
+        reply["status"],
+        value=value if reply["status"] == "ok" else None,
+        stdout=reply["stdout"],
+        usage=usage,
+        degraded=degraded,
+        error=None if err is None else error(err["type"], err["message"]),
+    )
 
 
 def _body(child: _Child) -> memoryview:
@@ -707,7 +737,7 @@ def _usage_if_alive(pid: int) -> _zygote.Usage | None:
         with open(f"/proc/{pid}/status", "rb", buffering=0) as f:
             status = f.read()
         start = status.index(b"\nVmHWM:") + 7
-        peak_kb = int(status[start:status.index(b"\n", start)].split()[0])
+        peak_kb = int(status[start : status.index(b"\n", start)].split()[0])
     except (OSError, ValueError, IndexError):
         return None
     cpu_seconds = _cpu_seconds(pid)

@@ -36,7 +36,15 @@ __all__ = ["UnsafeRawCodeRun", "UnsafeRawSupervisor"]
 # What raw code may use: loaded in the fork server before any child exists, because a chrooted
 # child cannot import anything new from the file system.
 _ATTACK_MODULES = (
-    "ctypes", "errno", "mmap", "os", "resource", "signal", "socket", "subprocess", "time",
+    "ctypes",
+    "errno",
+    "mmap",
+    "os",
+    "resource",
+    "signal",
+    "socket",
+    "subprocess",
+    "time",
 )
 
 

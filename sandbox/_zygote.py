@@ -80,7 +80,11 @@ class Zygote:
     ) -> None:
         """Ask for a spare with these pipe ends; the caller may close its copies right away."""
         message = (
-            b"S" + workdir.encode() + b"\0" + (cgroup or "").encode() + b"\0"
+            b"S"
+            + workdir.encode()
+            + b"\0"
+            + (cgroup or "").encode()
+            + b"\0"
             + ",".join(sorted(skip)).encode()
         )
         socket.send_fds(self._socket, [message], [reply_fd, request_fd])
@@ -160,7 +164,7 @@ def _serve(
             os._exit(0)
         if not message:
             os._exit(0)  # The supervisor closed its end; the spares die with this process.
-        fds = [fd for _, _, data in ancillary for fd in _FDS.unpack(data[:_FDS.size])]
+        fds = [fd for _, _, data in ancillary for fd in _FDS.unpack(data[: _FDS.size])]
         answer: bytes | None
         try:
             kind = message[:1]

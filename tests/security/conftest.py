@@ -87,8 +87,9 @@ def attempt(
     entry: str = "f",
 ) -> Outcome:
     """Run `entry(*args)` of `source` through RestrictedPython and every layer."""
-    return no_canary(box.run(source, entry, list(args), limits=limits or FAST,
-                             allow_imports=imports))
+    return no_canary(
+        box.run(source, entry, list(args), limits=limits or FAST, allow_imports=imports)
+    )
 
 
 def attempt_raw(

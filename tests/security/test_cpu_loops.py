@@ -20,15 +20,17 @@ pytestmark = pytest.mark.timeout(60)
     ],
 )
 def test_cpu_loop_ends_in_timeout(sb, body):
-    outcome = attempt(sb, f"def f():\n    {body}\n",
-                      limits={"cpu_seconds": 1, "wall_seconds": 10})
+    outcome = attempt(sb, f"def f():\n    {body}\n", limits={"cpu_seconds": 1, "wall_seconds": 10})
     assert_status(outcome, "timeout", "Timeout")
     assert 900 <= outcome.usage.cpu_ms <= 3000
 
 
 def test_wall_clock_limit_ends_a_loop_before_the_cpu_limit(sb):
-    outcome = attempt(sb, "def f():\n    while True:\n        pass\n",
-                      limits={"cpu_seconds": 10, "wall_seconds": 0.5})
+    outcome = attempt(
+        sb,
+        "def f():\n    while True:\n        pass\n",
+        limits={"cpu_seconds": 10, "wall_seconds": 0.5},
+    )
     assert_status(outcome, "timeout", "Timeout")
     assert outcome.usage.wall_ms < 2000
 

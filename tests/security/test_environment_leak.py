@@ -67,7 +67,10 @@ def test_cli_outcome_never_carries_the_callers_environment(tmp_path: Path):
     env = {**os.environ, CANARY_NAME: CANARY_VALUE}
     done = subprocess.run(
         [sys.executable, "-m", "sandbox", "run", "--source", str(source), "--entry", "f"],
-        capture_output=True, env=env, timeout=30, check=False,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "ok"
@@ -93,12 +96,28 @@ def test_cli_children_carry_no_environment_or_host_path_on_their_stack(tmp_path:
     # attacker who has beaten RestrictedPython on the `sandbox run` path would be.
     source = tmp_path / "stack_probe.py"
     source.write_text(READ_INITIAL_STACK)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "SANDBOX_UNSAFE_TESTING": "1",
-           CANARY_NAME: CANARY_VALUE, "AWS_SECRET_ACCESS_KEY": CANARY_VALUE}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin"),
+        "SANDBOX_UNSAFE_TESTING": "1",
+        CANARY_NAME: CANARY_VALUE,
+        "AWS_SECRET_ACCESS_KEY": CANARY_VALUE,
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "sandbox", "run", "--unsafe-raw-code", "--source", str(source),
-         "--entry", "f"],
-        capture_output=True, env=env, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "sandbox",
+            "run",
+            "--unsafe-raw-code",
+            "--source",
+            str(source),
+            "--entry",
+            "f",
+        ],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout)
@@ -115,9 +134,21 @@ def test_the_cli_unsafe_hook_is_refused_without_the_test_switch(tmp_path: Path):
     source.write_text("def f():\n    return 1\n")
     env = {k: v for k, v in os.environ.items() if k != "SANDBOX_UNSAFE_TESTING"}
     done = subprocess.run(
-        [sys.executable, "-m", "sandbox", "run", "--unsafe-raw-code", "--source", str(source),
-         "--entry", "f"],
-        capture_output=True, env=env, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "sandbox",
+            "run",
+            "--unsafe-raw-code",
+            "--source",
+            str(source),
+            "--entry",
+            "f",
+        ],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 2
     assert done.stdout == b"" and b"test suite only" in done.stderr

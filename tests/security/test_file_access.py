@@ -22,8 +22,11 @@ def secret_file(tmp_path: Path) -> Path:
 
 
 def test_restricted_code_has_no_open(sb):
-    assert_status(attempt(sb, "def f():\n    return open('/etc/passwd').read()\n"),
-                  "runtime_error", "NameError")
+    assert_status(
+        attempt(sb, "def f():\n    return open('/etc/passwd').read()\n"),
+        "runtime_error",
+        "NameError",
+    )
 
 
 def test_raw_write_to_host_tmp_is_refused_and_creates_nothing(raw, tmp_path):
@@ -31,8 +34,9 @@ def test_raw_write_to_host_tmp_is_refused_and_creates_nothing(raw, tmp_path):
     source = "def f(path):\n    with open(path, 'w') as fh:\n        fh.write('x')\n"
     assert_status(attempt_raw(raw, source, str(target)), "runtime_error", "PermissionError")
     assert not target.exists()
-    assert_status(attempt_raw(raw, source, "/tmp/sandbox-escape-marker"), "runtime_error",
-                  "PermissionError")
+    assert_status(
+        attempt_raw(raw, source, "/tmp/sandbox-escape-marker"), "runtime_error", "PermissionError"
+    )
     assert not Path("/tmp/sandbox-escape-marker").exists()
 
 
@@ -52,8 +56,16 @@ def test_raw_file_system_writes_are_refused(raw, call, error):
     assert_status(attempt_raw(raw, source), "runtime_error", error)
 
 
-@pytest.mark.parametrize("path", ["/etc/shadow", "/etc/passwd", "/proc/self/environ",
-                                  "/proc/1/root/etc/shadow", "/../../etc/shadow"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/shadow",
+        "/etc/passwd",
+        "/proc/self/environ",
+        "/proc/1/root/etc/shadow",
+        "/../../etc/shadow",
+    ],
+)
 def test_raw_host_files_do_not_exist_in_the_child(raw, path):
     source = "def f(path):\n    return open(path).read()\n"
     assert_status(attempt_raw(raw, source, path), "runtime_error", "FileNotFoundError")

@@ -28,12 +28,7 @@ def test_frame_attribute_in_source_is_rejected(sb, expression):
     "attribute", ["gi_frame", "gi_code", "gi_yieldfrom", "f_back", "tb_frame", "cr_frame"]
 )
 def test_frame_attribute_by_name_is_denied(sb, attribute):
-    source = (
-        "def gen():\n"
-        "    yield 1\n"
-        "def f(name):\n"
-        "    return str(getattr(gen(), name))\n"
-    )
+    source = "def gen():\n    yield 1\ndef f(name):\n    return str(getattr(gen(), name))\n"
     outcome = attempt(sb, source, attribute)
     assert_status(outcome, "denied", "PolicyViolation")
 

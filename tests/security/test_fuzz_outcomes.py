@@ -41,10 +41,14 @@ BODIES = [
 ]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
-                                                                 max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 sources = st.one_of(
@@ -62,13 +66,21 @@ valid_limits = st.fixed_dictionaries(
     },
 )
 invalid_values = st.one_of(
-    st.integers(-5, 0), st.integers(10**9, 10**12), st.just(math.nan), st.just(math.inf),
-    st.booleans(), st.text(max_size=3), st.none(), st.lists(st.integers(), max_size=2),
+    st.integers(-5, 0),
+    st.integers(10**9, 10**12),
+    st.just(math.nan),
+    st.just(math.inf),
+    st.booleans(),
+    st.text(max_size=3),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
 )
 invalid_limits = st.one_of(
     st.dictionaries(
         st.sampled_from(["cpu_seconds", "wall_seconds", "memory_mb", "output_bytes"]),
-        invalid_values, min_size=1, max_size=3,
+        invalid_values,
+        min_size=1,
+        max_size=3,
     ),
     st.builds(lambda key, value: {key: value}, st.text(max_size=12), st.integers(1, 5)),
     st.lists(st.integers(), max_size=2),
@@ -101,8 +113,7 @@ def _well_formed(outcome: sandbox.Outcome) -> None:
 )
 def test_any_request_gives_an_outcome_or_a_clean_refusal(sb, source, entry, args, limits):
     try:
-        outcome = sb.run(source, entry, args if isinstance(args, list) else [args],
-                         limits=limits)
+        outcome = sb.run(source, entry, args if isinstance(args, list) else [args], limits=limits)
     except sandbox.InvalidRequest:
         event("refused")
         return  # refused before anything ran: also well-formed
@@ -118,9 +129,11 @@ def test_any_request_gives_an_outcome_or_a_clean_refusal(sb, source, entry, args
     limits=valid_limits,
 )
 def test_runnable_requests_always_end_in_a_contract_status(sb, body, args, limits):
-    source = "def f(x=None, *a, **k):\n    " + "\n    ".join(
-        line for chunk in body for line in chunk.split("\n    ")
-    ) + "\n"
+    source = (
+        "def f(x=None, *a, **k):\n    "
+        + "\n    ".join(line for chunk in body for line in chunk.split("\n    "))
+        + "\n"
+    )
     outcome = sb.run(source, "f", args, limits=limits)
     event(outcome.status)
     _well_formed(outcome)
@@ -128,12 +141,20 @@ def test_runnable_requests_always_end_in_a_contract_status(sb, body, args, limit
 
 
 @settings(max_examples=60, deadline=None)
-@given(args=st.one_of(st.lists(json_values, max_size=3), st.builds(object)), kwargs=st.one_of(
-    st.dictionaries(st.text(max_size=6), json_values, max_size=3), st.just({"x": math.nan})))
+@given(
+    args=st.one_of(st.lists(json_values, max_size=3), st.builds(object)),
+    kwargs=st.one_of(
+        st.dictionaries(st.text(max_size=6), json_values, max_size=3), st.just({"x": math.nan})
+    ),
+)
 def test_arguments_are_json_or_refused(sb, args, kwargs):
     try:
-        outcome = sb.run("def f(*a, **k):\n    return [a, k]\n", "f", args
-                         if isinstance(args, list) else [args], kwargs)
+        outcome = sb.run(
+            "def f(*a, **k):\n    return [a, k]\n",
+            "f",
+            args if isinstance(args, list) else [args],
+            kwargs,
+        )
     except sandbox.InvalidRequest:
         return
     _well_formed(outcome)

@@ -29,7 +29,7 @@ def test_a_forged_isolation_failure_is_a_crash(raw):
     source = (
         "import os\n"
         "def f():\n"
-        "    os.write(3, b'{\"layer\": \"seccomp\", \"reason\": \"forged by the run\"}')\n"
+        '    os.write(3, b\'{"layer": "seccomp", "reason": "forged by the run"}\')\n'
         "    os._exit(71)\n"
     )
     outcome = attempt_raw(raw, source)
@@ -39,10 +39,7 @@ def test_a_forged_isolation_failure_is_a_crash(raw):
 
 def test_deeply_nested_json_with_the_isolation_exit_code_is_a_crash(raw):
     source = (
-        "import os\n"
-        "def f():\n"
-        "    os.write(3, b'[' * 200000 + b']' * 200000)\n"
-        "    os._exit(71)\n"
+        "import os\ndef f():\n    os.write(3, b'[' * 200000 + b']' * 200000)\n    os._exit(71)\n"
     )
     assert_status(attempt_raw(raw, source), "crashed", "Crashed")
     assert attempt_raw(raw, "def f():\n    return 'alive'\n").value == "alive"
@@ -61,10 +58,15 @@ def test_a_forged_reply_past_the_output_cap_is_an_output_limit(raw):
     assert_status(attempt_raw(raw, source, limits=limits), "output_limit", "OutputLimit")
 
 
-@pytest.mark.parametrize("garbage", [
-    "b'\\\\xff\\\\xfe' * 1000", "b'{\"status\": \"ok\"' * 1000", "b'1e999'",
-    "b'{\"status\": \"ok\", \"value\": NaN, \"stdout\": \"\", \"error\": null}'",
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "b'\\\\xff\\\\xfe' * 1000",
+        'b\'{"status": "ok"\' * 1000',
+        "b'1e999'",
+        'b\'{"status": "ok", "value": NaN, "stdout": "", "error": null}\'',
+    ],
+)
 def test_garbage_replies_are_crashes(raw, garbage):
     source = f"import os\ndef f():\n    os.write(3, {garbage})\n    os._exit(0)\n"
     assert_status(attempt_raw(raw, source), "crashed", "Crashed")

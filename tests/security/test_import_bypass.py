@@ -47,8 +47,9 @@ def test_import_machinery_names_are_rejected_at_compile_time(sb, source):
 
 
 def test_submodule_of_an_allowed_module_is_not_reachable(sb):
-    outcome = attempt(sb, "import json\ndef f():\n    return str(json.decoder)\n",
-                      imports=("json",))
+    outcome = attempt(
+        sb, "import json\ndef f():\n    return str(json.decoder)\n", imports=("json",)
+    )
     assert_status(outcome, "runtime_error", "AttributeError")
 
 

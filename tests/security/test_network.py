@@ -70,9 +70,7 @@ def test_raw_x32_abi_syscall_kills_the_child(raw):
     # The same call through the x32 ABI (nr | 0x40000000) would dodge a naive filter; libseccomp
     # treats it as a foreign architecture and the kernel kills the child.
     source = (
-        "import ctypes\n"
-        "def f():\n"
-        "    return ctypes.CDLL(None).syscall(0x40000000 | 41, 2, 1, 0)\n"
+        "import ctypes\ndef f():\n    return ctypes.CDLL(None).syscall(0x40000000 | 41, 2, 1, 0)\n"
     )
     outcome = attempt_raw(raw, source)
     assert_status(outcome, "crashed", "Crashed")

@@ -43,12 +43,7 @@ def test_escaped_characters_count_against_the_cap(sb):
 
 
 def test_raw_flood_of_the_reply_pipe_is_an_output_limit(raw):
-    source = (
-        "import os\n"
-        "def f():\n"
-        "    while True:\n"
-        "        os.write(3, b'x' * 65536)\n"
-    )
+    source = "import os\ndef f():\n    while True:\n        os.write(3, b'x' * 65536)\n"
     assert_status(attempt_raw(raw, source, limits=CAP), "output_limit", "OutputLimit")
 
 

@@ -135,8 +135,11 @@ def test_raw_child_never_outlives_its_fork_server():
 
     def sleep_in_child() -> None:
         try:
-            box.run("import time\ndef f():\n    time.sleep(30)\n", "f",
-                    limits={"cpu_seconds": 30, "wall_seconds": 60})
+            box.run(
+                "import time\ndef f():\n    time.sleep(30)\n",
+                "f",
+                limits={"cpu_seconds": 30, "wall_seconds": 60},
+            )
         except SandboxError as exc:
             errors.append(exc)
 

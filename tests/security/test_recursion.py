@@ -40,8 +40,7 @@ def test_c_stack_exhaustion_is_a_crash(sb, wrapper):
         "        n += 1\n"
         "    return str(next(it))\n"
     )
-    outcome = attempt(sb, source, limits={"cpu_seconds": 5, "wall_seconds": 10,
-                                          "memory_mb": 512})
+    outcome = attempt(sb, source, limits={"cpu_seconds": 5, "wall_seconds": 10, "memory_mb": 512})
     assert_status(outcome, "crashed", "Crashed")
     assert "SIGSEGV" in outcome.error["message"]
 

@@ -17,13 +17,16 @@ pytestmark = pytest.mark.timeout(60)
     ],
 )
 def test_catastrophic_backtracking_ends_in_timeout(sb, call):
-    outcome = attempt(sb, f"import re\ndef f():\n    return bool({call})\n",
-                      imports=("re",), limits={"cpu_seconds": 1, "wall_seconds": 5})
+    outcome = attempt(
+        sb,
+        f"import re\ndef f():\n    return bool({call})\n",
+        imports=("re",),
+        limits={"cpu_seconds": 1, "wall_seconds": 5},
+    )
     assert_status(outcome, "timeout", "Timeout")
 
 
 def test_backtracking_under_a_short_wall_clock_limit(sb):
     source = "import re\ndef f():\n    return bool(re.match(r'(a*)*$', 'a' * 64 + 'b'))\n"
-    outcome = attempt(sb, source, imports=("re",),
-                      limits={"cpu_seconds": 10, "wall_seconds": 0.3})
+    outcome = attempt(sb, source, imports=("re",), limits={"cpu_seconds": 10, "wall_seconds": 0.3})
     assert_status(outcome, "timeout", "Timeout")

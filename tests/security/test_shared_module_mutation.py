@@ -14,10 +14,14 @@ pytestmark = pytest.mark.timeout(60)
     [
         ("import math\ndef f():\n    math.pi = 3\n    return 1\n", ("math",)),
         ("import math\ndef f():\n    del math.sqrt\n    return 1\n", ("math",)),
-        ("import json\ndef f():\n    json.JSONEncoder.item_separator = ';'\n    return 1\n",
-         ("json",)),
-        ("import decimal\ndef f():\n    decimal.getcontext().prec = 3\n    return 1\n",
-         ("decimal",)),
+        (
+            "import json\ndef f():\n    json.JSONEncoder.item_separator = ';'\n    return 1\n",
+            ("json",),
+        ),
+        (
+            "import decimal\ndef f():\n    decimal.getcontext().prec = 3\n    return 1\n",
+            ("decimal",),
+        ),
         ("import string\ndef f():\n    string.digits = 'x'\n    return 1\n", ("string",)),
         ("class A:\n    pass\ndef f():\n    A.x = 1\n    return 1\n", ()),
         ("def f():\n    t = (1, 2)\n    t[0] = 3\n    return 1\n", ()),

@@ -84,8 +84,18 @@ def test_fcntl_ioctl_and_prctl_allow_only_harmless_commands(raw):
     outcome = attempt_raw(raw, FCNTL_AND_IOCTL)
     assert_status(outcome, "ok")
     answers = outcome.value
-    for name in ("F_SETOWN", "F_SETSIG", "F_SETOWN_EX", "F_SETLEASE", "F_NOTIFY", "F_SETFL",
-                 "F_SETPIPE_SZ", "TIOCSTI", "FIONBIO", "prctl"):
+    for name in (
+        "F_SETOWN",
+        "F_SETSIG",
+        "F_SETOWN_EX",
+        "F_SETLEASE",
+        "F_NOTIFY",
+        "F_SETFL",
+        "F_SETPIPE_SZ",
+        "TIOCSTI",
+        "FIONBIO",
+        "prctl",
+    ):
         assert answers[name][0] == -1 and answers[name][1] in (errno.ENOSYS, errno.EPERM), name
     assert answers["F_GETFL"][0] >= 0  # allowed: reading its own descriptor's flags
     assert answers["TCGETS"] == [-1, errno.ENOTTY]  # allowed: reaches the kernel, not a tty

@@ -22,13 +22,30 @@ def source(tmp_path: Path) -> Path:
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True,
-                          text=True, input=stdin, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_run_prints_one_outcome_and_exits_0(source):
-    done = _cli("run", "--source", str(source), "--entry", "f", "--args", "[21]",
-                "--kwargs", '{"y": 2}', "--limits", '{"cpu_seconds": 2}')
+    done = _cli(
+        "run",
+        "--source",
+        str(source),
+        "--entry",
+        "f",
+        "--args",
+        "[21]",
+        "--kwargs",
+        '{"y": 2}',
+        "--limits",
+        '{"cpu_seconds": 2}',
+    )
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout)
     assert outcome["status"] == "ok" and outcome["value"] == 42
@@ -37,8 +54,7 @@ def test_run_prints_one_outcome_and_exits_0(source):
 
 
 def test_source_from_stdin(source):
-    done = _cli("run", "--source", "-", "--entry", "f", "--args", "[2]",
-                stdin=source.read_text())
+    done = _cli("run", "--source", "-", "--entry", "f", "--args", "[2]", stdin=source.read_text())
     assert done.returncode == 0 and json.loads(done.stdout)["value"] == 2
 
 
@@ -50,8 +66,9 @@ def test_user_code_failure_is_still_exit_0(source, capsys):
 
 
 def test_allow_import_of_a_never_module_is_a_usage_error_naming_it(source):
-    done = _cli("run", "--source", str(source), "--entry", "f", "--args", "[1]",
-                "--allow-import", "os")
+    done = _cli(
+        "run", "--source", str(source), "--entry", "f", "--args", "[1]", "--allow-import", "os"
+    )
     assert done.returncode == EXIT_USAGE
     assert "os" in done.stderr and "never allowed" in done.stderr
     assert done.stdout == ""

@@ -130,8 +130,9 @@ def test_a_layer_failing_after_the_probe_stops_the_run(tmp_path, monkeypatch):
     policy = Policy.load(BUNDLED)
     supervisor = Supervisor(policy)
     try:
-        monkeypatch.setattr(isolation, "_workdir", lambda setup: (_ for _ in ()).throw(
-            OSError(1, "forced")))
+        monkeypatch.setattr(
+            isolation, "_workdir", lambda setup: (_ for _ in ()).throw(OSError(1, "forced"))
+        )
         with pytest.raises(IsolationUnavailable, match="workdir"):
             supervisor.run(prepare(policy, "def f():\n    return 1\n", "f"))
     finally:

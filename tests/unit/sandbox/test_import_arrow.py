@@ -23,8 +23,8 @@ def _imported_modules(path: Path) -> set[str]:
                 found.add("..")  # reaching above the package
         elif (
             isinstance(node, ast.Call)
-            and getattr(node.func, "id", getattr(node.func, "attr", "")) in
-            {"__import__", "import_module"}
+            and getattr(node.func, "id", getattr(node.func, "attr", ""))
+            in {"__import__", "import_module"}
             and node.args
             and isinstance(node.args[0], ast.Constant)
         ):
@@ -37,7 +37,8 @@ def test_sandbox_never_imports_appliance():
     assert len(files) > 5
     offenders = {
         str(path.relative_to(PACKAGE)): sorted(
-            name for name in _imported_modules(path)
+            name
+            for name in _imported_modules(path)
             if name == ".." or name.split(".")[0] == "appliance"
         )
         for path in files

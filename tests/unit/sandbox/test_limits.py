@@ -49,8 +49,13 @@ def test_limits_must_be_an_object(raw):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"cpu_seconds": -1}, {"memory_mb": 0}, {"memory_mb": 1.5}, {"output_bytes": False},
-     {"wall_seconds": math.inf}],
+    [
+        {"cpu_seconds": -1},
+        {"memory_mb": 0},
+        {"memory_mb": 1.5},
+        {"output_bytes": False},
+        {"wall_seconds": math.inf},
+    ],
 )
 def test_direct_construction_validates_too(kwargs):
     with pytest.raises(InvalidRequest):
@@ -68,8 +73,13 @@ def test_to_dict_round_trips():
     assert Limits.from_mapping(limits.to_dict()) == limits
 
 
-@given(st.dictionaries(st.text(max_size=15), st.one_of(
-    st.integers(), st.floats(), st.booleans(), st.none(), st.text(max_size=3)), max_size=5))
+@given(
+    st.dictionaries(
+        st.text(max_size=15),
+        st.one_of(st.integers(), st.floats(), st.booleans(), st.none(), st.text(max_size=3)),
+        max_size=5,
+    )
+)
 def test_any_json_object_gives_limits_or_invalid_request(raw):
     try:
         limits = Limits.from_mapping(raw)

@@ -33,8 +33,12 @@ def _header(status: str = "ok", error: object = None) -> bytes:
 
 def test_well_formed_replies_decode():
     reply = decode(encode("ok", None, json.dumps({"a": [1, 2.5, None]}), "hi\n"), CAP)
-    assert reply == {"status": "ok", "value": {"a": [1, 2.5, None]}, "stdout": "hi\n",
-                     "error": None}
+    assert reply == {
+        "status": "ok",
+        "value": {"a": [1, 2.5, None]},
+        "stdout": "hi\n",
+        "error": None,
+    }
     err = {"type": "ValueError", "message": "x"}
     assert decode(encode("runtime_error", err, "", ""), CAP)["error"] == err
 
@@ -68,8 +72,9 @@ def test_stdout_travels_unescaped_with_lone_surrogates():
         _frames(_header("denied", {"type": "x", "message": 1}), b"", b""),
         _frames(_header("denied", {"type": "x", "message": "y", "z": "w"}), b"", b""),
         _frames(_header("denied", {"type": "x", "message": "y"}), b"1", b""),  # value on error
-        _frames(json.dumps({"status": "ok", "error": None, "degraded": []}).encode(), b"1",
-                b""),  # an extra key: the parent alone decides what is degraded
+        _frames(
+            json.dumps({"status": "ok", "error": None, "degraded": []}).encode(), b"1", b""
+        ),  # an extra key: the parent alone decides what is degraded
         _frames(b"{" * 50000 + b"}" * 50000, b"1", b""),
         _frames(_header(), b"[" * 50000 + b"]" * 50000, b""),
     ],

@@ -47,8 +47,14 @@ def test_valid_request_round_trips_through_the_wire():
     ],
 )
 def test_bad_fields_are_refused(kwargs, message):
-    request = {"raw_source": SOURCE, "entry": "f", "args": [], "kwargs": {}, "limits": {},
-               "allow_imports": []}
+    request = {
+        "raw_source": SOURCE,
+        "entry": "f",
+        "args": [],
+        "kwargs": {},
+        "limits": {},
+        "allow_imports": [],
+    }
     request.update(kwargs)
     with pytest.raises(InvalidRequest, match=message):
         prepare(POLICY, **request)

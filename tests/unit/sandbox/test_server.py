@@ -41,8 +41,7 @@ class _NoRuns:
 def test_malformed_requests_get_a_structured_error(frame):
     reply = _handle(_NoRuns(), frame)  # type: ignore[arg-type]
     assert set(reply) == {"error"}
-    assert reply["error"]["code"] in {"invalid_request", "import_not_allowed",
-                                      "limit_not_allowed"}
+    assert reply["error"]["code"] in {"invalid_request", "import_not_allowed", "limit_not_allowed"}
 
 
 def test_frames_round_trip_and_oversized_frames_are_refused():
