@@ -296,7 +296,8 @@ def _rmdir_quietly(path: str) -> bool:
 
 
 def _write(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    # O_TRUNC as a shell's `>` does: ignored by cgroupfs, and right for any other file.
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
         os.write(fd, data)
     finally:
