@@ -7,14 +7,11 @@ from celery import Celery
 
 from .errors import DependencyUnavailable
 from .jobs import JobMessage
-from .redis_conn import broker_url, ssl_options
 from .settings import Settings
+from .store import broker_url, keys, ssl_options
 
 TASK_NAME = "appliance.run_job"
-BROKER_KEY_PREFIX = "celery:"
-#: Sorted set of live workers (member host:pid, score unix time): written by each worker,
-#: counted by the API's /readyz.
-HEARTBEAT_KEY = "heartbeat:workers"
+BROKER_KEY_PREFIX = keys.BROKER
 
 
 def make_celery(settings: Settings, name: str = "appliance") -> Celery:

@@ -23,16 +23,13 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
-from secrets import token_hex
 from typing import Any, Protocol
 
 import hvac.exceptions
-import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import BadRequest, DependencyUnavailable, NotFound
-from .results import redis_unavailable
 from .secret_names import check_secret_glob, glob_allows
 from .vault import VaultSession
 
@@ -108,10 +105,6 @@ def validate_keyid(keyid: str) -> str:
     return keyid
 
 
-#: The Redis key holding the registry generation (see the module docstring).
-GENERATION_KEY = "registry:generation"
-
-
 class Generation(Protocol):
     """Where the registry generation lives: read on every lookup, renewed on every write."""
 
@@ -120,22 +113,6 @@ class Generation(Protocol):
 
     def renew(self) -> None:
         """Replace the generation with a fresh one."""
-
-
-class RedisGeneration:
-    """The generation in Redis: the API reads it (read-only ACL), the operator renews it."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-
-    def current(self) -> str | None:
-        with redis_unavailable():
-            raw = self.redis.get(GENERATION_KEY)
-        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
-
-    def renew(self) -> None:
-        with redis_unavailable():
-            self.redis.set(GENERATION_KEY, token_hex(16))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import _stack
 from ._stack.procs import port_open
 from ._stack.redis_server import operator_access
-from .registry import Client, RedisGeneration, Registry
+from .registry import Client, Registry
+from .store import RedisGeneration
 from .vault import VaultSession
 
 HOST = "127.0.0.1"

@@ -17,7 +17,8 @@ from ..errors import Conflict, Forbidden, NotFound, SealBroken
 from ..jobs import MESSAGE_TTL_SECONDS, JobMessage, open_result, seal_job, sign_message
 from ..queue import TASK_NAME
 from ..registry import Client
-from ..results import ResultStore, Stored, check_result_key, new_result_key
+from ..results import check_result_key, new_result_key
+from ..store import ResultStore, Stored
 from ..vault import Transit
 
 #: Hands a signed message to the broker, or raises DependencyUnavailable.

@@ -42,11 +42,10 @@ from ..observability import (
     read_token,
     serve_metrics,
 )
-from ..queue import HEARTBEAT_KEY, TASK_NAME, make_celery, publish
-from ..redis_conn import connect
-from ..results import ResultStore
+from ..queue import TASK_NAME, make_celery, publish
 from ..secret_names import check_secret_name, glob_allows
 from ..settings import Settings, get_settings
+from ..store import RedisResultStore, ResultStore, connect
 from ..vault import Transit, VaultSession, read_secrets
 from .sandboxes import SandboxPool
 
@@ -77,7 +76,7 @@ def build_runtime(settings: Settings, concurrency: int) -> Runtime:
     session = VaultSession.from_approle(
         settings.vault_addr, files.role_id_file, files.secret_id_wrap_file
     )
-    store = ResultStore(
+    store = RedisResultStore(
         connect(settings, session), settings.result_prefix, settings.result_ttl_seconds
     )
     transit = Transit(session, settings.transit_mount)
@@ -127,7 +126,7 @@ def _heartbeat() -> None:
     name = owner()
     while True:
         try:
-            runtime().store.redis.zadd(HEARTBEAT_KEY, {name: time.time()})
+            runtime().store.beat(name, time.time())
         except Exception:  # noqa: BLE001 - a missed heartbeat only delays readiness
             log.warning("heartbeat failed")
         time.sleep(runtime().settings.heartbeat_seconds)
@@ -200,7 +199,7 @@ def _claim_and_run(
     # Ours, yet not running here (`_in_hand`): our own retry after OpenBao or Redis failed.
     retry = claim.owner == owner()
     fresh = 3 * rt.settings.heartbeat_seconds
-    if not retry and rt.store.worker_alive(claim.owner, HEARTBEAT_KEY, fresh, now):
+    if not retry and rt.store.worker_alive(claim.owner, fresh, now):
         raise InFlight(message.task_id)
     if rt.store.has_result(message.result_key):
         _enqueue_staged(rt, message, spec, request_id)  # It died between storing and enqueuing.

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from appliance._stack import RedisHandle
-from appliance.queue import HEARTBEAT_KEY
-from appliance.results import Claim, ResultStore, new_result_key
+from appliance.results import new_result_key
+from appliance.store import Claim, RedisResultStore
 
 pytestmark = pytest.mark.integration
 
@@ -30,20 +30,20 @@ def _clean(redis_server: RedisHandle) -> Iterator[None]:
 
 
 @pytest.fixture
-def worker(redis_server: RedisHandle) -> ResultStore:
-    return ResultStore(redis_server.client("worker"))
+def worker(redis_server: RedisHandle) -> RedisResultStore:
+    return RedisResultStore(redis_server.client("worker"))
 
 
 @pytest.fixture
-def api(redis_server: RedisHandle) -> ResultStore:
-    return ResultStore(redis_server.client("api"))
+def api(redis_server: RedisHandle) -> RedisResultStore:
+    return RedisResultStore(redis_server.client("api"))
 
 
 def _nonce() -> str:
     return f"n{time.time_ns()}"
 
 
-def test_first_delivery_claims_then_a_duplicate_sees_the_owner(worker: ResultStore) -> None:
+def test_first_delivery_claims_then_a_duplicate_sees_the_owner(worker: RedisResultStore) -> None:
     nonce = _nonce()
     assert worker.claim(nonce, 60, "host:1") is None
     assert worker.claim(nonce, 60, "host:2") == Claim("running", "host:1", 1)
@@ -51,7 +51,7 @@ def test_first_delivery_claims_then_a_duplicate_sees_the_owner(worker: ResultSto
     assert worker.claim(nonce, 60, "host:3") == Claim("done", "", 0)
 
 
-def test_a_dead_owner_is_taken_over_exactly_once(worker: ResultStore) -> None:
+def test_a_dead_owner_is_taken_over_exactly_once(worker: RedisResultStore) -> None:
     nonce = _nonce()
     worker.claim(nonce, 60, "dead:1")
     seen = worker.claim(nonce, 60, "a:2")
@@ -73,16 +73,17 @@ def test_a_dead_owner_is_taken_over_exactly_once(worker: ResultStore) -> None:
     assert after is not None and after.attempts == 2 and after.owner.startswith("w:")
 
 
-def test_liveness_comes_from_the_heartbeat(worker: ResultStore) -> None:
+def test_liveness_comes_from_the_heartbeat(worker: RedisResultStore) -> None:
     now = time.time()
-    worker.redis.zadd(HEARTBEAT_KEY, {"alive:1": now, "stale:2": now - 60})
-    assert worker.worker_alive("alive:1", HEARTBEAT_KEY, 15, now)
-    assert not worker.worker_alive("stale:2", HEARTBEAT_KEY, 15, now)
-    assert not worker.worker_alive("never:3", HEARTBEAT_KEY, 15, now)
+    worker.beat("alive:1", now)
+    worker.beat("stale:2", now - 60)
+    assert worker.worker_alive("alive:1", 15, now)
+    assert not worker.worker_alive("stale:2", 15, now)
+    assert not worker.worker_alive("never:3", 15, now)
 
 
 def test_revoke_wins_or_loses_against_start_never_both(
-    api: ResultStore, worker: ResultStore
+    api: RedisResultStore, worker: RedisResultStore
 ) -> None:
     for _ in range(30):
         key = new_result_key("f", int(time.time() * 1000))
@@ -108,7 +109,7 @@ def test_revoke_wins_or_loses_against_start_never_both(
         assert worker.state(key) == ("revoked" if revoked else "running")
 
 
-def test_concurrent_revocations_of_one_job_all_see_it_revoked(api: ResultStore) -> None:
+def test_concurrent_revocations_of_one_job_all_see_it_revoked(api: RedisResultStore) -> None:
     # A revocation that loses the WATCH race to another one must not report "running" (a 409
     # for a job that never ran); exactly one call does the revoking.
     for _ in range(30):
@@ -130,7 +131,7 @@ def test_concurrent_revocations_of_one_job_all_see_it_revoked(api: ResultStore) 
         assert api.state(key) == "revoked"
 
 
-def test_revoke_is_for_the_owner_and_queued_jobs_only(api: ResultStore) -> None:
+def test_revoke_is_for_the_owner_and_queued_jobs_only(api: RedisResultStore) -> None:
     key = new_result_key("f", int(time.time() * 1000))
     assert api.revoke(key, "alice") is None  # unknown
     api.mark(key, "alice", "queued", "t")
@@ -141,7 +142,7 @@ def test_revoke_is_for_the_owner_and_queued_jobs_only(api: ResultStore) -> None:
     assert api.state(key) == "running"
 
 
-def test_workflow_record_stages_and_drops(api: ResultStore, worker: ResultStore) -> None:
+def test_workflow_record_stages_and_drops(api: RedisResultStore, worker: RedisResultStore) -> None:
     wid = f"wf-{time.time_ns()}"
     api.save_workflow(wid, {1: '{"m": 1}', 2: '{"m": 2}'}, 60)
     assert worker.workflow_messages(wid) == {"1": '{"m": 1}', "2": '{"m": 2}'}

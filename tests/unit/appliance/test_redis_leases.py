@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from appliance._stack.redis_relay import Refused, logs_in_as_relayed_user, read_command
 from appliance.errors import DependencyUnavailable, SealBroken
-from appliance.redis_leases import ProcessRedisLease, RedisLease, install
+from appliance.store import ProcessRedisLease, RedisLease, install
 
 
 class StubOpenBao:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import redis
 
-from .redis_leases import RedisLease, install
-from .settings import Settings
-from .vault import VaultSession
+from ..settings import Settings
+from ..vault import VaultSession
+from ._leases import RedisLease, install
 
 
 class FileCredentialProvider(redis.CredentialProvider):
@@ -80,6 +80,6 @@ def broker_url(settings: Settings) -> str:
     """
     host = f"{settings.redis_host}:{settings.redis_port}/{settings.redis_db}"
     if settings.redis_lease_role:
-        return f"rediss://{host}?credential_provider=appliance.redis_leases:ProcessRedisLease"
+        return f"rediss://{host}?credential_provider=appliance.store:ProcessRedisLease"
     password = settings.redis_password() or ""
     return f"rediss://{settings.redis_username}:{password}@{host}"

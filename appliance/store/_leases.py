@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from .errors import ApplianceError, DependencyUnavailable
-from .vault import VaultSession
+from ..errors import ApplianceError, DependencyUnavailable
+from ..vault import VaultSession
 
 log = logging.getLogger("appliance.redis_leases")
 

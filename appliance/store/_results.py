@@ -1,0 +1,309 @@
+"""The result store: ciphertext under `result:<key>` with a TTL, and a small `pending:<key>`
+record (client and state, no payload) while the job is queued or running.
+
+Also kept here, since they change together with results: `claim:<nonce>` (which worker runs a
+signed message, how many times it was attempted, and whether it is done), `workflow:<id>` (the
+signed, sealed messages of a workflow's later steps until each is enqueued) and the workers'
+heartbeats. `ResultStore` is the protocol; `RedisResultStore` the real one and
+`UnsafeMemoryResultStore` (in `_memory`) the stub, both held to `tests/unit/store/contract.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+
+from . import _keys
+from ._errors import redis_unavailable
+
+PENDING_TTL_SECONDS = 24 * 3600
+
+
+class ResultStore(Protocol):
+    """What the API and the worker need of the store; every method may raise
+    DependencyUnavailable."""
+
+    def mark(self, key: str, client: str, state: str, task_id: str) -> None: ...
+    def start(self, key: str, client: str, task_id: str) -> bool: ...
+    def put(self, key: str, client: str, sealed: str) -> None: ...
+    def claim(self, nonce: str, ttl_seconds: int, owner: str) -> Claim | None: ...
+    def take_over(
+        self, nonce: str, ttl_seconds: int, owner: str, previous: Claim, count: bool = True
+    ) -> bool: ...
+    def finish_claim(self, nonce: str, ttl_seconds: int) -> None: ...
+    def beat(self, owner: str, now: float) -> None: ...
+    def worker_alive(self, owner: str, fresh_seconds: float, now: float) -> bool: ...
+    def live_workers(self, since: float) -> int: ...
+    def ping(self) -> bool: ...
+    def save_workflow(
+        self, workflow_id: str, messages: dict[int, str], ttl_seconds: int
+    ) -> None: ...
+    def workflow_messages(self, workflow_id: str) -> dict[str, str]: ...
+    def put_and_stage(
+        self, key: str, client: str, sealed: str, workflow_id: str, step: int, message: str
+    ) -> None: ...
+    def unstage(self, workflow_id: str, step: int) -> None: ...
+    def put_many(
+        self, results: dict[str, str], client: str, workflow_id: str | None = None
+    ) -> None: ...
+    def revoke(self, key: str, client: str) -> str | None: ...
+    def state(self, key: str) -> str | None: ...
+    def delete(self, key: str) -> None: ...
+    def has_result(self, key: str) -> bool: ...
+    def get(self, key: str) -> Stored | None: ...
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who runs a signed message: `running` by `owner` (host:pid) on its `attempts`th try, or
+    `done`."""
+
+    state: str
+    owner: str = ""
+    attempts: int = 0
+
+    @classmethod
+    def parse(cls, raw: bytes | str | None) -> Claim | None:
+        """From the stored JSON; None when absent."""
+        if raw is None:
+            return None
+        record: dict[str, Any] = json.loads(raw)
+        return cls(
+            str(record["state"]), str(record.get("owner", "")), int(record.get("attempts", 0))
+        )
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What Redis holds for a key: a sealed result, or a pending record."""
+
+    client: str
+    state: str  # "queued", "running" or "done"
+    sealed: str | None = None
+    ttl_ms: int = 0
+
+
+class RedisResultStore:
+    """The result store in Redis; translates Redis errors at this seam."""
+
+    def __init__(
+        self, client: redis.Redis, prefix: str = _keys.RESULT, ttl_seconds: int = 300
+    ) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+
+    def _pending(self, key: str) -> str:
+        return _keys.pending(key)
+
+    def mark(self, key: str, client: str, state: str, task_id: str) -> None:
+        """Record that the job for `key` is queued or running."""
+        record = json.dumps({"client": client, "state": state, "task_id": task_id})
+        with redis_unavailable():
+            self.redis.set(self._pending(key), record, ex=PENDING_TTL_SECONDS)
+
+    def start(self, key: str, client: str, task_id: str) -> bool:
+        """Mark the job for `key` as running, unless it was revoked (then False)."""
+        name = self._pending(key)
+        record = json.dumps({"client": client, "state": "running", "task_id": task_id})
+        with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(name)  # type: ignore[no-untyped-call]
+                raw = pipe.get(name)
+                if raw is not None and json.loads(raw)["state"] == "revoked":
+                    return False
+                pipe.multi()
+                pipe.set(name, record, ex=PENDING_TTL_SECONDS)
+                pipe.execute()
+            except redis.WatchError:
+                return self.state(key) != "revoked" and self.start(key, client, task_id)
+        return True
+
+    def put(self, key: str, client: str, sealed: str) -> None:
+        """Store the sealed result with the TTL and drop the pending record, atomically."""
+        with redis_unavailable():
+            pipe = self.redis.pipeline(transaction=True)
+            self._put(pipe, key, client, sealed)
+            pipe.execute()
+
+    def _put(self, pipe: Any, key: str, client: str, sealed: str) -> None:
+        pipe.set(
+            self.prefix + key, json.dumps({"client": client, "sealed": sealed}), ex=self.ttl_seconds
+        )
+        pipe.delete(self._pending(key))
+
+    def claim(self, nonce: str, ttl_seconds: int, owner: str) -> Claim | None:
+        """Claim a message's nonce for `owner`; return None when this is the first delivery,
+        else the existing claim (running elsewhere, or done). Kept until the message expires,
+        so a replay is known."""
+        record = json.dumps({"state": "running", "owner": owner, "attempts": 1})
+        with redis_unavailable():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(_keys.claim(nonce), record, nx=True, ex=max(1, ttl_seconds))
+            pipe.get(_keys.claim(nonce))
+            created, raw = pipe.execute()
+        return None if created else Claim.parse(raw)
+
+    def take_over(
+        self, nonce: str, ttl_seconds: int, owner: str, previous: Claim, count: bool = True
+    ) -> bool:
+        """Take a claim whose owner died (`count`: one more attempt) or that we left to retry;
+        False if someone else changed it first."""
+        name = _keys.claim(nonce)
+        record = json.dumps(
+            {"state": "running", "owner": owner, "attempts": previous.attempts + int(count)}
+        )
+        with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(name)  # type: ignore[no-untyped-call]
+                if Claim.parse(pipe.get(name)) != previous:
+                    return False
+                pipe.multi()
+                pipe.set(name, record, ex=max(1, ttl_seconds))
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
+
+    def finish_claim(self, nonce: str, ttl_seconds: int) -> None:
+        """Mark a message's nonce as done: any later delivery of it is a replay."""
+        record = json.dumps({"state": "done", "owner": "", "attempts": 0})
+        with redis_unavailable():
+            self.redis.set(_keys.claim(nonce), record, ex=max(1, ttl_seconds))
+
+    def beat(self, owner: str, now: float) -> None:
+        """Record that `owner` (host:pid) is alive at `now`."""
+        with redis_unavailable():
+            self.redis.zadd(_keys.HEARTBEAT_KEY, {owner: now})
+
+    def worker_alive(self, owner: str, fresh_seconds: float, now: float) -> bool:
+        """Whether `owner` (host:pid) sent a heartbeat within `fresh_seconds`."""
+        with redis_unavailable():
+            score = self.redis.zscore(_keys.HEARTBEAT_KEY, owner)
+        return score is not None and float(score) >= now - fresh_seconds
+
+    def live_workers(self, since: float) -> int:
+        """How many workers sent a heartbeat at or after `since`."""
+        with redis_unavailable():
+            return int(self.redis.zcount(_keys.HEARTBEAT_KEY, since, "+inf"))
+
+    def ping(self) -> bool:
+        """Whether Redis answers (False, not an error, when it does not)."""
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
+
+    # ---- workflows ---------------------------------------------------------------------
+
+    def save_workflow(self, workflow_id: str, messages: dict[int, str], ttl_seconds: int) -> None:
+        """Keep the wire messages of steps 1.. until the worker enqueues each."""
+        if not messages:
+            return
+        with redis_unavailable():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(_keys.workflow(workflow_id), mapping={str(i): m for i, m in messages.items()})
+            pipe.expire(_keys.workflow(workflow_id), max(1, ttl_seconds))
+            pipe.execute()
+
+    def workflow_messages(self, workflow_id: str) -> dict[str, str]:
+        """Every field of the workflow record: step number -> message, `ready:<n>` -> staged."""
+        with redis_unavailable():
+            raw = self.redis.hgetall(_keys.workflow(workflow_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def put_and_stage(
+        self, key: str, client: str, sealed: str, workflow_id: str, step: int, message: str
+    ) -> None:
+        """Store a step's result and stage the next step's message, atomically: if the worker
+        dies before enqueuing it, the redelivered step finds it here and enqueues it."""
+        with redis_unavailable():
+            pipe = self.redis.pipeline(transaction=True)
+            self._put(pipe, key, client, sealed)
+            pipe.hset(_keys.workflow(workflow_id), f"ready:{step}", message)
+            pipe.execute()
+
+    def unstage(self, workflow_id: str, step: int) -> None:
+        """The staged message of `step` was enqueued: forget it and the step's own copy."""
+        with redis_unavailable():
+            self.redis.hdel(_keys.workflow(workflow_id), f"ready:{step}", str(step))
+
+    def put_many(
+        self, results: dict[str, str], client: str, workflow_id: str | None = None
+    ) -> None:
+        """Store several sealed results at once (a failed step and the steps it skips), and drop
+        the workflow record: nothing after them will run."""
+        with redis_unavailable():
+            pipe = self.redis.pipeline(transaction=True)
+            for key, sealed in results.items():
+                self._put(pipe, key, client, sealed)
+            if workflow_id is not None:
+                pipe.delete(_keys.workflow(workflow_id))
+            pipe.execute()
+
+    def revoke(self, key: str, client: str) -> str | None:
+        """Mark a queued job as revoked; return the state it was in (None if unknown).
+
+        "queued" means this call revoked it; "revoked", that another revocation already had.
+        """
+        name = self._pending(key)
+        with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(name)  # type: ignore[no-untyped-call]
+                    raw = pipe.get(name)
+                    if raw is None:
+                        return None
+                    record: dict[str, Any] = json.loads(raw)
+                    if record["client"] != client:
+                        return None
+                    if record["state"] != "queued":
+                        return str(record["state"])
+                    record["state"] = "revoked"
+                    pipe.multi()
+                    pipe.set(name, json.dumps(record), keepttl=True)
+                    pipe.execute()
+                    return "queued"
+                except redis.WatchError:
+                    # The record changed under us (a worker started the job, or another
+                    # revocation won): read it again and answer from what it is now.
+                    continue
+
+    def state(self, key: str) -> str | None:
+        """The pending state of `key` ("queued", "running", "revoked"), or None."""
+        with redis_unavailable():
+            raw = self.redis.get(self._pending(key))
+        return None if raw is None else str(json.loads(raw)["state"])
+
+    def delete(self, key: str) -> None:
+        """Forget a stored result before its TTL."""
+        with redis_unavailable():
+            self.redis.delete(self.prefix + key, self._pending(key))
+
+    def has_result(self, key: str) -> bool:
+        """Whether a sealed result already exists (a job never runs twice for one key)."""
+        with redis_unavailable():
+            return bool(self.redis.exists(self.prefix + key))
+
+    def get(self, key: str) -> Stored | None:
+        """The record for `key`, or None when unknown or expired."""
+        with redis_unavailable():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.prefix + key)
+            pipe.pttl(self.prefix + key)
+            pipe.get(self._pending(key))
+            raw, ttl_ms, pending = pipe.execute()
+        if raw is not None:
+            body: dict[str, Any] = json.loads(raw)
+            return Stored(body["client"], "done", body["sealed"], max(0, int(ttl_ms)))
+        if pending is not None:
+            record: dict[str, Any] = json.loads(pending)
+            return Stored(record["client"], record["state"])
+        return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

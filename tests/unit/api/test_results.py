@@ -1,0 +1,114 @@
+"""Reading and revoking results through `create_app` over stubs: every state a record can be in,
+and the client it belongs to."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.jobs import seal_result
+
+from .harness import Harness
+
+BODY = {"status": "succeeded", "result": 42, "error": None, "stdout": "hi", "usage": {"cpu_ms": 1}}
+
+
+@pytest.fixture
+def api() -> Harness:
+    return Harness()
+
+
+def _queued(api: Harness) -> str:
+    resp = api.submit()
+    assert resp.status_code == 202
+    return str(resp.json()["result_key"])
+
+
+def _done(api: Harness, key: str) -> None:
+    api.store.put(key, "alice", seal_result(api.keys, BODY, key, "alice"))  # type: ignore[arg-type]
+
+
+def test_a_pending_result_answers_202(api: Harness) -> None:
+    key = _queued(api)
+    resp = api.request("GET", "/get-result", params={"key": key})
+    assert (resp.status_code, resp.json()) == (202, {"key": key, "status": "queued"})
+    api.store.start(key, "alice", "t")
+    assert api.request("GET", f"/v1/results/{key}").json()["status"] == "running"
+
+
+def test_a_stored_result_opens_for_its_client(api: Harness) -> None:
+    key = _queued(api)
+    _done(api, key)
+    resp = api.request("GET", f"/v1/results/{key}")
+    assert resp.status_code == 200
+    assert resp.json() == {
+        "key": key,
+        "status": "succeeded",
+        "result": 42,
+        "error": None,
+        "stdout": "hi",
+        "usage": {"cpu_ms": 1},
+        "expires_at": "2027-01-15T08:05:00Z",
+    }
+    assert api.audit.of_type("result.read")[0]["result_key"] == key
+
+
+def test_a_result_of_another_client_is_forbidden(api: Harness) -> None:
+    key = _queued(api)
+    bob = api.add_client("bob", allowed_functions=("*",))
+    for method in ("GET", "DELETE"):
+        resp = api.request(method, f"/v1/results/{key}", keyid="bob", key=bob)
+        assert (resp.status_code, resp.json()["code"]) == (403, "not_your_result")
+
+
+def test_unknown_expired_and_malformed_keys(api: Harness) -> None:
+    resp = api.request("GET", "/v1/results/f_1_" + "0" * 32)
+    assert (resp.status_code, resp.json()["code"]) == (404, "result_not_found")
+    resp = api.request("GET", "/get-result", params={"key": "../x"})
+    assert (resp.status_code, resp.json()["code"]) == (400, "invalid_key")
+    key = _queued(api)
+    _done(api, key)
+    api.clock.now += 300
+    assert api.request("GET", f"/v1/results/{key}").status_code == 404
+
+
+def test_a_result_that_does_not_open_is_unavailable(api: Harness) -> None:
+    key = _queued(api)
+    api.store.put(key, "alice", seal_result(api.keys, BODY, key, "bob"))  # type: ignore[arg-type]
+    resp = api.request("GET", f"/v1/results/{key}")
+    assert (resp.status_code, resp.json()["code"]) == (404, "result_unavailable")
+
+
+def test_revoking_a_queued_job_then_again(api: Harness) -> None:
+    key = _queued(api)
+    first = api.request("DELETE", f"/v1/results/{key}")
+    assert (first.status_code, first.json()) == (200, {"key": key, "status": "revoked"})
+    second = api.request("DELETE", f"/v1/results/{key}")
+    assert second.json()["status"] == "revoked"
+    assert api.request("GET", f"/v1/results/{key}").json()["status"] == "revoked"
+    assert [e["status"] for e in api.audit.of_type("task.revoked")] == ["revoked", "revoked"]
+
+
+def test_a_running_job_is_not_revoked(api: Harness) -> None:
+    key = _queued(api)
+    api.store.start(key, "alice", "t")
+    resp = api.request("DELETE", f"/v1/results/{key}")
+    assert (resp.status_code, resp.json()["code"]) == (409, "already_running")
+
+
+def test_a_finished_result_is_deleted(api: Harness) -> None:
+    key = _queued(api)
+    _done(api, key)
+    resp = api.request("DELETE", f"/v1/results/{key}")
+    assert resp.json() == {"key": key, "status": "deleted"}
+    assert api.store.get(key) is None
+
+
+def test_readiness_needs_a_live_worker(api: Harness) -> None:
+    resp = api.get("/readyz")
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
+    assert resp.json()["checks"] == {"redis": True, "vault": True, "worker": False}
+    api.store.beat("host:1", api.clock() - 5)
+    assert api.get("/readyz").status_code == 200
+    api.vault.up = False
+    assert api.get("/readyz").status_code == 503
+    assert api.get("/healthz").json() == {"status": "ok"}
