@@ -16,7 +16,7 @@ from typing import Any
 
 from .envelope import Envelope, open_envelope, seal
 from .errors import SealBroken
-from .vault import Transit
+from .keyservice import KeyService
 
 JOBS_KEY = "jobs"
 RESULTS_KEY = "results"
@@ -94,13 +94,15 @@ class JobMessage:
         ).encode()
 
 
-def sign_message(transit: Transit, message: JobMessage, task_name: str, now: float) -> JobMessage:
+def sign_message(
+    transit: KeyService, message: JobMessage, task_name: str, now: float
+) -> JobMessage:
     """Give the message a nonce, an expiry and the API's signature (an OpenBao HMAC)."""
     unsigned = replace(message, nonce=secrets.token_hex(16), expires=int(now) + MESSAGE_TTL_SECONDS)
     return replace(unsigned, signature=transit.hmac(SIGNING_KEY, unsigned.signed_bytes(task_name)))
 
 
-def verify_message(transit: Transit, message: JobMessage, task_name: str, now: float) -> None:
+def verify_message(transit: KeyService, message: JobMessage, task_name: str, now: float) -> None:
     """Raise MessageRejected unless the API signed this message and it has not expired."""
     if message.expires < now:
         raise MessageRejected("expired")
@@ -119,7 +121,7 @@ def _result_aad(result_key: str, client: str) -> bytes:
 
 
 def seal_job(
-    transit: Transit, spec: dict[str, Any], task_id: str, result_key: str, client: str
+    transit: KeyService, spec: dict[str, Any], task_id: str, result_key: str, client: str
 ) -> str:
     """Seal a job specification for the broker."""
     key, wrapped = transit.data_key(JOBS_KEY, client)
@@ -127,7 +129,7 @@ def seal_job(
     return seal(key, wrapped, json.dumps(spec).encode(), aad).to_json()
 
 
-def open_job(transit: Transit, message: JobMessage) -> dict[str, Any]:
+def open_job(transit: KeyService, message: JobMessage) -> dict[str, Any]:
     """Open a sealed job; raise SealBroken if it was altered or moved."""
     envelope = Envelope.from_json(message.sealed_job)
     key = transit.unwrap_key(JOBS_KEY, envelope.wrapped_key, message.client)
@@ -136,14 +138,14 @@ def open_job(transit: Transit, message: JobMessage) -> dict[str, Any]:
     return spec
 
 
-def seal_result(transit: Transit, body: dict[str, Any], result_key: str, client: str) -> str:
+def seal_result(transit: KeyService, body: dict[str, Any], result_key: str, client: str) -> str:
     """Seal a result body for Redis."""
     key, wrapped = transit.data_key(RESULTS_KEY, client)
     return seal(key, wrapped, json.dumps(body).encode(), _result_aad(result_key, client)).to_json()
 
 
 def seal_results(
-    transit: Transit, bodies: dict[str, dict[str, Any]], client: str
+    transit: KeyService, bodies: dict[str, dict[str, Any]], client: str
 ) -> dict[str, str]:
     """Seal several result bodies of one client under one data key (one OpenBao call)."""
     key, wrapped = transit.data_key(RESULTS_KEY, client)
@@ -155,7 +157,7 @@ def seal_results(
     }
 
 
-def open_result(transit: Transit, sealed: str, result_key: str, client: str) -> dict[str, Any]:
+def open_result(transit: KeyService, sealed: str, result_key: str, client: str) -> dict[str, Any]:
     """Open a stored result for its own client; raise SealBroken otherwise."""
     envelope = Envelope.from_json(sealed)
     key = transit.unwrap_key(RESULTS_KEY, envelope.wrapped_key, client)
@@ -167,14 +169,14 @@ def _carry_aad(message: JobMessage) -> bytes:
     return f"carry|{message.task_id}|{message.result_key}|{message.client}".encode()
 
 
-def attach_carry(transit: Transit, message: JobMessage, value: Any) -> JobMessage:
+def attach_carry(transit: KeyService, message: JobMessage, value: Any) -> JobMessage:
     """The next workflow step's message, carrying `value` sealed to that step alone."""
     key, wrapped = transit.data_key(CARRY_KEY, message.client)
     sealed = seal(key, wrapped, json.dumps(value).encode(), _carry_aad(message))
     return replace(message, carry=sealed.to_json())
 
 
-def open_carry(transit: Transit, message: JobMessage) -> Any:
+def open_carry(transit: KeyService, message: JobMessage) -> Any:
     """The value carried into this step; raise SealBroken if absent, altered or moved."""
     if not message.carry:
         raise SealBroken("no carried value")

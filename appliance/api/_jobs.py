@@ -6,23 +6,22 @@ so a unit test builds one with stubs and no service is reached through a bag of 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .. import workflows
 from ..audit import AuditSink, EventType
 from ..errors import Conflict, Forbidden, NotFound, SealBroken
 from ..jobs import MESSAGE_TTL_SECONDS, JobMessage, open_result, seal_job, sign_message
+from ..keyservice import KeyService
 from ..queue import TASK_NAME
 from ..registry import Client
 from ..results import check_result_key, new_result_key
 from ..store import ResultStore, Stored
-from ..vault import Transit
 
-#: Hands a signed message to the broker, or raises DependencyUnavailable.
-Publish = Callable[[JobMessage, str | None], None]
+Publish = workflows.Publish
 
 
 class Submissions:
@@ -30,7 +29,7 @@ class Submissions:
 
     def __init__(
         self,
-        transit: Transit,
+        transit: KeyService,
         store: ResultStore,
         publish: Publish,
         audit: AuditSink,
@@ -58,19 +57,11 @@ class Submissions:
         """Seal and sign every step up front; queue the first. The signed messages of the later
         steps wait in Redis (`workflow:<id>`) until the worker that finishes a step enqueues
         the next one, with the step's value sealed to it."""
-        workflow_id = str(uuid.uuid4())
-        steps = [
-            {**spec, "workflow": {"id": workflow_id, "step": i, "steps": len(specs)}}
-            for i, spec in enumerate(specs)
-        ]
+        workflow_id, steps = workflows.plan(specs)
         messages = [self._sign_job(client, spec) for spec in steps]
         for message in messages:
             self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
-        self.store.save_workflow(
-            workflow_id,
-            {i: json.dumps(m.to_wire()) for i, m in enumerate(messages) if i},
-            MESSAGE_TTL_SECONDS,
-        )
+        workflows.save(self.store, workflow_id, messages, MESSAGE_TTL_SECONDS)
         self.publish(messages[0], request_id)
         for i, (message, spec) in enumerate(zip(messages, steps, strict=True)):
             self._audit_accepted(message, spec, request_id, workflow_id=workflow_id, step=i)
@@ -111,7 +102,7 @@ class Results:
 
     def __init__(
         self,
-        transit: Transit,
+        transit: KeyService,
         store: ResultStore,
         audit: AuditSink,
         clock: Callable[[], float],

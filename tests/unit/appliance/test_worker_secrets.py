@@ -9,7 +9,7 @@ import pytest
 
 from appliance.errors import BadRequest
 from appliance.vault import read_secrets
-from appliance.worker.app import secrets_refused
+from appliance.worker import secrets_refused
 
 
 class NoSession:
