@@ -12,6 +12,19 @@ from ._errors import InvalidRequest, LimitNotAllowed
 _WHOLE = ("memory_mb", "output_bytes")
 
 
+def _check_number(name: str, value: Any) -> None:
+    """Raise InvalidRequest unless `value` is an exact, positive, finite int or float.
+
+    Exact types only (no bool, no subclass); an int is compared as an int, never converted to a
+    float, so that `10**400` is a number too large for the policy, not an OverflowError.
+    """
+    kind = type(value)
+    if kind is not int and kind is not float:
+        raise InvalidRequest(f"limit {name} must be a number")
+    if (kind is float and not math.isfinite(value)) or value <= 0:
+        raise InvalidRequest(f"limit {name} must be a positive finite number")
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one run may use. Defaults follow Judge0's (5 s CPU, 10 s wall, 128 MB)."""
@@ -24,11 +37,8 @@ class Limits:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidRequest(f"limit {f.name} must be a number")
-            if not math.isfinite(value) or value <= 0:
-                raise InvalidRequest(f"limit {f.name} must be a positive finite number")
-            if f.name in _WHOLE and not isinstance(value, int):
+            _check_number(f.name, value)
+            if f.name in _WHOLE and type(value) is not int:
                 raise InvalidRequest(f"limit {f.name} must be a whole number")
 
     @classmethod
@@ -42,10 +52,7 @@ class Limits:
         if unknown:
             raise InvalidRequest(f"unknown limit {', '.join(map(str, unknown))}")
         for name, value in raw.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidRequest(f"limit {name} must be a number")
-            if not math.isfinite(value) or value <= 0:
-                raise InvalidRequest(f"limit {name} must be a positive finite number")
+            _check_number(name, value)
             if name in _WHOLE:
                 if value != int(value):
                     raise InvalidRequest(f"limit {name} must be a whole number")

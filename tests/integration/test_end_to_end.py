@@ -215,6 +215,22 @@ BAD_INPUTS = {
         403,
         "limits_not_allowed",
     ),
+    # Issue 12, finding 13: a limit too large for a float once gave a 500 (OverflowError).
+    "limit too large for a float": (
+        lambda s: _raw(s, "POST", "/v1/tasks", _body(limits={"cpu_seconds": 10**400})),
+        403,
+        "limits_not_allowed",
+    ),
+    "limit beyond float range": (
+        lambda s: _raw(
+            s,
+            "POST",
+            "/v1/tasks",
+            _body(limits={"cpu_seconds": 7}).replace(b": 7}", b": 1e999}"),
+        ),
+        400,
+        "invalid_limits",
+    ),
     "import never allowed": (
         lambda s: _raw(s, "POST", "/v1/tasks", _body(imports=["os"])),
         403,

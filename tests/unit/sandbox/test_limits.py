@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox import InvalidRequest, LimitNotAllowed, Limits
+from sandbox import InvalidRequest, LimitNotAllowed, Limits, Policy
 
 
 def test_defaults_fill_gaps():
@@ -87,3 +87,32 @@ def test_any_json_object_gives_limits_or_invalid_request(raw):
         return
     for value in limits.to_dict().values():
         assert math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), 10**18])
+def test_integers_too_large_for_a_float_are_numbers_not_errors(value):
+    # Issue 12, finding 13: math.isfinite(10**400) raised OverflowError, a 500 in the API.
+    policy = Policy.load()
+    with pytest.raises(InvalidRequest):
+        policy.limits({"cpu_seconds": value})
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["cpu_seconds", "wall_seconds", "memory_mb", "output_bytes", "x"]),
+        st.integers()
+        | st.floats()
+        | st.booleans()
+        | st.none()
+        | st.text(max_size=3)
+        | st.integers(min_value=10**300, max_value=10**400),
+        max_size=4,
+    )
+)
+def test_any_limits_give_limits_or_an_invalid_request(raw):
+    policy = Policy.load()
+    try:
+        limits = policy.limits(raw)
+    except InvalidRequest:
+        return
+    limits.check_within(policy.maxima)
