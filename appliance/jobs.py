@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .envelope import Envelope, open_envelope, seal
-from .errors import SealBroken
+from .errors import ApplianceError, SealBroken
 from .keyservice import KeyService
 
 JOBS_KEY = "jobs"
@@ -30,8 +30,10 @@ _FIELDS = ("task_id", "result_key", "client", "sealed_job", "nonce", "expires", 
 _OPTIONAL = ("carry",)
 
 
-class MessageRejected(Exception):
+class MessageRejected(ApplianceError):
     """Raised when a task message is malformed, forged, expired or replayed; nothing runs."""
+
+    code, title = "message_rejected", "Task message rejected"
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -25,13 +25,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-import hvac.exceptions
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import BadRequest, DependencyUnavailable, NotFound
 from .secret_names import check_secret_glob, glob_allows
-from .vault import VaultSession
+from .vault import VaultSession, list_kv, read_kv_if_present
 
 KEYID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PATH = "appliance/clients/{}"
@@ -176,34 +175,13 @@ class Registry:
         return client
 
     def _read(self, keyid: str) -> Client | None:
-        def read(c: Any) -> dict[str, Any] | None:
-            try:
-                return c.secrets.kv.v2.read_secret_version(  # type: ignore[no-any-return]
-                    path=_PATH.format(keyid), mount_point=self.mount, raise_on_deleted_version=True
-                )["data"]["data"]
-            except hvac.exceptions.InvalidPath as exc:
-                if exc.errors:
-                    # "no handler for route": the KV mount is not there (yet): OpenBao is just
-                    # unsealed, or misconfigured. Not "unknown client", which is an empty 404.
-                    raise DependencyUnavailable("the client registry is not available") from exc
-                return None
-
-        data = self.session.call(read)
+        data = read_kv_if_present(self.session, _PATH.format(keyid), self.mount)
         return Client.from_dict(data) if data else None
 
     def keyids(self) -> list[str]:
         """Every registered key id, sorted (operator)."""
-
-        def list_keys(c: Any) -> list[str]:
-            try:
-                keys = c.secrets.kv.v2.list_secrets(
-                    path="appliance/clients", mount_point=self.mount
-                )["data"]["keys"]
-            except hvac.exceptions.InvalidPath:
-                return []
-            return [k for k in keys if not k.endswith("/")]
-
-        return sorted(self.session.call(list_keys))
+        keys = list_kv(self.session, "appliance/clients", self.mount)
+        return sorted(k for k in keys if not k.endswith("/"))
 
     def public_key(self, keyid: str) -> Ed25519PublicKey | None:
         """The key of an enabled client (the signature verifier's resolver)."""

@@ -161,7 +161,7 @@ def _argv(name: str, ports: Ports, state: Path) -> list[str]:
             "info",
         ]
     # Flower reads its login from OpenBao itself (AppRole `flower`): no secret in argv or env.
-    return [py, "-m", "appliance.worker.flower", "--address", HOST, "--port", str(ports.flower)]
+    return [py, "-m", "appliance.flower", "--address", HOST, "--port", str(ports.flower)]
 
 
 def _start_service(

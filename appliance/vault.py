@@ -138,23 +138,61 @@ def read_secrets(session: VaultSession, names: list[str], mount: str = "kv") -> 
         check_secret_name(name)
     values: dict[str, Any] = {}
     for name in names:
-        values[name] = session.call(_secret_reader(f"appliance/secrets/{name}", mount))
+        values[name] = read_kv(session, f"appliance/secrets/{name}", mount)
     return values
 
 
-def _secret_reader(path: str, mount: str) -> Callable[[hvac.Client], Any]:
-    """A call that reads the current version of one KV v2 secret and returns its fields."""
-
-    def read(client: hvac.Client) -> Any:
-        return client.secrets.kv.v2.read_secret_version(
-            path=path, mount_point=mount, raise_on_deleted_version=True
-        )["data"]["data"]
-
-    return read
+def read_kv(session: VaultSession, path: str, mount: str = "kv") -> dict[str, Any]:
+    """The fields of the current version of one KV v2 secret; NotFound when there is none."""
+    found = _read_kv(session, path, mount, absent_is_none=False)
+    if found is None:  # Not reached: absence raised NotFound inside the call.
+        raise NotFound("no such path in OpenBao", code="vault_not_found")
+    return found
 
 
-#: Flower's basic-auth credential in KV v2, made by the stack's bootstrap
-#: (`appliance/_stack/openbao.py`); `policies/flower.hcl` lets Flower's AppRole read only this.
+def read_kv_if_present(
+    session: VaultSession, path: str, mount: str = "kv"
+) -> dict[str, Any] | None:
+    """Like `read_kv`, but None when the secret does not exist. A missing KV mount (OpenBao
+    just unsealed, or misconfigured) is DependencyUnavailable, not an absent secret."""
+    return _read_kv(session, path, mount, absent_is_none=True)
+
+
+def _read_kv(
+    session: VaultSession, path: str, mount: str, *, absent_is_none: bool
+) -> dict[str, Any] | None:
+    def read(client: hvac.Client) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = client.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=mount, raise_on_deleted_version=True
+            )["data"]["data"]
+        except hvac.exceptions.InvalidPath as exc:
+            if not absent_is_none:
+                raise  # NotFound, through VaultSession's translation
+            if exc.errors:  # "no handler for route": the mount is not there.
+                raise DependencyUnavailable("the KV store is not available") from exc
+            return None
+        return data
+
+    return session.call(read)
+
+
+def list_kv(session: VaultSession, path: str, mount: str = "kv") -> list[str]:
+    """The names under a KV v2 folder (sub-folders end in `/`); [] when there is none."""
+
+    def list_keys(client: hvac.Client) -> list[str]:
+        try:
+            keys = client.secrets.kv.v2.list_secrets(path=path, mount_point=mount)["data"]["keys"]
+        except hvac.exceptions.InvalidPath:
+            return []
+        return [str(k) for k in keys]
+
+    return session.call(list_keys)
+
+
+#: Flower's basic-auth credential (KV v2 under `kv/`): made once by the stack's bootstrap
+#: (`appliance/_stack/openbao.py`), read by the Flower launcher (`policies/flower.hcl` grants
+#: exactly this path) and by the operator (`appliance flower-credentials`).
 FLOWER_CREDENTIAL_PATH = "appliance/flower"
 
 
@@ -168,11 +206,7 @@ class FlowerCredential:
 
 def read_flower_credential(session: VaultSession, mount: str = "kv") -> FlowerCredential:
     """Flower's login from KV v2 (the Flower launcher with its AppRole, or the operator)."""
-    data = session.call(
-        lambda c: c.secrets.kv.v2.read_secret_version(
-            path=FLOWER_CREDENTIAL_PATH, mount_point=mount, raise_on_deleted_version=True
-        )
-    )["data"]["data"]
+    data = read_kv(session, FLOWER_CREDENTIAL_PATH, mount)
     return FlowerCredential(str(data["username"]), str(data["password"]))
 
 

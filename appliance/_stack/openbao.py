@@ -40,6 +40,7 @@ from typing import Any
 
 import hvac
 
+from ..vault import FLOWER_CREDENTIAL_PATH
 from .pki import write_private
 from .procs import (
     StackError,
@@ -76,10 +77,6 @@ TRANSIT_KEYS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 #: AppRoles of the services: each gets only the policy of the same name.
 SERVICE_ROLES: tuple[str, ...] = ("api", "worker", "flower")
 
-#: Flower's basic-auth credential (KV v2 under `kv/`): made once by the bootstrap, read by the
-#: Flower launcher (`policies/flower.hcl` grants exactly this path) and by the operator
-#: (`appliance flower-credentials`). Read through `appliance.vault.read_flower_credential`.
-FLOWER_CREDENTIAL_PATH = "appliance/flower"
 FLOWER_USERNAME = "operator"
 
 _APPROLE_SETTINGS: Mapping[str, Any] = MappingProxyType(

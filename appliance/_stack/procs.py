@@ -15,15 +15,17 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..errors import ApplianceError
+
 # Children started by this process, kept so that they are reaped through `Popen.poll()` (and no
 # "subprocess still running" warning fires when a handle is dropped).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-class StackError(RuntimeError):
+class StackError(ApplianceError, RuntimeError):
     """Raised when a service of the local stack cannot be started, reached or stopped."""
 
-    code = "stack_error"
+    code, title = "stack_error", "Stack error"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -22,6 +22,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from ..errors import ApplianceError
 from .pki import Pki
 from .procs import (
     StackError,
@@ -39,8 +40,10 @@ _FIRST_COMMAND_LIMIT = 4096
 _FIRST_COMMAND_SECONDS = 5.0
 
 
-class Refused(Exception):
+class Refused(ApplianceError):
     """Raised when a connection's first command is not a login as the relayed user."""
+
+    code, title = "relay_refused", "Relay refused the connection"
 
 
 async def read_command(reader: asyncio.StreamReader) -> tuple[list[bytes], bytes]:

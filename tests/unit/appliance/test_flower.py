@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.worker.flower import (
+from appliance.flower import (
     REDACTED,
     AuthenticatedMetrics,
     NotFound,

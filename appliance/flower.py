@@ -1,6 +1,6 @@
 """Flower for the appliance: a read-only view of workers and tasks, behind a login from OpenBao.
 
-`python -m appliance.worker.flower --address 127.0.0.1 --port N`, started by `appliance up`:
+`python -m appliance.flower --address 127.0.0.1 --port N`, started by `appliance up`:
 
 1. logs in to OpenBao with the `flower` AppRole (role_id file and a response-wrapped secret_id,
    as every service), reads its basic-auth credential from `kv/appliance/flower`, then revokes its
@@ -42,9 +42,9 @@ from flower.views.monitor import Metrics
 from tornado import web
 from tornado.routing import URLSpec
 
-from ..queue import make_celery
-from ..settings import Settings, get_settings
-from ..vault import FlowerCredential, VaultSession, read_flower_credential
+from .queue import make_celery
+from .settings import Settings, get_settings
+from .vault import FlowerCredential, VaultSession, read_flower_credential
 
 log = logging.getLogger("appliance.flower")
 
