@@ -30,6 +30,19 @@ path "transit/sign/audit" {
   capabilities = ["update"]
 }
 
+# Anchor audit-log checkpoints (issue 12): create a new numbered anchor and read the existing ones.
+# Never `update` or `delete`: KV v2 asks for `update` to write a path that exists (its existence
+# check), so an anchor once written cannot be rewritten by this service, nor by a thief of it.
+path "kv/data/appliance/audit/anchors/*" {
+  capabilities = ["create", "read"]
+}
+path "kv/metadata/appliance/audit/anchors" {
+  capabilities = ["list"]
+}
+path "kv/metadata/appliance/audit/anchors/" {
+  capabilities = ["list"]
+}
+
 # Its Redis user: a short-lived one from the database engine (rules from policies/redis-acl.json),
 # renewed at half-life and replaced when renewal fails (a revoked lease) or nears its max TTL.
 path "database/creds/api" {

@@ -58,9 +58,16 @@ path "transit/keys/+/trim" {
   capabilities = ["update"]
 }
 
-# Sign the checkpoints of the audit entries it writes (key rotation).
-path "transit/sign/audit" {
-  capabilities = ["update"]
+# Audit anchors: read and list only (`appliance audit verify`). The operator neither signs
+# checkpoints nor creates anchors (issue 12, finding 7): the services sign the entries it writes.
+path "kv/data/appliance/audit/anchors/*" {
+  capabilities = ["read"]
+}
+path "kv/metadata/appliance/audit/anchors" {
+  capabilities = ["list"]
+}
+path "kv/metadata/appliance/audit/anchors/" {
+  capabilities = ["list"]
 }
 
 # Re-issue service credentials: a secret_id only ever as a response-wrapped token.

@@ -29,6 +29,19 @@ path "transit/sign/audit" {
   capabilities = ["update"]
 }
 
+# Anchor audit-log checkpoints (issue 12): create a new numbered anchor and read the existing ones.
+# Never `update` or `delete`: KV v2 asks for `update` to write a path that exists (its existence
+# check), so an anchor once written cannot be rewritten by this service, nor by a thief of it.
+path "kv/data/appliance/audit/anchors/*" {
+  capabilities = ["create", "read"]
+}
+path "kv/metadata/appliance/audit/anchors" {
+  capabilities = ["list"]
+}
+path "kv/metadata/appliance/audit/anchors/" {
+  capabilities = ["list"]
+}
+
 # Task secrets a client's policy allows a job to use.
 path "kv/data/appliance/secrets/*" {
   capabilities = ["read"]

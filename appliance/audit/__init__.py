@@ -7,11 +7,20 @@ Services open one `AuditLog` per process and record every security-relevant even
                result_key=key, module_source=source, args=args, kwargs=kwargs)
 
 Entries are JSON Lines chained by SHA-256 and checkpointed (Merkle root and chain head, signed by
-the OpenBao transit key `audit`); `verify_log` checks a log offline with the exported public
+the OpenBao transit key `audit`, and anchored in a create-only OpenBao KV path that no writer can
+rewrite: `AnchorStore`); `verify_log` checks a log offline with the exported public
 keys, and the `audit` click group provides `appliance audit verify` and `appliance audit show`.
 Design and operator guide: docs/audit.md.
 """
 
+from ._anchors import (
+    ANCHOR_PATH,
+    Anchor,
+    AnchorConflict,
+    AnchorStore,
+    UnsafeMemoryAnchorStore,
+    VaultAnchorStore,
+)
 from ._cli import audit as audit_cli
 from ._errors import (
     AuditError,
@@ -35,7 +44,12 @@ from ._signing import (
     load_public_keys,
 )
 from ._sink import AuditSink, UnsafeMemoryAuditSink
-from ._verify import VerifyReport, verify_log
+from ._verify import (
+    DEFAULT_MAX_UNSIGNED_ENTRIES,
+    DEFAULT_MAX_UNSIGNED_SECONDS,
+    VerifyReport,
+    verify_log,
+)
 from ._writer import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -44,10 +58,16 @@ from ._writer import (
 )
 
 __all__ = [
+    "ANCHOR_PATH",
     "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_CHECKPOINT_INTERVAL",
+    "DEFAULT_MAX_UNSIGNED_ENTRIES",
+    "DEFAULT_MAX_UNSIGNED_SECONDS",
     "FIELDS",
     "RULES",
+    "Anchor",
+    "AnchorConflict",
+    "AnchorStore",
     "AuditError",
     "AuditEvent",
     "AuditFieldError",
@@ -66,7 +86,9 @@ __all__ = [
     "Signer",
     "TransitSigner",
     "UnsafeInMemorySigner",
+    "UnsafeMemoryAnchorStore",
     "UnsafeMemoryAuditSink",
+    "VaultAnchorStore",
     "VerificationFailed",
     "VerifyReport",
     "audit_cli",

@@ -1,7 +1,13 @@
 """`appliance audit verify` and `appliance audit show` (docs/CONTRACT.md §3).
 
 Exit codes of `verify`: 0 when the chain and every checkpoint verify, 1 when they do not (the
-message names the first bad entry), 2 for a usage error (no log, unreadable public keys).
+message names the first bad entry), 2 for a usage error (no log, unreadable public keys,
+unreachable anchors).
+
+`verify` takes the public keys and the anchors of the stack whose state directory it is given
+(`--state`, `appliance --state`, `$APPLIANCE_STATE`), also for a copy of its log (`--log COPY`):
+the keys from `<state>/audit/audit-pubkeys.json`, the anchors from that stack's OpenBao with the
+operator token (`appliance.stack.audit_anchors`), or from a file `export-anchors` wrote.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ from typing import Any, NoReturn
 
 import click
 
-from ._errors import PublicKeyError, VerificationFailed
+from ._anchors import Anchor, AnchorStore
+from ._errors import AuditError, PublicKeyError, VerificationFailed
 from ._format import AuditPaths
 from ._show import Filters, format_table, parse_since, select, to_json_lines
-from ._signing import load_public_keys
-from ._verify import verify_log
+from ._signing import PublicKeys, load_public_keys
+from ._verify import DEFAULT_MAX_UNSIGNED_ENTRIES, DEFAULT_MAX_UNSIGNED_SECONDS, verify_log
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -29,17 +36,69 @@ def _usage_error(message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
-def _log_path(ctx: click.Context, state: str | None, log: str | None) -> Path:
-    """`--log`, else `<state>/audit/audit.jsonl` with the state from `--state` here, from
-    `appliance --state`, from `$APPLIANCE_STATE`, or `.appliance`."""
-    if log is not None:
-        return Path(log)
+def _state_dir(ctx: click.Context, state: str | None) -> tuple[Path, bool]:
+    """The state directory from `--state` here, from `appliance --state`, from
+    `$APPLIANCE_STATE`, or `.appliance`; and whether it was named (not the default)."""
     if state is None:
         root = ctx.find_root().obj
         state = root.get("state") if isinstance(root, dict) else None
     if state is None:
-        state = os.environ.get("APPLIANCE_STATE", ".appliance")
-    return Path(state) / "audit" / "audit.jsonl"
+        state = os.environ.get("APPLIANCE_STATE")
+    return Path(state or ".appliance"), state is not None
+
+
+def _log_path(ctx: click.Context, state: str | None, log: str | None) -> Path:
+    """`--log`, else `<state>/audit/audit.jsonl`."""
+    if log is not None:
+        return Path(log)
+    return _state_dir(ctx, state)[0] / "audit" / "audit.jsonl"
+
+
+def _stack_anchors(state: Path) -> AnchorStore | None:
+    # Imported here: the stack composes the audit package, not the other way round.
+    from ..stack import audit_anchors
+
+    return audit_anchors(state)
+
+
+def _load_anchors(
+    ctx: click.Context, state: str | None, log: str | None, anchors_file: str | None
+) -> list[Anchor] | None:
+    """The anchors to compare: from `--anchors FILE`, else from the named stack (or the stack
+    whose own log is verified); None when there is no stack to ask."""
+    if anchors_file is not None:
+        try:
+            return [Anchor.parse(a) for a in json.loads(Path(anchors_file).read_text())]
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            _usage_error(f"cannot read the anchors file {anchors_file}: {exc}")
+    directory, named = _state_dir(ctx, state)
+    if log is not None and not named:
+        return None
+    try:
+        store = _stack_anchors(directory)
+        return store.all() if store is not None else None
+    except AuditError as exc:
+        _usage_error(
+            f"cannot read the anchors of the stack in {directory}: {exc.detail}; start its "
+            "OpenBao, pass --anchors FILE, or --no-anchors to verify without them"
+        )
+
+
+def _load_keys(
+    ctx: click.Context, state: str | None, log: Path, given: str | None
+) -> PublicKeys | None:
+    """`--public-keys`, else the named stack's exported keys, else the file next to the log."""
+    candidates = [AuditPaths(log).public_keys]
+    directory, named = _state_dir(ctx, state)
+    if named:
+        candidates.insert(0, AuditPaths(directory / "audit" / "audit.jsonl").public_keys)
+    path = Path(given) if given else next((p for p in candidates if p.exists()), None)
+    if path is None:
+        return None
+    try:
+        return load_public_keys(path)
+    except PublicKeyError as exc:
+        _usage_error(exc.detail)
 
 
 _state_option = click.option(
@@ -78,6 +137,29 @@ def audit() -> None:
     default=None,
     help="the checkpoint file (default: audit.checkpoints.jsonl next to the log)",
 )
+@click.option(
+    "--anchors",
+    "anchors_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="anchors exported by `appliance audit export-anchors` (default: read from the "
+    "stack's OpenBao)",
+)
+@click.option("--no-anchors", is_flag=True, help="do not compare with the anchors")
+@click.option(
+    "--max-unsigned-entries",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_UNSIGNED_ENTRIES,
+    show_default=True,
+    help="events allowed without an (anchored) checkpoint",
+)
+@click.option(
+    "--max-unsigned-seconds",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MAX_UNSIGNED_SECONDS,
+    show_default=True,
+    help="time allowed without an (anchored) checkpoint, between the entries' own times",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the outcome as one JSON object")
 @click.pass_context
 def verify(
@@ -86,22 +168,29 @@ def verify(
     log: str | None,
     public_keys: str | None,
     checkpoints: str | None,
+    anchors_file: str | None,
+    no_anchors: bool,
+    max_unsigned_entries: int,
+    max_unsigned_seconds: float,
     as_json: bool,
 ) -> None:
-    """Exit 0 only when the chain and every checkpoint verify; else name the first bad entry."""
+    """Exit 0 only when the chain, every checkpoint and every anchor verify, and no more of the
+    log than the limits allow is unsigned; else name the first problem."""
     paths = AuditPaths(_log_path(ctx, state, log))
     side = Path(checkpoints) if checkpoints else paths.checkpoints
     if not paths.log.exists() and not side.exists():
         _usage_error(f"no audit log at {paths.log}")
-    keys_path = Path(public_keys) if public_keys else paths.public_keys
-    keys = None
-    if public_keys is not None or keys_path.exists():
-        try:
-            keys = load_public_keys(keys_path)
-        except PublicKeyError as exc:
-            _usage_error(exc.detail)
+    keys = _load_keys(ctx, state, paths.log, public_keys)
+    anchors = None if no_anchors else _load_anchors(ctx, state, log, anchors_file)
     try:
-        report = verify_log(paths.log, keys, checkpoints=side)
+        report = verify_log(
+            paths.log,
+            keys,
+            checkpoints=side,
+            anchors=anchors,
+            max_unsigned_entries=max_unsigned_entries,
+            max_unsigned_seconds=max_unsigned_seconds,
+        )
     except PublicKeyError as exc:
         _usage_error(exc.detail)
     except OSError as exc:
@@ -146,6 +235,10 @@ def _emit_report(report: dict[str, Any]) -> None:
         )
     else:
         click.echo("  no checkpoint yet: nothing is signed")
+    if report["anchors"] is None:
+        click.echo("  anchors not compared: a rewritten, re-signed history would pass")
+    else:
+        click.echo(f"  {report['anchors']} anchors match, through seq {report['anchored_through']}")
     if report["unsigned"]:
         click.echo(
             f"  {report['unsigned']} entries after the last checkpoint are chained but not "
@@ -153,6 +246,20 @@ def _emit_report(report: dict[str, Any]) -> None:
         )
     for warning in report["warnings"]:
         click.echo(f"  warning: {warning}")
+
+
+@audit.command("export-anchors")
+@_state_option
+@click.pass_context
+def export_anchors(ctx: click.Context, state: str | None) -> None:
+    """Print the stack's anchors as JSON, for `verify --anchors FILE` elsewhere."""
+    directory, _named = _state_dir(ctx, state)
+    try:
+        store = _stack_anchors(directory)
+        found = store.all() if store is not None else []
+    except AuditError as exc:
+        _usage_error(f"cannot read the anchors of the stack in {directory}: {exc.detail}")
+    click.echo(json.dumps([a.as_dict() for a in found], indent=1))
 
 
 @audit.command()

@@ -38,11 +38,17 @@ class EventType(StrEnum):
     CHECKPOINT = "checkpoint"
     CHECKPOINT_FAILED = "checkpoint.failed"
     LOG_RECOVERED = "audit.recovered"
+    TRUNCATION_DETECTED = "audit.truncation_detected"
 
 
 #: Types only the writer itself may append.
 INTERNAL_TYPES = frozenset(
-    {EventType.CHECKPOINT, EventType.CHECKPOINT_FAILED, EventType.LOG_RECOVERED}
+    {
+        EventType.CHECKPOINT,
+        EventType.CHECKPOINT_FAILED,
+        EventType.LOG_RECOVERED,
+        EventType.TRUNCATION_DETECTED,
+    }
 )
 
 # Identifiers: key ids, function names, task ids, result keys, request ids, remote addresses.
@@ -152,6 +158,10 @@ FIELDS: Mapping[str, Callable[[str, Any], Any]] = {
     "signature": _signature,
     "fragment_sha256": _hex64,
     "fragment_bytes": _NONNEG,
+    "lost_from_seq": _int_between(1, 2**62),
+    "lost_to_seq": _int_between(1, 2**62),
+    "anchor": _int_between(1, 2**62),
+    "anchored_head": _hex64,
 }
 
 #: Names of the plaintext-taking keywords: consumed, never stored.
@@ -220,6 +230,7 @@ RULES: Mapping[EventType, _Rule] = {
     ),
     EventType.CHECKPOINT_FAILED: _rule("code", "from_seq to_seq"),
     EventType.LOG_RECOVERED: _rule("code fragment_sha256 fragment_bytes"),
+    EventType.TRUNCATION_DETECTED: _rule("code lost_from_seq lost_to_seq anchor anchored_head"),
 }
 
 

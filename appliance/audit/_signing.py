@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ._anchors import VaultAnchorStore
 from ._errors import PublicKeyError
 
 DEFAULT_KEY_NAME = "audit"
@@ -62,6 +63,12 @@ class TransitSigner:
     def public_keys(self) -> dict[str, str]:
         """The key's public keys by version (needs read on `transit/keys/audit`: the operator)."""
         return {str(v): str(k) for v, k in self.transit.public_keys(self.key_name).items() if k}
+
+    @property
+    def anchors(self) -> VaultAnchorStore | None:
+        """Where the checkpoints this signer signs are anchored: the same OpenBao, same login."""
+        session = getattr(self.transit, "session", None)
+        return VaultAnchorStore(session) if session is not None else None
 
 
 class UnsafeInMemorySigner:

@@ -5,6 +5,13 @@ covered by a checkpoint. At the first anomaly it reads the file once more to tel
 there (an entry altered, removed, inserted or moved) and raises `VerificationFailed` naming the
 entry. It needs the log, the checkpoint file and the audit key's exported public keys: no
 network, no OpenBao.
+
+With the anchors of the stack (`_anchors.py`: every checkpoint's head, kept in OpenBao where no
+writer can rewrite it), it also checks that the log holds every anchored head: a history
+replaced by a fresh chain, rewritten and re-signed, or cut at the end fails, even when every
+checkpoint in it verifies. And it bounds how much of the log may go without a checkpoint: no more
+than `max_unsigned_entries` events or `max_unsigned_seconds` (measured between entries' own
+times, never against the wall clock, so that an offline copy verifies the same way later).
 """
 
 from __future__ import annotations
@@ -12,11 +19,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._anchors import Anchor
 from ._errors import PublicKeyError, VerificationFailed
 from ._format import (
     CHECKPOINT_TYPE,
@@ -33,6 +41,15 @@ from ._signing import PublicKeys, key_version
 
 _HEX = frozenset("0123456789abcdef")
 
+#: How much of the log may go without a checkpoint (anchored, when anchors are compared). The
+#: writers checkpoint every 100 events or 60 s, retry a failed signature within 60 s and check
+#: the time every 10 s: these bounds leave room for that, and for a burst while one is signed.
+DEFAULT_MAX_UNSIGNED_ENTRIES = 1000
+DEFAULT_MAX_UNSIGNED_SECONDS = 300.0
+
+#: Entries by which the writers put a gap on the record (it is then a warning, not a failure).
+_NOTED_TYPES = frozenset({"checkpoint.failed", "audit.recovered", "audit.truncation_detected"})
+
 
 @dataclass(frozen=True)
 class VerifyReport:
@@ -45,6 +62,8 @@ class VerifyReport:
     unsigned: int  # events after the last checkpoint: chained, not yet signed
     key_fingerprints: Mapping[int, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    anchors: int | None = None  # anchors compared (None: none were given)
+    anchored_through: int = 0  # the last seq whose head is anchored
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -57,6 +76,8 @@ class VerifyReport:
             "unsigned": self.unsigned,
             "key_fingerprints": {str(v): f for v, f in self.key_fingerprints.items()},
             "warnings": list(self.warnings),
+            "anchors": self.anchors,
+            "anchored_through": self.anchored_through,
         }
 
 
@@ -180,8 +201,28 @@ def _lines(path: Path, size: int) -> Iterator[tuple[int, bytes, bool]]:
 class _Walk:
     """The state of the front-to-back walk."""
 
-    def __init__(self, path: Path, size: int, public_keys: PublicKeys | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        public_keys: PublicKeys | None,
+        anchors: Sequence[Anchor] | None = None,
+        limits: tuple[int, float] = (DEFAULT_MAX_UNSIGNED_ENTRIES, DEFAULT_MAX_UNSIGNED_SECONDS),
+    ) -> None:
         self.path = path
+        self.anchors = anchors
+        self.anchored: dict[int, set[str]] = {}
+        for anchor in anchors or ():
+            self.anchored.setdefault(anchor.to_seq, set()).add(anchor.head_hash)
+        self.found: dict[int, str] = {}  # anchored seq -> the hash the log holds there
+        self.truncations: list[tuple[int, int, int]] = []  # (seq, lost from, lost to) recorded
+        self.limits = limits
+        self.range_start = 1
+        self.since = 0  # events since the last (anchored) checkpoint
+        self.first_unsigned: float | None = None
+        self.last_time = 0.0
+        self.noted = False
+        self.gaps: list[str] = []
         self.size = size
         self.public_keys = public_keys
         self.expected = 1
@@ -212,8 +253,47 @@ class _Walk:
                 self._check_checkpoint(line)
             self.pending.append(line.hash)
             self.pending_events.append(not is_checkpoint)
+            self._track(line, line.entry, is_checkpoint)
             self.last, self.last_prev_hash = line, self.prev_hash
             self.expected, self.prev_hash = self.expected + 1, line.hash
+
+    def _track(self, line: _Line, entry: dict[str, Any], is_checkpoint: bool) -> None:
+        """Count what goes without a checkpoint, and collect the hashes at anchored seqs."""
+        seq, digest = int(entry["seq"]), str(entry["hash"])
+        moment = parse_time(str(entry["time"])).timestamp()
+        self.last_time = moment
+        kind = entry["type"]
+        if kind in _NOTED_TYPES:
+            self.noted = True
+        if kind == "audit.truncation_detected":
+            lost = (entry.get("lost_from_seq"), entry.get("lost_to_seq"))
+            if all(isinstance(n, int) for n in lost):
+                self.truncations.append((seq, int(lost[0] or 0), int(lost[1] or 0)))
+        if not is_checkpoint:
+            self.since += 1
+            if self.first_unsigned is None:
+                self.first_unsigned = moment
+        if seq in self.anchored:
+            self.found[seq] = digest
+        point = digest in self.anchored.get(seq, ()) if self.anchors is not None else is_checkpoint
+        if point:
+            problem = self.overdue(moment)
+            if problem is not None:
+                where = f"seq {self.range_start}..{seq}: {problem}"
+                if self.noted:
+                    self.warnings.append(f"{where} (the writers recorded why)")
+                else:
+                    self.gaps.append(where)
+            self.range_start, self.since, self.first_unsigned = seq + 1, 0, None
+            self.noted = False
+
+    def overdue(self, until: float) -> str | None:
+        """What exceeds the limits since the last checkpoint, up to the time `until`, or None."""
+        entries, seconds = self.limits
+        span = until - self.first_unsigned if self.first_unsigned is not None else 0.0
+        if self.since > entries or span > seconds:
+            return f"{self.since} events over {span:.0f} s without a checkpoint"
+        return None
 
     def _check_checkpoint(self, line: _Line) -> None:
         entry, seq = line.entry, line.seq
@@ -464,21 +544,90 @@ def _check_checkpoint_file(walk: _Walk, side: bytes, checkpoints: Path) -> None:
         )
 
 
+def _check_anchors(walk: _Walk, anchors: Sequence[Anchor]) -> int:
+    """Every anchor continues the one before and its head is in the log; the last anchored seq."""
+    last_seq = walk.expected - 1
+    previous: Anchor | None = None
+    for number, anchor in enumerate(sorted(anchors, key=lambda a: a.number), 1):
+        if anchor.number != number:
+            raise VerificationFailed(
+                "forged", f"anchor {number} is missing: the next one is anchor {anchor.number}"
+            )
+        if not (anchor.extends(previous) or anchor.recovers):
+            raise VerificationFailed(
+                "forged",
+                f"anchor {number} (seq {anchor.from_seq}..{anchor.to_seq}) does not continue "
+                f"anchor {number - 1}",
+            )
+        if number == 1 and anchor.recovers:
+            walk.warnings.append(f"anchoring began at seq {anchor.from_seq}")
+        if walk.found.get(anchor.to_seq) != anchor.head_hash:
+            raise _lost(walk, anchor, last_seq)
+        previous = anchor
+    return previous.to_seq if previous else 0
+
+
+def _lost(walk: _Walk, anchor: Anchor, last_seq: int) -> VerificationFailed:
+    recorded = next((seq for seq, lo, hi in walk.truncations if lo <= anchor.to_seq <= hi), None)
+    note = (
+        f"; the writers recorded it at seq {recorded} (audit.truncation_detected)"
+        if recorded
+        else "; no writer recorded it"
+    )
+    where = f"anchor {anchor.number} (seq {anchor.from_seq}..{anchor.to_seq})"
+    if anchor.to_seq > last_seq:
+        message = f"log ends at seq {last_seq} but {where} covers up to seq {anchor.to_seq}"
+        return VerificationFailed("truncated", message + note, seq=last_seq + 1)
+    kind = "truncated" if recorded else "altered"
+    return VerificationFailed(
+        kind,
+        f"entry seq {anchor.to_seq} is not the head anchored by {where}: the history up to it "
+        f"was replaced or rewritten{note}",
+        seq=anchor.to_seq,
+    )
+
+
 def verify_log(
-    log: Path, public_keys: PublicKeys | None, *, checkpoints: Path | None = None
+    log: Path,
+    public_keys: PublicKeys | None,
+    *,
+    checkpoints: Path | None = None,
+    anchors: Sequence[Anchor] | None = None,
+    max_unsigned_entries: int = DEFAULT_MAX_UNSIGNED_ENTRIES,
+    max_unsigned_seconds: float = DEFAULT_MAX_UNSIGNED_SECONDS,
 ) -> VerifyReport:
-    """Verify the chain, every checkpoint and the checkpoint file; raise at the first problem.
+    """Verify the chain, every checkpoint, the checkpoint file, the anchors (when given) and the
+    checkpoint interval; raise at the first problem.
 
     Raises `VerificationFailed` (naming the first entry altered, removed, inserted or
-    reordered, a forged checkpoint, or a tail cut before the last checkpoint) and
-    `PublicKeyError` when a checkpoint must be checked and `public_keys` is None.
+    reordered, a forged checkpoint, a tail cut before the last checkpoint or anchor, a history
+    that does not hold an anchored head, or `unsigned`/`gap`: more of the log than the limits
+    allow without a checkpoint) and `PublicKeyError` when a checkpoint must be checked and
+    `public_keys` is None.
     """
     paths = AuditPaths(Path(log))
     side_path = checkpoints or paths.checkpoints
     size, side = _snapshot(paths, side_path)
-    walk = _Walk(paths.log, size, public_keys)
+    walk = _Walk(
+        paths.log, size, public_keys, anchors, (max_unsigned_entries, max_unsigned_seconds)
+    )
     walk.run()
     _check_checkpoint_file(walk, side, side_path)
+    anchored_through = _check_anchors(walk, anchors) if anchors is not None else 0
+    if walk.gaps:
+        raise VerificationFailed(
+            "gap",
+            f"{walk.gaps[0]}, and no entry says why (the writers went on silently)",
+        )
+    overdue = walk.overdue(walk.last_time)
+    if overdue is not None:
+        what = "anchored checkpoint" if anchors is not None else "checkpoint"
+        raise VerificationFailed(
+            "unsigned",
+            f"the log ends with {overdue} (seq {walk.range_start}..{walk.expected - 1}, no "
+            f"{what}): an unsigned history, or one whose checkpoints were removed",
+            seq=walk.range_start,
+        )
     if walk.checkpoint_entries and not side.strip():
         walk.warnings.append(f"{side_path.name} is empty: a cut tail would go unnoticed")
     fingerprints = (
@@ -492,4 +641,6 @@ def verify_log(
         sum(walk.pending_events),
         fingerprints,
         tuple(walk.warnings),
+        len(anchors) if anchors is not None else None,
+        anchored_through,
     )

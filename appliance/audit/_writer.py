@@ -20,6 +20,14 @@ Design. The log file is the only source of truth and every writer process follow
   checkpoint entry under the lock again. Writers never wait for OpenBao; when signing fails, the
   entries stay written, a `checkpoint.failed` entry says so once, and the checkpoint is retried
   with backoff.
+- Anchors (issue 12): before a checkpoint is signed, the signing process checks that the log
+  still holds the head of the last anchored checkpoint (`_anchors.py`); after it is signed, the
+  checkpoint is anchored as a new, numbered entry of a create-only store (OpenBao KV), and only
+  then appended to the log. A writer that finds the last anchored head missing from its log (cut,
+  or replaced by another history) records `audit.truncation_detected` with the lost range before
+  it writes anything else, and its next anchor is marked `recovers`; `verify_log` reports both.
+  A signer that OpenBao refuses outright (the operator's token) writes entries but no
+  checkpoints: the services sign them with their next checkpoint.
 - Every checkpoint is also appended to `audit.checkpoints.jsonl`, whose last line doubles as the
   start-up hint (the byte offset of the first entry not yet signed) so that opening a long log
   reads only its unsigned tail.
@@ -44,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import Forbidden
+from ._anchors import Anchor, AnchorConflict, AnchorStore
 from ._errors import AuditError, AuditFieldError, AuditLogCorrupt, AuditUnavailable
 from ._events import INTERNAL_TYPES, AuditEvent, EventType, identifier, make_event
 from ._format import (
@@ -101,6 +111,8 @@ class _Tail:
     pending: list[_Pending] = field(default_factory=list)
     counting: int = 0
     first_counting: float | None = None
+    checkpoint_head: str = GENESIS_HASH  # the hash of entry `checkpointed_to`
+    truncation_for: int | None = None  # the anchor of the last `audit.truncation_detected`
 
     def add(self, item: _Pending) -> None:
         self.pending.append(item)
@@ -133,6 +145,7 @@ class AuditLog:
         signer: Signer | None,
         *,
         source: str,
+        anchors: AnchorStore | None = None,
         checkpoint_every: int,
         checkpoint_interval: float,
         clock: Callable[[], float],
@@ -143,6 +156,9 @@ class AuditLog:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval > 0")
         self.paths = paths
         self._signer = signer
+        self._anchors = anchors
+        self._anchor: Anchor | None = None
+        self._anchor_loaded = False
         self._source = identifier("source", source)
         self._every = checkpoint_every
         self._interval = checkpoint_interval
@@ -172,18 +188,25 @@ class AuditLog:
         clock: Callable[[], float] = time.time,
         durable: bool = True,
         auto_checkpoint: bool = True,
+        anchors: AnchorStore | None | str = "signer",
     ) -> AuditLog:
         """Open (creating if needed) the log at `path` and check that its tail chains.
 
         `signer` signs checkpoints (`TransitSigner` in services); without one, entries are
         written but never checkpointed. `source` names the writing service in each entry.
         `auto_checkpoint=False` leaves checkpoints to `maybe_checkpoint()` (e.g. from a timer
-        thread), so that `record()` never waits for the signer.
+        thread), so that `record()` never waits for the signer. `anchors` is where checkpoints
+        are anchored: by default the signer's own store (`TransitSigner.anchors`: OpenBao KV),
+        None for none.
         """
+        if isinstance(anchors, str):
+            found = getattr(signer, "anchors", None)
+            anchors = found if isinstance(found, AnchorStore) else None
         log = cls(
             AuditPaths(Path(path)),
             signer,
             source=source,
+            anchors=anchors,
             checkpoint_every=checkpoint_every,
             checkpoint_interval=checkpoint_interval,
             clock=clock,
@@ -193,6 +216,7 @@ class AuditLog:
         try:
             with log._guard():
                 pass
+            log._reconcile_at_open()
         except BaseException:
             log._close_files()
             raise
@@ -414,6 +438,7 @@ class AuditLog:
                     seq=int(hint["to_seq"]),
                     head=str(hint["head_hash"]),
                     checkpointed_to=int(hint["to_seq"]),
+                    checkpoint_head=str(hint["head_hash"]),
                 )
                 if tail.size <= size:
                     self._absorb(tail, tail.size, size)
@@ -465,6 +490,8 @@ class AuditLog:
         is_checkpoint = entry.get("type") == CHECKPOINT_TYPE
         tail.add(_Pending(seq, claimed, offset, not is_checkpoint, epoch))
         tail.size = offset + len(raw) + 1
+        if entry.get("type") == EventType.TRUNCATION_DETECTED:
+            tail.truncation_for = entry.get("anchor")
         if is_checkpoint:
             self._on_checkpoint_entry(tail, entry, offset)
 
@@ -502,6 +529,8 @@ class AuditLog:
         tail.seq, tail.head, tail.size = entry["seq"], entry["hash"], offset + written
         is_checkpoint = kind == EventType.CHECKPOINT
         tail.add(_Pending(tail.seq, tail.head, offset, not is_checkpoint, now))
+        if kind == EventType.TRUNCATION_DETECTED:
+            tail.truncation_for = int(fields["anchor"])
         if is_checkpoint:
             self._on_checkpoint_entry(tail, entry, offset)
         return AuditRecord(entry["seq"], entry["hash"], entry["time"])
@@ -545,71 +574,190 @@ class AuditLog:
         except OSError:
             return None  # another process is signing this range
         try:
-            with self._guard() as tail:
-                if not (self._due(self._clock()) or (force and tail.counting > 0)):
-                    return None  # it was signed while we waited for the lock
-                body = CheckpointBody(
-                    from_seq=tail.checkpointed_to + 1,
-                    to_seq=tail.seq,
-                    head_hash=tail.head,
-                    merkle_root=merkle_root([p.hash for p in tail.pending]),
-                    signed_at=format_time(self._clock()),
-                )
-            # Outside the log lock: writers never wait for OpenBao.
-            try:
-                signature = self._signer.sign(body.message())
-                version = key_version(signature)
-            except Exception as exc:  # noqa: BLE001 - any signer failure must cost no entry
-                self._signing_failed(body, exc)
-                return None
-            self._signing_recovered()
-            checkpoint = make_event(
-                EventType.CHECKPOINT,
-                internal=True,
-                from_seq=body.from_seq,
-                to_seq=body.to_seq,
-                head_hash=body.head_hash,
-                merkle_root=body.merkle_root,
-                signed_at=body.signed_at,
-                signature=signature,
-                key_version=version,
-            )
-            with self._guard() as tail:
-                if tail.checkpointed_to != body.from_seq - 1:
-                    return None  # signed by someone else meanwhile
-                return self._append_locked(EventType.CHECKPOINT, dict(checkpoint.fields))
+            return self._checkpoint_locked(force)
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _signing_failed(self, body: CheckpointBody, exc: Exception) -> None:
+    def _checkpoint_locked(self, force: bool) -> AuditRecord | None:
+        """Check continuity, sign, anchor, append: under the checkpoint lock."""
+        assert self._signer is not None  # noqa: S101 - narrows a type; an invariant, not a check
+        try:
+            self._refresh_anchor()
+        except AuditError as exc:
+            self._checkpoint_failed(None, exc)
+            return None
+        with self._guard() as tail:
+            if not (self._due(self._clock()) or (force and tail.counting > 0)):
+                return None  # it was signed while we waited for the lock
+            recovers = self._continuity(tail)
+            body = CheckpointBody(
+                from_seq=tail.checkpointed_to + 1,
+                to_seq=tail.seq,
+                head_hash=tail.head,
+                merkle_root=merkle_root([p.hash for p in tail.pending]),
+                signed_at=format_time(self._clock()),
+            )
+        # Outside the log lock: writers never wait for OpenBao.
+        try:
+            signature = self._signer.sign(body.message())
+            version = key_version(signature)
+            self._anchor_checkpoint(body, signature, recovers=recovers)
+        except Forbidden as exc:
+            # This identity may not sign or anchor (the operator): it records, others sign.
+            logger.warning("audit: %s; checkpoints are left to the services", exc)
+            self._signer = None
+            return None
+        except Exception as exc:  # noqa: BLE001 - any signer failure must cost no entry
+            self._checkpoint_failed(body, exc)
+            return None
+        self._signing_recovered()
+        checkpoint = make_event(
+            EventType.CHECKPOINT,
+            internal=True,
+            from_seq=body.from_seq,
+            to_seq=body.to_seq,
+            head_hash=body.head_hash,
+            merkle_root=body.merkle_root,
+            signed_at=body.signed_at,
+            signature=signature,
+            key_version=version,
+        )
+        with self._guard() as tail:
+            if tail.checkpointed_to != body.from_seq - 1:
+                return None  # signed by someone else meanwhile
+            return self._append_locked(EventType.CHECKPOINT, dict(checkpoint.fields))
+
+    # ---- anchors -------------------------------------------------------------------------------
+
+    def _refresh_anchor(self) -> None:
+        """Bring the cached last anchor up to date: one list at first, then one read per call."""
+        if self._anchors is None:
+            return
+        if not self._anchor_loaded:
+            self._anchor = self._anchors.latest()
+            self._anchor_loaded = True
+        while True:
+            number = self._anchor.number if self._anchor else 0
+            following = self._anchors.get(number + 1)
+            if following is None:
+                return
+            self._anchor = following
+
+    def _reconcile_at_open(self) -> None:
+        """At start-up: a log that lost the last anchored head says so before anything else."""
+        if self._anchors is None or self._signer is None:
+            return
+        try:
+            self._refresh_anchor()
+        except AuditError as exc:
+            logger.warning("audit: cannot read the anchors at start-up (%s); checked later", exc)
+            return
+        with self._guard() as tail:
+            self._continuity(tail)
+
+    def _continuity(self, tail: _Tail) -> bool:
+        """Whether the next anchor must be a recovery one: the log no longer holds the head of
+        the last anchor. Records `audit.truncation_detected` (once) when it does not."""
+        previous = self._anchor
+        if self._anchors is None or previous is None:
+            # No anchor yet: anchoring starts here (mid-log for a log older than anchors).
+            return tail.checkpointed_to > 0
+        if self._head_at(tail, previous.to_seq) == previous.head_hash:
+            return False
+        if tail.truncation_for != previous.number:
+            cut = previous.to_seq > tail.seq
+            event = make_event(
+                EventType.TRUNCATION_DETECTED,
+                internal=True,
+                code="truncated" if cut else "replaced",
+                lost_from_seq=tail.seq + 1 if cut else 1,
+                lost_to_seq=previous.to_seq,
+                anchor=previous.number,
+                anchored_head=previous.head_hash,
+            )
+            logger.error(
+                "audit: the log lost entries seq %s..%s anchored by anchor %d",
+                event.fields["lost_from_seq"],
+                previous.to_seq,
+                previous.number,
+            )
+            self._append_locked(event.type, dict(event.fields))
+        return True
+
+    def _anchor_checkpoint(self, body: CheckpointBody, signature: str, *, recovers: bool) -> None:
+        """Anchor the signed checkpoint as the next number; raises when it cannot."""
+        if self._anchors is None:
+            return
+        previous = self._anchor
+        if previous is not None and not recovers and previous.to_seq >= body.to_seq:
+            return  # that head is anchored already (a crash between anchoring and appending)
+        start = body.from_seq if recovers or previous is None else previous.to_seq + 1
+        anchor = Anchor(
+            number=(previous.number if previous else 0) + 1,
+            from_seq=start,
+            to_seq=body.to_seq,
+            head_hash=body.head_hash,
+            merkle_root=body.merkle_root,
+            signed_at=body.signed_at,
+            signature=signature,
+            recovers=recovers,
+        )
+        try:
+            self._anchors.create(anchor)
+        except AnchorConflict:
+            self._anchor_loaded = False  # someone else anchored: read them again next time
+            raise
+        self._anchor = anchor
+
+    def _head_at(self, tail: _Tail, seq: int) -> str | None:
+        """The hash of entry `seq` of this log, or None when the log ends before it."""
+        if seq > tail.seq:
+            return None
+        if seq == tail.checkpointed_to:
+            return tail.checkpoint_head
+        for item in tail.pending:
+            if item.seq == seq:
+                return item.hash
+        return self._scan_hash(seq, tail.size)
+
+    def _scan_hash(self, seq: int, end: int) -> str | None:
+        """Read the log from the start for entry `seq` (rare: only when anchors disagree)."""
+        offset, carry = 0, b""
+        while offset < end:
+            chunk = os.pread(self._fd, min(_READ_CHUNK, end - offset), offset)
+            if not chunk:
+                return None
+            offset += len(chunk)
+            *lines, carry = (carry + chunk).split(b"\n")
+            for raw in lines:
+                entry = json.loads(raw)
+                if entry.get("seq") == seq:
+                    return str(entry["hash"])
+        return None
+
+    def _checkpoint_failed(self, body: CheckpointBody | None, exc: Exception) -> None:
         self._retry_at = self._clock() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
         logger.warning(
-            "audit checkpoint of seq %d..%d not signed (%s); retrying in %.0f s",
-            body.from_seq,
-            body.to_seq,
+            "audit checkpoint not signed or anchored (%s); retrying in %.0f s",
             type(exc).__name__,
             self._retry_delay,
         )
-        if self._signing_down:
+        if self._signing_down or body is None:
             return
         self._signing_down = True
         code = getattr(exc, "code", None)
+        fields = {"from_seq": body.from_seq, "to_seq": body.to_seq}
         try:
             event = make_event(
                 EventType.CHECKPOINT_FAILED,
                 internal=True,
                 code=code if isinstance(code, str) else "signing_failed",
-                from_seq=body.from_seq,
-                to_seq=body.to_seq,
+                **fields,
             )
         except AuditFieldError:
             event = make_event(
-                EventType.CHECKPOINT_FAILED,
-                internal=True,
-                code="signing_failed",
-                from_seq=body.from_seq,
-                to_seq=body.to_seq,
+                EventType.CHECKPOINT_FAILED, internal=True, code="signing_failed", **fields
             )
         with self._guard():
             self._append_locked(event.type, dict(event.fields))
@@ -623,6 +771,7 @@ class AuditLog:
         """A checkpoint entry is in the log: mark its range signed and make sure the checkpoint
         file has it (a crash between the two writes leaves it missing: repair that here)."""
         tail.covered(int(entry["to_seq"]))
+        tail.checkpoint_head = str(entry["head_hash"])
         if self._side_last_seq is None or entry["seq"] > self._side_last_seq:
             last = self._last_side_line()
             self._side_last_seq = int(last["seq"]) if last else 0
