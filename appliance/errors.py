@@ -84,3 +84,72 @@ class SealBroken(ApplianceError):
     """
 
     status, code, title = 500, "seal_broken", "Result cannot be opened"
+
+
+#: Every machine-readable `code` an `ApplianceError` may carry, declared once: the `code` of a
+#: problem+json response, of an audit entry's refusal, or of an operator error. A raise site
+#: names one of these; tests/unit/test_error_codes.py holds every raise site to this list.
+CODES: dict[str, str] = {
+    # Generic codes of the classes above.
+    "internal_error": "an unexpected failure",
+    "bad_request": "a malformed body or field",
+    "unauthorized": "a missing or invalid signature",
+    "forbidden": "the client's policy forbids the request",
+    "not_found": "no such resource",
+    "conflict": "the resource's state forbids the operation",
+    "body_too_large": "the body is over the configured maximum",
+    "unsupported_media_type": "the body is not JSON",
+    "rate_limited": "over the client's rate limit or daily quota",
+    "dependency_unavailable": "Redis, OpenBao or the broker is unreachable",
+    "seal_broken": "a sealed envelope does not open",
+    # Request parsing (api).
+    "bad_content_length": "Content-Length is not a number",
+    "malformed_json": "the body is not a JSON object",
+    "invalid_field": "a field fails validation",
+    "too_many_steps": "a workflow over the configured number of steps",
+    "metrics_unauthorized": "/metrics without its bearer token",
+    # Signatures (RFC 9421 profile).
+    "missing_signature": "the request is not signed",
+    "invalid_signature": "the signature or its input does not verify",
+    "missing_tag": 'no signature carries tag="appliance"',
+    "stale_signature": "created too old or too far ahead, or expired",
+    "replayed_nonce": "a nonce already seen for that key in the window",
+    "unknown_key": "an unknown or disabled key id",
+    # Authorization of a task.
+    "invalid_function": "the function is not a plain name",
+    "function_not_allowed": "the client may not call the function",
+    "limits_not_allowed": "limits above the policy's or the client's maxima",
+    "invalid_limits": "limits that are not valid",
+    "import_not_allowed": "an import the policy or the client does not allow",
+    "secret_not_allowed": "a secret the client may not read",
+    "invalid_secret_name": "a malformed secret name",
+    "invalid_secret_glob": "a malformed secret glob in a client's policy",
+    # Results.
+    "invalid_key": "not a result key",
+    "result_not_found": "an unknown or expired result",
+    "not_your_result": "a result of another client",
+    "result_unavailable": "a stored result that does not open",
+    "already_running": "a running job cannot be revoked",
+    # The worker.
+    "message_rejected": "a task message malformed, forged, expired or replayed",
+    "in_flight": "a message running on a live worker (a duplicate delivery)",
+    "secret_not_found": "a named secret that does not exist",
+    # The registry and OpenBao.
+    "bad_keyid": "a malformed key id",
+    "unknown_client": "no such client in the registry",
+    "generation_not_renewed": "the registry changed but its generation could not be renewed",
+    "vault_forbidden": "OpenBao refused the operation",
+    "vault_not_found": "no such path in OpenBao",
+    # The audit log.
+    "audit_error": "the audit log failed",
+    "audit_field_refused": "an audit event field that may not be recorded",
+    "audit_log_corrupt": "the audit log cannot be appended to as it is",
+    "audit_public_keys": "the audit key's public keys are missing or malformed",
+    "audit_unavailable": "the audit log cannot be written",
+    "audit_verification_failed": "the audit log does not verify",
+    "signing_failed": "a checkpoint could not be signed",
+    # Operating the stack.
+    "configuration_error": "a service started without a setting its role requires",
+    "stack_error": "a service of the local stack cannot be started, reached or stopped",
+    "relay_refused": "the Redis relay refused a connection",
+}

@@ -107,6 +107,10 @@ class VaultSession:
             requests.RequestException,
         ) as exc:
             raise DependencyUnavailable("OpenBao is unreachable") from exc
+        except hvac.exceptions.VaultError as exc:
+            # Any other answer (token refused, rate limited, not initialised, unexpected): the
+            # service cannot use OpenBao now. Never a raw hvac error, which would be a 500.
+            raise DependencyUnavailable("OpenBao cannot serve the request") from exc
 
     def call(self, fn: Callable[[hvac.Client], T]) -> T:
         """Run `fn(client)` with a fresh token, translating hvac errors."""

@@ -12,7 +12,14 @@ _ROOT = Path(__file__).resolve().parent.parent
 #: pyproject.toml instead of this hook) once the sandbox tests close their files: today
 #: tests/unit/sandbox and tests/security leak ResourceWarnings, and the integration layer is
 #: not yet checked.
-_WARNINGS_ARE_ERRORS = ("tests/unit/appliance/", "tests/unit/audit/", "tests/unit/test_")
+_WARNINGS_ARE_ERRORS = (
+    "tests/unit/api/",
+    "tests/unit/appliance/",
+    "tests/unit/audit/",
+    "tests/unit/store/",
+    "tests/unit/worker/",
+    "tests/unit/test_",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
