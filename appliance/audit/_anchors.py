@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ..errors import ApplianceError, NotFound
+from ..errors import ApplianceError, DependencyUnavailable, NotFound
 from ._errors import AuditError, AuditUnavailable
 from ._format import CheckpointBody
 
@@ -201,6 +201,8 @@ class VaultAnchorStore:
             )
         except NotFound:
             return None
+        except DependencyUnavailable:
+            raise
         except ApplianceError as exc:
             raise AuditUnavailable(f"cannot read audit anchor {number}: {exc}") from exc
         try:
@@ -219,6 +221,8 @@ class VaultAnchorStore:
             )
         except NotFound:
             return []
+        except DependencyUnavailable:
+            raise
         except ApplianceError as exc:
             raise AuditUnavailable(f"cannot list the audit anchors: {exc}") from exc
         return sorted(int(k) for k in response["data"]["keys"] if _NAME.fullmatch(k))

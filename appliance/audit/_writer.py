@@ -583,8 +583,10 @@ class AuditLog:
         assert self._signer is not None  # noqa: S101 - narrows a type; an invariant, not a check
         try:
             self._refresh_anchor()
-        except AuditError as exc:
-            self._checkpoint_failed(None, exc)
+        except Exception as exc:  # noqa: BLE001 - any store failure must cost no entry
+            with self._guard() as tail:
+                pending = (tail.checkpointed_to + 1, tail.seq)
+            self._checkpoint_failed(pending, exc)
             return None
         with self._guard() as tail:
             if not (self._due(self._clock()) or (force and tail.counting > 0)):
@@ -608,7 +610,7 @@ class AuditLog:
             self._signer = None
             return None
         except Exception as exc:  # noqa: BLE001 - any signer failure must cost no entry
-            self._checkpoint_failed(body, exc)
+            self._checkpoint_failed((body.from_seq, body.to_seq), exc)
             return None
         self._signing_recovered()
         checkpoint = make_event(
@@ -649,7 +651,7 @@ class AuditLog:
             return
         try:
             self._refresh_anchor()
-        except AuditError as exc:
+        except Exception as exc:  # noqa: BLE001 - OpenBao down at start-up: checked later
             logger.warning("audit: cannot read the anchors at start-up (%s); checked later", exc)
             return
         with self._guard() as tail:
@@ -735,7 +737,7 @@ class AuditLog:
                     return str(entry["hash"])
         return None
 
-    def _checkpoint_failed(self, body: CheckpointBody | None, exc: Exception) -> None:
+    def _checkpoint_failed(self, pending: tuple[int, int], exc: Exception) -> None:
         self._retry_at = self._clock() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
         logger.warning(
@@ -743,11 +745,11 @@ class AuditLog:
             type(exc).__name__,
             self._retry_delay,
         )
-        if self._signing_down or body is None:
+        if self._signing_down or pending[1] < pending[0]:
             return
         self._signing_down = True
         code = getattr(exc, "code", None)
-        fields = {"from_seq": body.from_seq, "to_seq": body.to_seq}
+        fields = {"from_seq": pending[0], "to_seq": pending[1]}
         try:
             event = make_event(
                 EventType.CHECKPOINT_FAILED,
