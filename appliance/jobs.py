@@ -17,6 +17,7 @@ from typing import Any
 from .envelope import Envelope, open_envelope, seal
 from .errors import ApplianceError, SealBroken
 from .keyservice import KeyService
+from .specs import JobSpec, ResultBody
 
 JOBS_KEY = "jobs"
 RESULTS_KEY = "results"
@@ -122,49 +123,45 @@ def _result_aad(result_key: str, client: str) -> bytes:
     return f"result|{result_key}|{client}".encode()
 
 
-def seal_job(
-    transit: KeyService, spec: dict[str, Any], task_id: str, result_key: str, client: str
-) -> str:
+def seal_job(transit: KeyService, spec: JobSpec, task_id: str, result_key: str, client: str) -> str:
     """Seal a job specification for the broker."""
     key, wrapped = transit.data_key(JOBS_KEY, client)
     aad = _job_aad(task_id, result_key, client)
-    return seal(key, wrapped, json.dumps(spec).encode(), aad).to_json()
+    return seal(key, wrapped, json.dumps(spec.to_json()).encode(), aad).to_json()
 
 
-def open_job(transit: KeyService, message: JobMessage) -> dict[str, Any]:
+def open_job(transit: KeyService, message: JobMessage) -> JobSpec:
     """Open a sealed job; raise SealBroken if it was altered or moved."""
     envelope = Envelope.from_json(message.sealed_job)
     key = transit.unwrap_key(JOBS_KEY, envelope.wrapped_key, message.client)
     aad = _job_aad(message.task_id, message.result_key, message.client)
-    spec: dict[str, Any] = json.loads(open_envelope(key, envelope, aad))
-    return spec
+    return JobSpec.from_json(json.loads(open_envelope(key, envelope, aad)))
 
 
-def seal_result(transit: KeyService, body: dict[str, Any], result_key: str, client: str) -> str:
+def seal_result(transit: KeyService, body: ResultBody, result_key: str, client: str) -> str:
     """Seal a result body for Redis."""
     key, wrapped = transit.data_key(RESULTS_KEY, client)
-    return seal(key, wrapped, json.dumps(body).encode(), _result_aad(result_key, client)).to_json()
+    plaintext = json.dumps(body.to_json()).encode()
+    return seal(key, wrapped, plaintext, _result_aad(result_key, client)).to_json()
 
 
-def seal_results(
-    transit: KeyService, bodies: dict[str, dict[str, Any]], client: str
-) -> dict[str, str]:
+def seal_results(transit: KeyService, bodies: dict[str, ResultBody], client: str) -> dict[str, str]:
     """Seal several result bodies of one client under one data key (one OpenBao call)."""
     key, wrapped = transit.data_key(RESULTS_KEY, client)
     return {
         result_key: seal(
-            key, wrapped, json.dumps(body).encode(), _result_aad(result_key, client)
+            key, wrapped, json.dumps(body.to_json()).encode(), _result_aad(result_key, client)
         ).to_json()
         for result_key, body in bodies.items()
     }
 
 
-def open_result(transit: KeyService, sealed: str, result_key: str, client: str) -> dict[str, Any]:
+def open_result(transit: KeyService, sealed: str, result_key: str, client: str) -> ResultBody:
     """Open a stored result for its own client; raise SealBroken otherwise."""
     envelope = Envelope.from_json(sealed)
     key = transit.unwrap_key(RESULTS_KEY, envelope.wrapped_key, client)
-    body: dict[str, Any] = json.loads(open_envelope(key, envelope, _result_aad(result_key, client)))
-    return body
+    plaintext = open_envelope(key, envelope, _result_aad(result_key, client))
+    return ResultBody.from_json(json.loads(plaintext))
 
 
 def _carry_aad(message: JobMessage) -> bytes:

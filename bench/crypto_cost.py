@@ -42,26 +42,13 @@ from appliance.jobs import (  # noqa: E402
     sign_message,
     verify_message,
 )
+from appliance.specs import JobSpec, ResultBody
 from appliance.vault import Transit, VaultSession  # noqa: E402
 
 TASK = "appliance.run_job"
 CLIENT = "bench"
-SPEC = {
-    "module": "def add(a, b):\n    return a + b\n",
-    "function": "add",
-    "args": [2, 40],
-    "kwargs": {},
-    "limits": {},
-    "secrets": [],
-    "imports": [],
-}
-BODY = {
-    "status": "succeeded",
-    "result": 42,
-    "error": None,
-    "stdout": "",
-    "usage": {"cpu_ms": 1, "wall_ms": 2, "max_rss_kb": 12000},
-}
+SPEC = JobSpec("def add(a, b):\n    return a + b\n", "add", args=[2, 40])
+BODY = ResultBody("succeeded", 42, usage={"cpu_ms": 1, "wall_ms": 2, "max_rss_kb": 12000})
 STEPS = ("seal_job", "sign_message", "verify_message", "open_job", "seal_result", "open_result")
 
 

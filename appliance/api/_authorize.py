@@ -14,10 +14,11 @@ import sandbox
 from ..errors import BadRequest, Forbidden
 from ..registry import Client
 from ..secret_names import check_secret_name
+from ..specs import JobSpec
 from ._schemas import TaskIn
 
 
-def authorize(policy: sandbox.Policy, client: Client, task: TaskIn) -> dict[str, Any]:
+def authorize(policy: sandbox.Policy, client: Client, task: TaskIn) -> JobSpec:
     """Check the task against the sandbox policy and the client's; return the job spec."""
     if not sandbox.ENTRY_PATTERN.fullmatch(task.function):
         raise BadRequest("function must be a plain function name", code="invalid_function")
@@ -31,17 +32,17 @@ def authorize(policy: sandbox.Policy, client: Client, task: TaskIn) -> dict[str,
     refused = [s for s in task.secrets if not client.may_read_secret(s)]
     if refused:
         raise Forbidden(f"client may not read secret {refused[0]!r}", code="secret_not_allowed")
-    return {
-        "module": task.module,
-        "function": task.function,
-        "args": task.args,
-        "kwargs": task.kwargs,
-        "limits": limits.to_dict(),
-        "imports": list(imports),
-        "secrets": list(task.secrets),
+    return JobSpec(
+        module=task.module,
+        function=task.function,
+        args=task.args,
+        kwargs=task.kwargs,
+        limits=limits.to_dict(),
+        imports=list(imports),
+        secrets=list(task.secrets),
         # The worker checks the names against these again before it reads a secret.
-        "secret_globs": list(client.allowed_secrets) if task.secrets else [],
-    }
+        secret_globs=list(client.allowed_secrets) if task.secrets else [],
+    )
 
 
 def _limits(policy: sandbox.Policy, client: Client, requested: dict[str, Any]) -> sandbox.Limits:

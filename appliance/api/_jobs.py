@@ -19,6 +19,7 @@ from ..keyservice import KeyService
 from ..queue import TASK_NAME
 from ..registry import Client
 from ..results import check_result_key, new_result_key
+from ..specs import JobSpec
 from ..store import ResultStore, Stored
 
 Publish = workflows.Publish
@@ -42,7 +43,7 @@ class Submissions:
         self.clock = clock
 
     def enqueue(
-        self, client: Client, spec: dict[str, Any], request_id: str | None = None
+        self, client: Client, spec: JobSpec, request_id: str | None = None
     ) -> dict[str, str]:
         """Seal the job, record it as queued, and hand it to the broker."""
         message = self._sign_job(client, spec)
@@ -52,7 +53,7 @@ class Submissions:
         return {"task_id": message.task_id, "result_key": message.result_key, "status": "queued"}
 
     def enqueue_workflow(
-        self, client: Client, specs: list[dict[str, Any]], request_id: str | None = None
+        self, client: Client, specs: list[JobSpec], request_id: str | None = None
     ) -> dict[str, Any]:
         """Seal and sign every step up front; queue the first. The signed messages of the later
         steps wait in Redis (`workflow:<id>`) until the worker that finishes a step enqueues
@@ -72,26 +73,26 @@ class Submissions:
             "steps": [{"task_id": m.task_id, "result_key": m.result_key} for m in messages],
         }
 
-    def _sign_job(self, client: Client, spec: dict[str, Any]) -> JobMessage:
+    def _sign_job(self, client: Client, spec: JobSpec) -> JobMessage:
         """Seal a job and sign its message: identifiers and ciphertext only."""
         task_id = str(uuid.uuid4())
-        result_key = new_result_key(spec["function"], int(self.clock() * 1000))
+        result_key = new_result_key(spec.function, int(self.clock() * 1000))
         sealed = seal_job(self.transit, spec, task_id, result_key, client.keyid)
         message = JobMessage(task_id, result_key, client.keyid, sealed)
         return sign_message(self.transit, message, TASK_NAME, self.clock())
 
     def _audit_accepted(
-        self, message: JobMessage, spec: dict[str, Any], request_id: str | None, **step: Any
+        self, message: JobMessage, spec: JobSpec, request_id: str | None, **step: Any
     ) -> None:
         self.audit.record(
             EventType.SUBMISSION_ACCEPTED,
             client=message.client,
-            function=spec["function"],
+            function=spec.function,
             task_id=message.task_id,
             result_key=message.result_key,
-            module_source=spec["module"],
-            args=spec["args"],
-            kwargs=spec["kwargs"],
+            module_source=spec.module,
+            args=spec.args,
+            kwargs=spec.kwargs,
             request_id=request_id,
             **step,
         )
@@ -127,16 +128,16 @@ class Results:
             EventType.RESULT_READ,
             client=client.keyid,
             result_key=key,
-            status=body["status"],
+            status=body.status,
             http_status=200,
         )
         return 200, {
             "key": key,
-            "status": body["status"],
-            "result": body["result"],
-            "error": body["error"],
-            "stdout": body.get("stdout", ""),
-            "usage": body.get("usage"),
+            "status": body.status,
+            "result": body.result,
+            "error": body.error,
+            "stdout": body.stdout,
+            "usage": body.usage,
             "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
         }
 

@@ -31,6 +31,7 @@ from ..observability import JOBS, observe_usage
 from ..queue import TASK_NAME
 from ..secret_names import check_secret_name, glob_allows
 from ..settings import Settings
+from ..specs import JobSpec, ResultBody, WorkflowPlace
 from ..store import ResultStore
 from .sandboxes import SandboxPool
 
@@ -57,27 +58,16 @@ def _no_secrets(names: list[str]) -> dict[str, Any]:
     raise NotFound("this runtime reads no secret", code="secret_not_found")
 
 
-def result_body(outcome: sandbox.Outcome) -> dict[str, Any]:
+def result_body(outcome: sandbox.Outcome) -> ResultBody:
     """The result a client reads: value on success, the sandbox's error otherwise."""
     ok = outcome.status == "ok"
-    err = None if ok else {"code": outcome.status, **(outcome.error or {})}
-    return {
-        "status": "succeeded" if ok else "failed",
-        "result": outcome.value if ok else None,
-        "error": err,
-        "stdout": outcome.stdout,
-        "usage": outcome.to_dict()["usage"],
-    }
-
-
-def _failure(code: str, message: str) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "result": None,
-        "stdout": "",
-        "usage": None,
-        "error": {"code": code, "type": "JobError", "message": message},
-    }
+    return ResultBody(
+        "succeeded" if ok else "failed",
+        result=outcome.value if ok else None,
+        error=None if ok else {"code": outcome.status, **(outcome.error or {})},
+        stdout=outcome.stdout,
+        usage=outcome.to_dict()["usage"],
+    )
 
 
 class InFlight(ApplianceError):
@@ -114,7 +104,7 @@ def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> 
 def _claim_and_run(
     rt: Runtime,
     message: JobMessage,
-    spec: dict[str, Any] | None,
+    spec: JobSpec | None,
     ttl: int,
     now: float,
     request_id: str | None,
@@ -133,11 +123,11 @@ def _claim_and_run(
         raise InFlight(message.task_id)
     if rt.store.has_result(message.result_key):
         # It died between storing the result and enqueuing the next step.
-        workflows.send_staged(rt.store, rt.publish, (spec or {}).get("workflow"), request_id)
+        workflows.send_staged(rt.store, rt.publish, _place(spec), request_id)
         rt.store.finish_claim(message.nonce, ttl)
         return "recovered"
     if not retry and claim.attempts >= rt.settings.max_attempts:
-        body = _failure(
+        body = ResultBody.failure(
             "worker_lost",
             f"the job's worker died {claim.attempts} times while "
             "running it; it is not retried again",
@@ -173,41 +163,40 @@ class _InHand:
 _in_hand = _InHand()
 
 
-def _open(rt: Runtime, message: JobMessage) -> dict[str, Any] | None:
+def _open(rt: Runtime, message: JobMessage) -> JobSpec | None:
     """The job's spec, with the carried value first among the arguments of a later workflow
     step; None when the job does not open (it then ends as `rejected`)."""
     try:
         spec = open_job(rt.transit, message)
     except SealBroken:
         return None
-    workflow = spec.get("workflow")
-    if workflow and workflow["step"] > 0:
+    if spec.workflow is not None and spec.workflow.step > 0:
         try:
             carried = open_carry(rt.transit, message)
         except SealBroken:
             # Only a worker can seal a carry: a later step without one was not enqueued by us.
             raise MessageRejected("bad carry") from None
-        spec = {**spec, "args": [carried, *spec.get("args", [])]}
+        spec = spec.with_carried(carried)
     return spec
 
 
 def _run_and_store(
-    rt: Runtime, message: JobMessage, spec: dict[str, Any] | None, ttl: int, request_id: str | None
+    rt: Runtime, message: JobMessage, spec: JobSpec | None, ttl: int, request_id: str | None
 ) -> str:
     if spec is None:
-        body = _failure("rejected", "the job could not be opened")
+        body = ResultBody.failure("rejected", "the job could not be opened")
     elif not rt.store.start(message.result_key, message.client, message.task_id):
-        body = _failure("revoked", "the job was revoked before it started")
+        body = ResultBody.failure("revoked", "the job was revoked before it started")
     else:
         rt.audit.record(
             EventType.EXECUTION_STARTED,
             task_id=message.task_id,
-            function=spec["function"],
+            function=spec.function,
             client=message.client,
             result_key=message.result_key,
-            module_source=spec["module"],
-            args=spec.get("args", []),
-            kwargs=spec.get("kwargs", {}),
+            module_source=spec.module,
+            args=spec.args,
+            kwargs=spec.kwargs,
             request_id=request_id,
             **_step_fields(spec),
         )
@@ -215,42 +204,44 @@ def _run_and_store(
     return _finish(rt, message, spec, body, ttl, request_id)
 
 
-def _step_fields(spec: dict[str, Any] | None) -> dict[str, Any]:
-    workflow = (spec or {}).get("workflow")
-    return {"workflow_id": workflow["id"], "step": workflow["step"]} if workflow else {}
+def _place(spec: JobSpec | None) -> WorkflowPlace | None:
+    return spec.workflow if spec is not None else None
+
+
+def _step_fields(spec: JobSpec | None) -> dict[str, Any]:
+    workflow = _place(spec)
+    return {"workflow_id": workflow.id, "step": workflow.step} if workflow else {}
 
 
 def _finish(
     rt: Runtime,
     message: JobMessage,
-    spec: dict[str, Any] | None,
-    body: dict[str, Any],
+    spec: JobSpec | None,
+    body: ResultBody,
     ttl: int,
     request_id: str | None,
 ) -> str:
     """Seal and store the result; in a workflow, enqueue the next step or skip the rest."""
-    workflow = (spec or {}).get("workflow")
+    workflow = _place(spec)
     if workflow is None:
         rt.store.put(
             message.result_key,
             message.client,
             seal_result(rt.transit, body, message.result_key, message.client),
         )
-    elif body["status"] == "succeeded" and workflow["step"] + 1 < workflow["steps"]:
+    elif body.succeeded and workflow.has_next:
         workflows.advance(rt.transit, rt.store, rt.publish, message, workflow, body, request_id)
     else:
-        workflows.end(rt.transit, rt.store, rt.audit, message, spec or {}, workflow, body)
+        workflows.end(rt.transit, rt.store, rt.audit, message, spec, workflow, body)
     rt.store.finish_claim(message.nonce, ttl)
-    status = str(body["error"]["code"] if body["error"] else "ok")
+    status = body.code
     finished: dict[str, Any] = {"client": message.client, "result_key": message.result_key}
     if spec is not None:
-        finished.update(
-            function=spec["function"], module_source=spec["module"], **_step_fields(spec)
-        )
-    if body.get("usage"):
-        finished["usage"] = body["usage"]
-    if body["status"] == "succeeded":
-        finished["result"] = body["result"]
+        finished.update(function=spec.function, module_source=spec.module, **_step_fields(spec))
+    if body.usage:
+        finished["usage"] = body.usage
+    if body.succeeded:
+        finished["result"] = body.result
     rt.audit.record(
         EventType.EXECUTION_FINISHED,
         task_id=message.task_id,
@@ -259,36 +250,36 @@ def _finish(
         **finished,
     )
     JOBS.labels(status).inc()
-    observe_usage(body.get("usage"))
+    observe_usage(body.usage)
     return status
 
 
-def _run(rt: Runtime, spec: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dict(spec.get("kwargs", {}))
-    names = list(spec.get("secrets", []))
+def _run(rt: Runtime, spec: JobSpec) -> ResultBody:
+    kwargs = dict(spec.kwargs)
+    names = list(spec.secrets)
     values: dict[str, Any] = {}
     if names:
-        refused = secrets_refused(names, spec.get("secret_globs", []))
+        refused = secrets_refused(names, spec.secret_globs)
         if refused is not None:
-            return _failure("secret_not_allowed", refused)
+            return ResultBody.failure("secret_not_allowed", refused)
         try:
             values = rt.read_secrets(names)
         except (NotFound, SealBroken):
-            return _failure("secret_unavailable", "a named secret does not exist")
+            return ResultBody.failure("secret_unavailable", "a named secret does not exist")
         # Secrets reach the function as one keyword argument, `secrets`: {name: {field: value}}.
         kwargs["secrets"] = values
     try:
         with rt.sandboxes.borrow() as sb:
             outcome = sb.run(
-                spec["module"],
-                spec["function"],
-                spec.get("args", []),
+                spec.module,
+                spec.function,
+                spec.args,
                 kwargs,
-                spec.get("limits", {}),
-                spec.get("imports", []),
+                spec.limits,
+                spec.imports,
             )
     except sandbox.InvalidRequest as exc:
-        return _failure("rejected", str(exc))
+        return ResultBody.failure("rejected", str(exc))
     return redact(result_body(outcome), values)
 
 
@@ -306,7 +297,7 @@ def secrets_refused(names: list[Any], globs: list[Any]) -> str | None:
     return None
 
 
-def redact(body: dict[str, Any], secret_values: dict[str, Any]) -> dict[str, Any]:
+def redact(body: ResultBody, secret_values: dict[str, Any]) -> ResultBody:
     """Replace every secret value that the function echoed (in its value, stdout or error)."""
     needles = sorted(
         {v for fields in secret_values.values() for v in _strings(fields) if len(v) >= 4},
@@ -315,11 +306,10 @@ def redact(body: dict[str, Any], secret_values: dict[str, Any]) -> dict[str, Any
     )
     if not needles:
         return body
-    text = json.dumps(body)
+    text = json.dumps(body.to_json())
     for needle in needles:
         text = text.replace(json.dumps(needle)[1:-1], "[redacted]")
-    redacted: dict[str, Any] = json.loads(text)
-    return redacted
+    return ResultBody.from_json(json.loads(text))
 
 
 def _strings(value: Any) -> list[str]:

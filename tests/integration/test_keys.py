@@ -33,7 +33,7 @@ def test_wrong_client_context_cannot_open(appliance_stack: Stack) -> None:
     key = _run(appliance_stack, 5)
     sealed = json.loads(appliance_stack.admin_redis().get(f"result:{key}"))["sealed"]
     transit = appliance_stack.root_transit()
-    assert open_result(transit, sealed, key, "local")["result"] == 5
+    assert open_result(transit, sealed, key, "local").result == 5
     with pytest.raises(SealBroken):
         open_result(transit, sealed, key, "someone-else")
     with pytest.raises(SealBroken):

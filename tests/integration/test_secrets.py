@@ -136,6 +136,7 @@ def test_the_worker_refuses_a_traversal_name_the_api_did_not_check(appliance_sta
     from appliance.jobs import JobMessage, seal_job, sign_message
     from appliance.queue import TASK_NAME
     from appliance.results import new_result_key
+    from appliance.specs import JobSpec
 
     canary = f"TEAMBCANARY{secrets.token_hex(8)}"
     _put_secret(appliance_stack, "team-b/token", {"value": canary})
@@ -159,7 +160,12 @@ def test_the_worker_refuses_a_traversal_name_the_api_did_not_check(appliance_sta
         task_id, key = str(uuid.uuid4()), new_result_key("use", int(time.time() * 1000))
         message = sign_message(
             transit,
-            JobMessage(task_id, key, "local", seal_job(transit, spec, task_id, key, "local")),
+            JobMessage(
+                task_id,
+                key,
+                "local",
+                seal_job(transit, JobSpec.from_json(spec), task_id, key, "local"),
+            ),
             TASK_NAME,
             time.time(),
         )

@@ -13,6 +13,7 @@ import pytest
 from appliance.jobs import JobMessage, seal_job, sign_message
 from appliance.queue import TASK_NAME
 from appliance.results import new_result_key
+from appliance.specs import JobSpec
 
 from .conftest import Stack
 
@@ -32,7 +33,7 @@ SPEC = {
 def _message(stack: Stack) -> JobMessage:
     task_id = str(uuid.uuid4())
     key = new_result_key("f", int(time.time() * 1000))
-    sealed = seal_job(stack.root_transit(), SPEC, task_id, key, "local")
+    sealed = seal_job(stack.root_transit(), JobSpec.from_json(SPEC), task_id, key, "local")
     return JobMessage(task_id, key, "local", sealed)
 
 

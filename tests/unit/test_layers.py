@@ -25,6 +25,7 @@ LAYERS = {
     "observability": 1,
     "keyservice": 1,
     "results": 1,
+    "specs": 1,
     # Adapters, one per external system, and the rules over them.
     "vault": 2,
     "store": 2,

@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 
 from appliance.jobs import seal_result
+from appliance.specs import ResultBody
 
 from .harness import Harness
 
-BODY = {"status": "succeeded", "result": 42, "error": None, "stdout": "hi", "usage": {"cpu_ms": 1}}
+BODY = ResultBody.from_json(
+    {"status": "succeeded", "result": 42, "error": None, "stdout": "hi", "usage": {"cpu_ms": 1}}
+)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from appliance.jobs import JobMessage, MessageRejected, open_result
 from appliance.keyservice import UnsafeMemoryKeyService
 from appliance.registry import Client
 from appliance.settings import Settings
+from appliance.specs import JobSpec
 from appliance.store import UnsafeMemoryResultStore
 from appliance.worker import InFlight, Runtime, execute, owner
 
@@ -85,20 +86,11 @@ class World:
     def result(self, key: str) -> dict[str, Any]:
         stored = self.store.get(key)
         assert stored is not None and stored.sealed is not None, stored
-        return open_result(self.keys, stored.sealed, key, "alice")  # type: ignore[arg-type]
+        return open_result(self.keys, stored.sealed, key, "alice").to_json()
 
 
-def _spec(args: list[Any] | None = None) -> dict[str, Any]:
-    return {
-        "module": "def f(x=0):\n    return x + 1\n",
-        "function": "f",
-        "args": args or [],
-        "kwargs": {},
-        "limits": {},
-        "imports": [],
-        "secrets": [],
-        "secret_globs": [],
-    }
+def _spec(args: list[Any] | None = None) -> JobSpec:
+    return JobSpec("def f(x=0):\n    return x + 1\n", "f", args=args or [])
 
 
 @pytest.fixture
