@@ -7,7 +7,7 @@ unreachable anchors).
 `verify` takes the public keys and the anchors of the stack whose state directory it is given
 (`--state`, `appliance --state`, `$APPLIANCE_STATE`), also for a copy of its log (`--log COPY`):
 the keys from `<state>/audit/audit-pubkeys.json`, the anchors from that stack's OpenBao with the
-operator token (`appliance.stack.audit_anchors`), or from a file `export-anchors` wrote.
+operator token, or from a file `export-anchors` wrote.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 
 import click
 
-from ._anchors import Anchor, AnchorStore
+from ..vault import VaultSession
+from ._anchors import Anchor, AnchorStore, VaultAnchorStore
 from ._errors import AuditError, PublicKeyError, VerificationFailed
 from ._format import AuditPaths
 from ._show import Filters, format_table, parse_since, select, to_json_lines
@@ -28,6 +29,7 @@ from ._signing import PublicKeys, load_public_keys
 from ._verify import DEFAULT_MAX_UNSIGNED_ENTRIES, DEFAULT_MAX_UNSIGNED_SECONDS, verify_log
 
 EXIT_FAILED = 1
+_DEFAULT_BAO_PORT = 18200  # `appliance up`'s default, when stack.json does not name one
 EXIT_USAGE = 2
 
 
@@ -54,11 +56,29 @@ def _log_path(ctx: click.Context, state: str | None, log: str | None) -> Path:
     return _state_dir(ctx, state)[0] / "audit" / "audit.jsonl"
 
 
-def _stack_anchors(state: Path) -> AnchorStore | None:
-    # Imported here: the stack composes the audit package, not the other way round.
-    from ..stack import audit_anchors
+#: The key under which the `appliance` command (which composes the stack) hands the audit
+#: commands a function from a state directory to that stack's anchors. The audit package never
+#: imports the stack: the stack composes it (tests/unit/test_layers.py).
+ANCHOR_FINDER = "audit_anchors"
 
-    return audit_anchors(state)
+
+def _stack_anchors(state: Path) -> AnchorStore | None:
+    """The anchors of the stack in `state`, read with its operator token; None without one.
+
+    Reads the two files `appliance up` writes there (`stack.json` for OpenBao's port,
+    `secrets/bao-operator.token`), so that the audit package needs nothing above `vault`.
+    """
+    token = state / "secrets" / "bao-operator.token"
+    if not token.is_file():
+        return None
+    try:
+        ports = json.loads((state / "stack.json").read_text())["ports"]
+        port = int(ports.get("bao", _DEFAULT_BAO_PORT))
+    except FileNotFoundError:
+        port = _DEFAULT_BAO_PORT
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AuditError(f"cannot read {state / 'stack.json'}: {exc}") from exc
+    return VaultAnchorStore(VaultSession.from_token_file(f"http://127.0.0.1:{port}", token))
 
 
 def _load_anchors(
