@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import redis
@@ -30,6 +30,9 @@ from ._stack.redis_server import operator_access
 from .registry import Client, Registry
 from .store import RedisGeneration
 from .vault import VaultSession
+
+if TYPE_CHECKING:
+    from .audit import VaultAnchorStore
 
 HOST = "127.0.0.1"
 DEFAULT_PORTS = {"redis": 16379, "bao": 18200, "api": 8000, "flower": 5555, "metrics": 9464}
@@ -320,6 +323,18 @@ def export_audit_keys(state: Path, addr: str, token: str) -> None:
 
     signer = TransitSigner(Transit(VaultSession(addr, token)))
     export_public_keys(signer, AuditPaths(audit_log(state)).public_keys)
+
+
+def audit_anchors(state: Path) -> VaultAnchorStore | None:
+    """The stack's audit anchors, read with the operator token; None without one (handed to
+    the audit commands by `appliance`, so that the audit package never imports the stack)."""
+    from .audit import VaultAnchorStore
+
+    token = _stack.operator_token_file(state)
+    if not token.is_file():
+        return None
+    addr = f"http://{HOST}:{load_ports(state).bao}"
+    return VaultAnchorStore(VaultSession.from_token_file(addr, token))
 
 
 def _wait_ready(state: Path, ports: Ports, timeout: float) -> None:

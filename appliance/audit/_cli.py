@@ -62,12 +62,18 @@ def _log_path(ctx: click.Context, state: str | None, log: str | None) -> Path:
 ANCHOR_FINDER = "audit_anchors"
 
 
-def _stack_anchors(state: Path) -> AnchorStore | None:
+def _stack_anchors(ctx: click.Context, state: Path) -> AnchorStore | None:
     """The anchors of the stack in `state`, read with its operator token; None without one.
 
-    Reads the two files `appliance up` writes there (`stack.json` for OpenBao's port,
+    Through the finder `appliance` hands down (`ANCHOR_FINDER`); without one (the group used on
+    its own), from the two files `appliance up` writes (`stack.json` for OpenBao's port,
     `secrets/bao-operator.token`), so that the audit package needs nothing above `vault`.
     """
+    root = ctx.find_root().obj
+    finder = root.get(ANCHOR_FINDER) if isinstance(root, dict) else None
+    if callable(finder):
+        found = finder(state)
+        return found if isinstance(found, AnchorStore) else None
     token = state / "secrets" / "bao-operator.token"
     if not token.is_file():
         return None
@@ -95,7 +101,7 @@ def _load_anchors(
     if log is not None and not named:
         return None
     try:
-        store = _stack_anchors(directory)
+        store = _stack_anchors(ctx, directory)
         return store.all() if store is not None else None
     except AuditError as exc:
         _usage_error(
@@ -275,7 +281,7 @@ def export_anchors(ctx: click.Context, state: str | None) -> None:
     """Print the stack's anchors as JSON, for `verify --anchors FILE` elsewhere."""
     directory, _named = _state_dir(ctx, state)
     try:
-        store = _stack_anchors(directory)
+        store = _stack_anchors(ctx, directory)
         found = store.all() if store is not None else []
     except AuditError as exc:
         _usage_error(f"cannot read the anchors of the stack in {directory}: {exc.detail}")
