@@ -148,6 +148,7 @@ CODES: dict[str, str] = {
     "audit_unavailable": "the audit log cannot be written",
     "audit_verification_failed": "the audit log does not verify",
     "signing_failed": "a checkpoint could not be signed",
+    "audit_anchor_conflict": "an audit anchor of that number already exists",
     # Operating the stack.
     "configuration_error": "a service started without a setting its role requires",
     "stack_error": "a service of the local stack cannot be started, reached or stopped",
