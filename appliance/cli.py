@@ -47,6 +47,8 @@ def main(ctx: click.Context, state: str) -> None:
     """Run signed Python jobs in a hardened sandbox."""
     ctx.ensure_object(dict)
     ctx.obj.setdefault("state", state)
+    # The audit commands find a stack's anchors through this (they do not import the stack).
+    ctx.obj.setdefault("audit_anchors", stack.audit_anchors)
 
 
 def _state_option(fn: Any) -> Any:
