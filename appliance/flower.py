@@ -43,8 +43,9 @@ from tornado import web
 from tornado.routing import URLSpec
 
 from .queue import make_celery
-from .settings import Settings, get_settings
-from .vault import FlowerCredential, VaultSession, read_flower_credential
+from .services import login
+from .settings import ConfigurationError, Settings, get_settings
+from .vault import FlowerCredential, read_flower_credential
 
 log = logging.getLogger("appliance.flower")
 
@@ -198,13 +199,10 @@ def _io_loop() -> Any:
 
 def fetch_credential(settings: Settings) -> FlowerCredential:
     """Log in with the `flower` AppRole, read the login, revoke the token."""
-    if settings.vault_role_id_file is None or settings.vault_secret_id_wrap_file is None:
-        raise SystemExit(
-            "Flower needs APPLIANCE_VAULT_ROLE_ID_FILE and APPLIANCE_VAULT_SECRET_ID_WRAP_FILE"
-        )
-    session = VaultSession.from_approle(
-        settings.vault_addr, settings.vault_role_id_file, settings.vault_secret_id_wrap_file
-    )
+    try:
+        session = login(settings)
+    except ConfigurationError as exc:
+        raise SystemExit(f"Flower needs its AppRole: {exc.detail}") from None
     try:
         return read_flower_credential(session, settings.kv_mount)
     finally:

@@ -104,6 +104,15 @@ class Settings(BaseSettings):
             raise ConfigurationError(f"missing settings: {', '.join(missing)}")
         return ServiceFiles(self.vault_role_id_file, self.vault_secret_id_wrap_file, self.audit_log)
 
+    def approle_files(self) -> tuple[Path, Path]:
+        """The service's AppRole role_id file and wrapped secret_id file, or ConfigurationError."""
+        if self.vault_role_id_file is None or self.vault_secret_id_wrap_file is None:
+            raise ConfigurationError(
+                "missing settings: APPLIANCE_VAULT_ROLE_ID_FILE and "
+                "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE are both required"
+            )
+        return self.vault_role_id_file, self.vault_secret_id_wrap_file
+
     def redis_password(self) -> str | None:
         """Read the Redis password from its file, if one is configured."""
         if self.redis_password_file is None:

@@ -10,20 +10,16 @@ from dataclasses import dataclass, field
 
 import sandbox
 
-from ..audit import AuditLog, AuditSink, TransitSigner
+from ..audit import AuditSink
 from ..errors import DependencyUnavailable
 from ..queue import make_celery, publish
 from ..registry import Registry
+from ..services import connect
 from ..settings import Settings
 from ..signatures import NonceStore
 from ..store import (
     RateLimiter,
-    RedisGeneration,
-    RedisNonces,
-    RedisRateLimiter,
-    RedisResultStore,
     ResultStore,
-    connect,
 )
 from ..vault import Transit, VaultSession
 from ._jobs import Publish, Results, Submissions
@@ -65,26 +61,20 @@ class Services:
         """Log in with the API's AppRole and connect to Redis as the `api` user."""
         from ..observability import read_token
 
-        files = settings.service_files()
-        session = VaultSession.from_approle(
-            settings.vault_addr, files.role_id_file, files.secret_id_wrap_file
-        )
-        client = connect(settings, session)
-        transit = Transit(session, settings.transit_mount)
-        audit = AuditLog.open(files.audit_log, TransitSigner(transit), source="api")
-        audit.start_checkpoint_timer()
+        connected = connect(settings, "api")
+        stores = connected.stores
         celery = make_celery(settings, "appliance-api")
         return cls(
             settings=settings,
-            registry=Registry(session, settings.kv_mount, generation=RedisGeneration(client)),
-            transit=transit,
-            store=RedisResultStore(client, settings.result_prefix, settings.result_ttl_seconds),
-            nonces=RedisNonces(client),
+            registry=Registry(connected.session, settings.kv_mount, generation=stores.generation),
+            transit=connected.transit,
+            store=stores.results,
+            nonces=stores.nonces,
             publish=functools.partial(publish, celery, settings),
-            vault=session,
+            vault=connected.session,
             policy=sandbox.Policy.load(),
-            audit=audit,
-            limiter=RedisRateLimiter(client),
+            audit=connected.audit,
+            limiter=stores.limiter,
             metrics_token=read_token(settings.metrics_token_file),
         )
 

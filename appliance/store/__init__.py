@@ -3,6 +3,7 @@ and the registry's generation, each key named once in `_keys`. No other module o
 builds a Redis key or translates a Redis error."""
 
 from . import _keys as keys
+from ._bundle import RedisStores
 from ._connection import broker_url, connect, ssl_options
 from ._errors import redis_unavailable
 from ._generation import RedisGeneration
@@ -23,6 +24,7 @@ __all__ = [
     "RedisNonces",
     "RedisRateLimiter",
     "RedisResultStore",
+    "RedisStores",
     "ResultStore",
     "Stored",
     "UnsafeMemoryRateLimiter",

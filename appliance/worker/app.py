@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Task, signals
 
-from ..audit import AuditLog, EventType, TransitSigner
+from ..audit import EventType
 from ..errors import DependencyUnavailable
 from ..jobs import (
     JobMessage,
@@ -32,9 +32,9 @@ from ..observability import (
     serve_metrics,
 )
 from ..queue import TASK_NAME, make_celery, publish
+from ..services import connect
 from ..settings import Settings, get_settings
-from ..store import RedisResultStore, connect
-from ..vault import Transit, VaultSession, read_secrets
+from ..vault import read_secrets
 from ._execute import InFlight, Runtime, execute, owner
 from .sandboxes import SandboxPool
 
@@ -50,24 +50,15 @@ _runtime_lock = threading.Lock()
 def build_runtime(settings: Settings, concurrency: int) -> Runtime:
     """Spawn the fork servers, then log in: the order is the security property."""
     pool = SandboxPool(concurrency)
-    files = settings.service_files()
-    session = VaultSession.from_approle(
-        settings.vault_addr, files.role_id_file, files.secret_id_wrap_file
-    )
-    store = RedisResultStore(
-        connect(settings, session), settings.result_prefix, settings.result_ttl_seconds
-    )
-    transit = Transit(session, settings.transit_mount)
-    audit = AuditLog.open(files.audit_log, TransitSigner(transit), source="worker")
-    audit.start_checkpoint_timer()
+    connected = connect(settings, "worker")
     return Runtime(
         settings,
         pool,
-        transit,
-        store,
-        audit,
+        connected.transit,
+        connected.stores.results,
+        connected.audit,
         publish=functools.partial(publish, app, settings),
-        read_secrets=functools.partial(read_secrets, session, mount=settings.kv_mount),
+        read_secrets=functools.partial(read_secrets, connected.session, mount=settings.kv_mount),
     )
 
 

@@ -35,6 +35,7 @@ LAYERS = {
     "registry": 3,
     "queue": 4,
     "workflows": 4,
+    "services": 4,
     # Services.
     "api": 5,
     "worker": 5,

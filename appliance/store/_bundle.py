@@ -1,0 +1,34 @@
+"""Every Redis-backed store of a service, on one connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..settings import Settings
+from ..vault import VaultSession
+from ._connection import connect
+from ._generation import RedisGeneration
+from ._limits import RedisRateLimiter
+from ._nonces import RedisNonces
+from ._results import RedisResultStore
+
+
+@dataclass(frozen=True)
+class RedisStores:
+    """The result store, nonces, rate limits and registry generation of one service."""
+
+    results: RedisResultStore
+    nonces: RedisNonces
+    limiter: RedisRateLimiter
+    generation: RedisGeneration
+
+    @classmethod
+    def connect(cls, settings: Settings, session: VaultSession) -> RedisStores:
+        """Connect as this service's Redis user (leased through `session` when configured)."""
+        client = connect(settings, session)
+        return cls(
+            RedisResultStore(client, settings.result_prefix, settings.result_ttl_seconds),
+            RedisNonces(client),
+            RedisRateLimiter(client),
+            RedisGeneration(client),
+        )
