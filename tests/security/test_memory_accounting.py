@@ -63,14 +63,16 @@ def test_the_memory_cgroup_holds_a_run_even_without_its_rlimits(tmp_path):
             "    return sum(len(c) for c in chunks)\n"
         )
         limits = {"cpu_seconds": 5, "wall_seconds": 10, "memory_mb": 64}
+        baseline = supervisor.run(prepare(policy, "def f():\n    return 1\n", "f"))
         outcome = supervisor.run(prepare(policy, source, "f", limits=limits))
     finally:
         supervisor.close()
     # Killed by the kernel at the cgroup's limit (no RLIMIT_AS, so no MemoryError in Python).
     assert_status(outcome, "memory_limit", "MemoryError")
     assert outcome.error is not None and outcome.error["message"] == "memory limit reached"
-    # The peak counts the pages shared with the zygote too; it never got the 256 MB it wanted.
-    assert outcome.usage.max_rss_kb < 200 * 1024
+    # The peak counts the pages shared with the zygote too (as the trivial run's does): above
+    # that, the run got its 64 MB and some slack, never the 256 MB it wanted.
+    assert outcome.usage.max_rss_kb - baseline.usage.max_rss_kb < 128 * 1024, (baseline, outcome)
 
 
 def test_each_run_has_its_own_cgroup_removed_after_it(sb):
