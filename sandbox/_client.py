@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import json
 import os
 import sys
@@ -62,6 +63,16 @@ def _pipes(proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
     return proc.stdin, proc.stdout
 
 
+def _stop(proc: subprocess.Popen[bytes], kill: bool) -> None:
+    """Stop (or reap) a fork server and close this side of its pipes."""
+    if kill and proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 class Sandbox:
     """A fork server and its policy. Start it before loading any secret; thread-safe.
 
@@ -89,8 +100,11 @@ class Sandbox:
         return self
 
     def _ensure_started(self) -> subprocess.Popen[bytes]:
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                return self._proc
+            _stop(self._proc, kill=False)  # it died between calls: reaped, pipes closed
+            self._proc = None
         import subprocess  # see the note on imports above
 
         proc = subprocess.Popen(
@@ -112,8 +126,7 @@ class Sandbox:
         except (OSError, EOFError, ValueError):
             hello = None
         if hello is None:
-            proc.kill()
-            proc.wait()
+            _stop(proc, kill=True)
             raise IsolationUnavailable("the sandbox fork server failed to start")
         greeting = json.loads(hello)
         self.layers = greeting["layers"]
@@ -131,7 +144,8 @@ class Sandbox:
                 try:
                     self._proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    self._proc.kill()
+                    pass
+                _stop(self._proc, kill=True)
                 self._proc = None
 
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -148,11 +162,9 @@ class Sandbox:
 
     def _reap_exited(self) -> None:
         if self._proc is not None:
-            try:
+            with contextlib.suppress(Exception):  # it is stopped below either way
                 self._proc.wait(timeout=5)
-            except Exception:  # noqa: BLE001 - it is stopped either way
-                self._proc.kill()
-                self._proc.wait()
+            _stop(self._proc, kill=True)
             self._proc = None
 
     def _call_once(self, body: bytes) -> dict[str, Any]:
@@ -163,17 +175,17 @@ class Sandbox:
                 write_frame(stdin.fileno(), body)
                 frame = read_frame(stdout.fileno())
             except (OSError, EOFError, ValueError) as exc:
-                proc.kill()
+                _stop(proc, kill=True)
                 self._proc = None
                 raise SandboxError("the sandbox fork server failed") from exc
             except BaseException:
                 # Interrupted half-way (KeyboardInterrupt, say): this server's answer would be
                 # read as the next call's, so it is stopped, and its children with it.
-                proc.kill()
-                proc.wait()
+                _stop(proc, kill=True)
                 self._proc = None
                 raise
             if frame is None:
+                _stop(proc, kill=False)
                 self._proc = None
                 raise SandboxError("the sandbox fork server exited")
         reply: dict[str, Any] = json.loads(frame)

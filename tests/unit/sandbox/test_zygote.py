@@ -123,8 +123,7 @@ def test_a_killed_fork_servers_directories_are_removed_by_the_next_one():
     roots = list(Path(tempfile.gettempdir()).glob(f"sandbox-{server}-*"))
     assert len(roots) == 1
     os.kill(server, signal.SIGKILL)
-    box._proc.wait()
-    box._proc = None
+    box.close()  # reaps the killed server
     assert roots[0].exists()  # left behind by the kill
     with Sandbox() as fresh:
         fresh.start()
