@@ -128,5 +128,5 @@ SETTINGS_FILE = "appliance.env"
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, built once: the environment, then `<state>/appliance.env`."""
-    state = Path(os.environ.get("APPLIANCE_STATE_DIR", ".appliance"))
+    state = Path(os.environ.get("APPLIANCE_STATE", ".appliance"))
     return Settings(_env_file=state / SETTINGS_FILE)  # type: ignore[call-arg]

@@ -92,7 +92,7 @@ def service_env(
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(_service_dir(state, role)),
         "LANG": "C.UTF-8",
-        "APPLIANCE_STATE_DIR": str(state),
+        "APPLIANCE_STATE": str(state),
         "APPLIANCE_REDIS_HOST": HOST,
         "APPLIANCE_REDIS_PORT": str(ports.redis),
         "APPLIANCE_REDIS_CA": str(pki.ca),

@@ -1,0 +1,5 @@
+"""`python -m appliance.cli`."""
+
+from . import main
+
+main()
