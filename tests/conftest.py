@@ -15,7 +15,6 @@ _WARNINGS_ARE_ERRORS = (
     "tests/security/",
     "tests/unit/sandbox/",
     "tests/unit/api/",
-    "tests/unit/appliance/",
     "tests/unit/audit/",
     "tests/unit/store/",
     "tests/unit/worker/",
