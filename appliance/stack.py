@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import _stack
 from ._stack.procs import port_open
 from ._stack.redis_server import operator_access
+from .errors import NotFound
 from .registry import Client, Registry
 from .store import RedisGeneration
 from .vault import VaultSession
@@ -205,7 +206,11 @@ def _ensure_local_client(state: Path, bao: _stack.BaoHandle) -> None:
     registry = Registry(
         VaultSession(bao.addr, bao.operator_token()), generation=RedisGeneration(admin_redis(state))
     )
-    if registry.get(LOCAL_CLIENT) is None:
+    # `read`, not `get`: a client the operator disabled or narrowed is theirs to keep as set;
+    # only a missing one is registered (issue 12, finding 15).
+    try:
+        registry.read(LOCAL_CLIENT)
+    except NotFound:
         registry.put(Client(LOCAL_CLIENT, public.read_text(), ("*",)))
 
 

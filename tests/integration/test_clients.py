@@ -98,3 +98,27 @@ def test_bad_input_is_exit_2_with_a_message(appliance_stack: Stack, args: tuple[
     done = appliance_stack.cli(*args)
     assert done.returncode == 2, done
     assert done.stderr.strip() and not done.stdout
+
+
+def test_up_leaves_a_disabled_or_narrowed_local_client_as_the_operator_set_it(
+    appliance_stack: Stack,
+) -> None:
+    # Issue 12, finding 15: `appliance up` took a disabled `local` client for a missing one and
+    # registered it again, enabled and allowed every function.
+    from appliance import stack
+
+    state = appliance_stack.state
+    public = state / "clients" / "local.pub"
+    original = stack.operator_registry(state).read("local")
+    narrowed = appliance_stack.cli(
+        "clients", "add", "local", "--public-key", str(public), "--allow-function", "report_*"
+    )
+    assert narrowed.returncode == 0, narrowed.stderr
+    assert appliance_stack.cli("clients", "disable", "local").returncode == 0
+    try:
+        stack.up(state)
+        entry = stack.operator_registry(state).read("local")
+        assert entry.enabled is False
+        assert tuple(entry.allowed_functions) == ("report_*",)
+    finally:
+        stack.operator_registry(state).put(original)
