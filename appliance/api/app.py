@@ -33,7 +33,16 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
         app.state.services = await run_in_threadpool(build)
         yield
 
-    app = FastAPI(title="Sandboxed execution appliance", version=__version__, lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which an appliance
+    # must not make its operators' browsers fetch (issue 12, finding 24). The schema stays at
+    # /openapi.json (CONTRACT §2); any OpenAPI viewer the operator trusts can read it.
+    app = FastAPI(
+        title="Sandboxed execution appliance",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.middleware("http")(_observe)
     install_problem_handlers(app)
     app.include_router(router)

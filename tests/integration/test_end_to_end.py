@@ -345,3 +345,12 @@ def test_readyz_and_healthz(appliance_stack: Stack) -> None:
         "worker": True,
     }
     assert httpx.get(base + "/openapi.json").status_code == 200
+
+
+def test_no_documentation_page_loads_scripts_from_a_cdn(appliance_stack: Stack) -> None:
+    # Issue 12, finding 24: the running API served /docs and /redoc, whose pages load scripts
+    # from a CDN. The schema itself stays (CONTRACT §2).
+    base = appliance_stack.status["api_url"]
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(base + path).status_code == 404, path
+    assert "/v1/tasks" in httpx.get(base + "/openapi.json").json()["paths"]

@@ -115,3 +115,12 @@ def test_readiness_needs_a_live_worker(api: Harness) -> None:
     api.vault.up = False
     assert api.get("/readyz").status_code == 503
     assert api.get("/healthz").json() == {"status": "ok"}
+
+
+def test_no_page_loads_assets_from_a_cdn_and_the_schema_stays(api: Harness) -> None:
+    # Issue 12, finding 24: /docs and /redoc loaded FastAPI's scripts from a CDN.
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert api.get(path).status_code == 404, path
+    schema = api.get("/openapi.json")
+    assert schema.status_code == 200 and "/v1/tasks" in schema.json()["paths"]
+    assert "cdn" not in schema.text.lower()
