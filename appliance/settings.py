@@ -66,8 +66,10 @@ class Settings(BaseSettings):
     result_prefix: str = "result:"
     queue_name: str = "appliance"
     max_body_bytes: int = 256 * 1024
-    signature_window_seconds: int = 300
-    signature_future_skew_seconds: int = 30
+    # How old a signature's `created` may be, and how far ahead of this host's clock (CONTRACT
+    # §2's 300 s and 30 s by default; a deployment may narrow or widen them).
+    signature_window_seconds: int = Field(default=300, ge=1, le=3600)
+    signature_future_skew_seconds: int = Field(default=30, ge=0, le=300)
 
     audit_log: Path | None = None
 

@@ -30,6 +30,19 @@ TAG = "appliance"
 MAX_AGE_SECONDS = 300
 MAX_FUTURE_SECONDS = 30
 
+
+@dataclass(frozen=True)
+class Window:
+    """How old a signature's `created` may be, and how far in the future (seconds)."""
+
+    max_age: int = MAX_AGE_SECONDS
+    future_skew: int = MAX_FUTURE_SECONDS
+
+
+#: CONTRACT §2's window: 300 s old at most, 30 s ahead at most.
+DEFAULT_WINDOW = Window()
+
+
 Clock = Callable[[], float]
 
 
@@ -107,13 +120,13 @@ def required_components(has_query: bool, has_body: bool, covered: list[str]) -> 
     return need
 
 
-def _check_times(params: Mapping[str, Any], now: float) -> None:
+def _check_times(params: Mapping[str, Any], now: float, window: Window) -> None:
     created = params.get("created")
     if type(created) is not int:
         raise Unauthorized('signature needs an integer "created"', code="invalid_signature")
-    if created < now - MAX_AGE_SECONDS:
+    if created < now - window.max_age:
         raise Unauthorized("signature is too old", code="stale_signature")
-    if created > now + MAX_FUTURE_SECONDS:
+    if created > now + window.future_skew:
         raise Unauthorized("signature is created in the future", code="stale_signature")
     expires = params.get("expires")
     if expires is not None and (type(expires) is not int or expires < now):
@@ -131,11 +144,12 @@ def verify_request(
     keys: PublicKeys,
     nonces: NonceStore,
     clock: Clock,
+    window: Window = DEFAULT_WINDOW,
 ) -> str:
     """Verify a request against the profile; return the client's key id or raise Unauthorized."""
     params, covered = _selected_params(unverified.headers)
     now = clock()
-    _check_times(params, now)
+    _check_times(params, now, window)
     query = unverified.url.partition("?")[2]
     need = required_components(bool(query), bool(body), covered)
     verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(keys))
@@ -158,7 +172,8 @@ def verify_request(
             raise cause from None
         raise Unauthorized(f"signature does not verify: {exc}", code="invalid_signature") from exc
     keyid = str(params["keyid"])
-    if not nonces.claim(keyid, str(params["nonce"]), MAX_AGE_SECONDS + MAX_FUTURE_SECONDS):
+    # A nonce is remembered as long as a signature carrying it could still be accepted.
+    if not nonces.claim(keyid, str(params["nonce"]), window.max_age + window.future_skew):
         raise Unauthorized("nonce already used (replay)", code="replayed_nonce")
     return keyid
 

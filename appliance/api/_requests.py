@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from ..registry import Client, Registry
-from ..signatures import NonceStore, UnverifiedRequest, verify_request
+from ..signatures import DEFAULT_WINDOW, NonceStore, UnverifiedRequest, Window, verify_request
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,16 +51,23 @@ class _ResolvedClient:
 class Authenticator:
     """Verifies a request's signature against the registry and the nonces seen."""
 
-    def __init__(self, registry: Registry, nonces: NonceStore, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        nonces: NonceStore,
+        clock: Callable[[], float],
+        window: Window = DEFAULT_WINDOW,
+    ) -> None:
         self.registry = registry
         self.nonces = nonces
         self.clock = clock
+        self.window = window
 
     def authenticate(self, request: Request, body: bytes) -> Client:
         """The signing client (or raise Unauthorized)."""
         unverified = UnverifiedRequest(request.method, str(request.url), dict(request.headers))
         resolved = _ResolvedClient(self.registry)
-        keyid = verify_request(unverified, body, resolved, self.nonces, self.clock)
+        keyid = verify_request(unverified, body, resolved, self.nonces, self.clock, self.window)
         client = resolved.client
         if client is None or client.keyid != keyid:  # verify_request resolved no other key.
             raise Unauthorized(f"unknown or disabled key {keyid!r}", code="unknown_key")

@@ -16,7 +16,7 @@ from ..queue import make_celery, publish
 from ..registry import Registry
 from ..services import connect
 from ..settings import Settings
-from ..signatures import NonceStore
+from ..signatures import NonceStore, Window
 from ..store import (
     RateLimiter,
     ResultStore,
@@ -50,7 +50,10 @@ class Services:
     results: Results = field(init=False)
 
     def __post_init__(self) -> None:
-        self.authenticator = Authenticator(self.registry, self.nonces, self.clock)
+        window = Window(
+            self.settings.signature_window_seconds, self.settings.signature_future_skew_seconds
+        )
+        self.authenticator = Authenticator(self.registry, self.nonces, self.clock, window)
         self.submissions = Submissions(
             self.transit, self.store, self.publish, self.audit, self.clock
         )

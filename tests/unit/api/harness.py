@@ -64,7 +64,7 @@ class Vault:
 class Harness:
     """One API over fresh stubs, and a signing client `alice`."""
 
-    def __init__(self, **alice: Any) -> None:
+    def __init__(self, settings: Settings | None = None, **alice: Any) -> None:
         self.clock = Clock()
         self.store = UnsafeMemoryResultStore(ttl_seconds=300, clock=self.clock)
         self.keys = UnsafeMemoryKeyService()
@@ -73,7 +73,7 @@ class Harness:
         self.published: list[JobMessage] = []
         self.vault = Vault()
         self.services = Services(
-            settings=Settings(),
+            settings=settings or Settings(),
             registry=self.registry,  # type: ignore[arg-type]
             transit=self.keys,  # type: ignore[arg-type]
             store=self.store,
@@ -112,8 +112,10 @@ class Harness:
         key: Ed25519PrivateKey | None = None,
         params: dict[str, str] | None = None,
         nonce: str | None = None,
+        signed_at: float | None = None,
     ) -> httpx.Response:
-        """A request signed by `keyid` (alice by default), at the harness's time."""
+        """A request signed by `keyid` (alice by default), at the harness's time (or at
+        `signed_at`)."""
         from appliance.signatures import sign_request
 
         async def send() -> httpx.Response:
@@ -124,7 +126,8 @@ class Harness:
                 req = http.build_request(
                     method, path, content=content, headers=headers, params=params
                 )
-                created = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
+                when = self.clock() if signed_at is None else signed_at
+                created = datetime.datetime.fromtimestamp(when, datetime.UTC)
                 sign_request(
                     req, keyid, key or self.alice_key, content, created=created, nonce=nonce
                 )

@@ -138,3 +138,24 @@ def test_a_workflow_over_the_step_limit_is_refused(api: Harness) -> None:
     step = {"module": "def f():\n    return 1\n", "function": "f"}
     resp = api.request("POST", "/v1/workflows", {"steps": [step] * 11})
     assert (resp.status_code, resp.json()["code"]) == (400, "too_many_steps")
+
+
+def test_the_signature_window_comes_from_the_settings() -> None:
+    # Issue 12, finding 22: APPLIANCE_SIGNATURE_WINDOW_SECONDS and ..._FUTURE_SKEW_SECONDS were
+    # read into Settings and ignored (300 s and 30 s were hard-coded).
+    from appliance.settings import Settings
+
+    body = {"module": "def f():\n    return 1\n", "function": "f"}
+    narrow = Harness(
+        settings=Settings(signature_window_seconds=60, signature_future_skew_seconds=5)
+    )
+    default = Harness()
+    old = narrow.clock() - 90
+    assert default.request("POST", "/v1/tasks", body, signed_at=old).status_code == 202
+    late = narrow.request("POST", "/v1/tasks", body, signed_at=old)
+    assert late.status_code == 401 and late.json()["code"] == "stale_signature"
+    ahead = narrow.clock() + 20
+    assert default.request("POST", "/v1/tasks", body, signed_at=ahead).status_code == 202
+    early = narrow.request("POST", "/v1/tasks", body, signed_at=ahead)
+    assert early.status_code == 401 and early.json()["code"] == "stale_signature"
+    assert narrow.request("POST", "/v1/tasks", body).status_code == 202
