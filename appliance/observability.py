@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, MutableMapping
 from contextvars import ContextVar
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -161,8 +162,43 @@ def exposition() -> tuple[bytes, str]:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    #: Seconds a connection may stay silent (the socket's timeout): an idle client is dropped.
+    timeout = 5
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most `MAX_CONNECTIONS` at once; the rest are closed.
+
+    wsgiref's own server handles one connection at a time with no timeout: one idle connection
+    blocked every scrape (issue 12, finding 17).
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    MAX_CONNECTIONS = 32
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: refused, not queued
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def serve_metrics(host: str, port: int, token: bytes) -> WSGIServer:
@@ -182,6 +218,6 @@ def serve_metrics(host: str, port: int, token: bytes) -> WSGIServer:
         start("200 OK", [("Content-Type", content_type)])
         return [body]
 
-    server = make_server(host, port, app, handler_class=_QuietHandler)
+    server = make_server(host, port, app, server_class=_MetricsServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
