@@ -187,3 +187,19 @@ def test_daily_quota_counts_workflow_steps(appliance_stack: Stack) -> None:
     assert 1 <= int(too_many.headers["retry-after"]) <= 86401
     assert submit(client, ADD, "add", args=[1, 2]).status_code == 202  # the one left
     assert is_problem(submit(client, ADD, "add", args=[1, 2]), 429)
+
+
+def test_an_idle_connection_does_not_block_the_workers_scrapes(appliance_stack: Stack) -> None:
+    # Issue 12, finding 17: the worker's endpoint served one connection at a time, with no
+    # timeout, so one idle connection blocked every scrape.
+    import socket
+    from urllib.parse import urlsplit
+
+    metrics, token = appliance_stack.status["metrics"], _token(appliance_stack)
+    where = urlsplit(metrics["worker"])
+    idle = socket.create_connection((where.hostname, where.port))
+    try:
+        idle.sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request, then nothing
+        assert _scrape(metrics["worker"], token)
+    finally:
+        idle.close()
