@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from .conftest import Stack, is_problem, submit
+from appliance import stack
+
+from .conftest import FREE_PORTS, Stack, is_problem, submit
 
 pytestmark = pytest.mark.integration
 
@@ -100,25 +103,30 @@ def test_bad_input_is_exit_2_with_a_message(appliance_stack: Stack, args: tuple[
     assert done.stderr.strip() and not done.stdout
 
 
+@pytest.fixture(scope="module")
+def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of this test's own: it runs `appliance up` again, which the session's shared stack
+    must not see (its other tests rely on the ports and services as they are)."""
+    state = tmp_path_factory.mktemp("own-stack")
+    try:
+        yield Stack(state, stack.up(state, FREE_PORTS))
+    finally:
+        stack.down(state)
+
+
 def test_up_leaves_a_disabled_or_narrowed_local_client_as_the_operator_set_it(
-    appliance_stack: Stack,
+    own_stack: Stack,
 ) -> None:
     # Issue 12, finding 15: `appliance up` took a disabled `local` client for a missing one and
     # registered it again, enabled and allowed every function.
-    from appliance import stack
-
-    state = appliance_stack.state
+    state = own_stack.state
     public = state / "clients" / "local.pub"
-    original = stack.operator_registry(state).read("local")
-    narrowed = appliance_stack.cli(
+    narrowed = own_stack.cli(
         "clients", "add", "local", "--public-key", str(public), "--allow-function", "report_*"
     )
     assert narrowed.returncode == 0, narrowed.stderr
-    assert appliance_stack.cli("clients", "disable", "local").returncode == 0
-    try:
-        stack.up(state)
-        entry = stack.operator_registry(state).read("local")
-        assert entry.enabled is False
-        assert tuple(entry.allowed_functions) == ("report_*",)
-    finally:
-        stack.operator_registry(state).put(original)
+    assert own_stack.cli("clients", "disable", "local").returncode == 0
+    stack.up(state)
+    entry = stack.operator_registry(state).read("local")
+    assert entry.enabled is False
+    assert tuple(entry.allowed_functions) == ("report_*",)
