@@ -257,19 +257,25 @@ def _enable_memory_controller(parent: str) -> None:
         raise
 
 
+def owner_gone(name: str) -> bool:
+    """Whether `sandbox-<pid>-...` names a fork server that is no longer running.
+
+    Its cgroup and its working directories carry its pid in their names, so that the next fork
+    server can remove what a killed one left. Any other name is not ours to remove.
+    """
+    try:
+        os.kill(int(name.removeprefix("sandbox-").split("-")[0]), 0)
+    except ProcessLookupError:
+        return name.startswith("sandbox-")
+    except (ValueError, PermissionError):
+        return False
+    return False  # still running
+
+
 def _remove_stale(parent: str) -> None:
     """Remove what fork servers that died without closing left (their cgroups are empty)."""
     for name in _listdir(parent):
-        if not name.startswith("sandbox-"):
-            continue
-        try:
-            os.kill(int(name.removeprefix("sandbox-").split("-")[0]), 0)
-            continue  # still running
-        except ValueError:
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if not owner_gone(name):
             continue
         stale = os.path.join(parent, name)
         for run in _listdir(stale):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _child, _isolation, _reply, _restricted, _seccomp, _zygote
-from ._cgroup import MemoryCgroup
+from ._cgroup import MemoryCgroup, owner_gone
 from ._errors import IsolationUnavailable, ZygoteLost
 from ._framing import write_frame
 from ._outcome import Outcome, Status, Usage, error
@@ -353,7 +353,7 @@ class Supervisor:
 
     def probe(self) -> dict[str, str]:
         """Apply every layer in a child and report each as "" (active) or why it is missing."""
-        child = self._spawn(probe=True)
+        child = self._spawn_probe()
         try:
             report = self._collect_probe(child)
         finally:
@@ -400,23 +400,20 @@ class Supervisor:
             skip=skip,
         )
 
-    def _spawn(self, probe: bool) -> _Child:
-        """Fork a child of this process itself: only the probe, before any request (see
-        `_live_zygote` for why runs never come from here once a request has been served)."""
+    def _spawn_probe(self) -> _Child:
+        """Fork the probe of `doctor` from this process itself, before any request (see
+        `_live_zygote` for why nothing is forked from here once a request has been served)."""
         if self._served:
             raise ZygoteLost("the fork server no longer forks children itself")
         workdir = self._workdir()
-        skip = frozenset() if probe else self._skip
         cgroup = self._new_cgroup()
-        setup = self._setup(workdir, cgroup, skip)
+        setup = self._setup(workdir, cgroup, frozenset())
         reply_r, reply_w = os.pipe2(os.O_CLOEXEC)
-        request_r, request_w = (None, None) if probe else os.pipe2(os.O_CLOEXEC)
         try:
             pid = _isolation.fork_child()
         except OSError:
-            for fd in (reply_r, reply_w, request_r, request_w):
-                if fd is not None:
-                    os.close(fd)
+            for fd in (reply_r, reply_w):
+                os.close(fd)
             shutil.rmtree(workdir, ignore_errors=True)
             if cgroup is not None:
                 self._memory.remove(cgroup)
@@ -424,38 +421,38 @@ class Supervisor:
         if pid == 0:  # pragma: no cover - the child never returns
             try:
                 os.close(reply_r)
-                if request_w is not None:
-                    os.close(request_w)
-                _child.main(setup, reply_w, request_r, self.executor)
+                _child.main(setup, reply_w, None, self.executor)
             finally:
                 os._exit(70)
         os.close(reply_w)
-        if request_r is not None:
-            os.close(request_r)
-        return _Child(pid, reply_r, request_w, workdir, skip, cgroup=cgroup)
+        return _Child(pid, reply_r, None, workdir, frozenset(), cgroup=cgroup)
 
     def _dispatch(self, child: _Child, run: PreparedRun) -> None:
         """Hand the child its request. A dead child (a layer failed) shows in its exit status."""
         pid = child.known_pid()
         if child.request_fd is None:
             raise RuntimeError("the child was handed a request already")
-        if child.cgroup is not None:
-            try:
-                self._memory.limit_run(child.cgroup, run.limits.memory_mb * 1024 * 1024)
-            except OSError:
-                # The run cannot be held to its memory limit: it must not start. Its channel
-                # closes unused, and the missing reply marks it crashed.
-                os.close(child.request_fd)
-                child.request_fd = None
-                return
-        child.cpu_at_dispatch = _cpu_seconds(pid) or 0.0
         try:
-            write_frame(child.request_fd, json.dumps(run.to_wire()).encode())
+            # A run that cannot be held to its memory limit must not start: its channel closes
+            # unused below, and the missing reply marks it crashed.
+            if self._held_to_limit(child, run):
+                child.cpu_at_dispatch = _cpu_seconds(pid) or 0.0
+                write_frame(child.request_fd, json.dumps(run.to_wire()).encode())
         except BrokenPipeError:
             pass
         finally:
             os.close(child.request_fd)
             child.request_fd = None
+
+    def _held_to_limit(self, child: _Child, run: PreparedRun) -> bool:
+        """Set the run's memory limit on its cgroup; False if the cgroup refused it."""
+        if child.cgroup is None:
+            return True
+        try:
+            self._memory.limit_run(child.cgroup, run.limits.memory_mb * 1024 * 1024)
+        except OSError:
+            return False
+        return True
 
     def _release(self, child: _Child) -> None:
         if child.request_fd is not None:
@@ -758,12 +755,7 @@ def _isolation_reason(report: bytes) -> str:
 def _remove_stale_roots(tmp: Path) -> None:
     """Remove the working directories of fork servers that died without closing."""
     for root in tmp.glob("sandbox-*-*"):
-        try:
-            os.kill(int(root.name.split("-")[1]), 0)
-            continue  # still running
-        except (ValueError, PermissionError):
-            continue
-        except ProcessLookupError:
+        if owner_gone(root.name):
             shutil.rmtree(root, ignore_errors=True)
 
 
