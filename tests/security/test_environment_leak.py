@@ -91,18 +91,9 @@ def f():
 """
 
 
-def test_cli_children_carry_no_environment_or_host_path_on_their_stack(tmp_path: Path):
-    # Through the CLI's unsafe hook: the compile layer is off, every OS layer on, as an
-    # attacker who has beaten RestrictedPython on the `sandbox run` path would be.
-    source = tmp_path / "stack_probe.py"
-    source.write_text(READ_INITIAL_STACK)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin"),
-        "SANDBOX_UNSAFE_TESTING": "1",
-        CANARY_NAME: CANARY_VALUE,
-        "AWS_SECRET_ACCESS_KEY": CANARY_VALUE,
-    }
-    done = subprocess.run(
+def _unsafe_cli_run(source: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """`sandbox run --unsafe-raw-code` of `source`'s `f`, in a fresh process with `env`."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -119,6 +110,20 @@ def test_cli_children_carry_no_environment_or_host_path_on_their_stack(tmp_path:
         timeout=60,
         check=False,
     )
+
+
+def test_cli_children_carry_no_environment_or_host_path_on_their_stack(tmp_path: Path):
+    # Through the CLI's unsafe hook: the compile layer is off, every OS layer on, as an
+    # attacker who has beaten RestrictedPython on the `sandbox run` path would be.
+    source = tmp_path / "stack_probe.py"
+    source.write_text(READ_INITIAL_STACK)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin"),
+        "SANDBOX_UNSAFE_TESTING": "1",
+        CANARY_NAME: CANARY_VALUE,
+        "AWS_SECRET_ACCESS_KEY": CANARY_VALUE,
+    }
+    done = _unsafe_cli_run(source, env)
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout)
     assert outcome["status"] == "ok", outcome
@@ -133,22 +138,6 @@ def test_the_cli_unsafe_hook_is_refused_without_the_test_switch(tmp_path: Path):
     source = tmp_path / "f.py"
     source.write_text("def f():\n    return 1\n")
     env = {k: v for k, v in os.environ.items() if k != "SANDBOX_UNSAFE_TESTING"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandbox",
-            "run",
-            "--unsafe-raw-code",
-            "--source",
-            str(source),
-            "--entry",
-            "f",
-        ],
-        capture_output=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    done = _unsafe_cli_run(source, env)
     assert done.returncode == 2
     assert done.stdout == b"" and b"test suite only" in done.stderr
