@@ -18,6 +18,20 @@ pytestmark = pytest.mark.timeout(120)
 BIG = {"cpu_seconds": 10, "wall_seconds": 30, "memory_mb": 512, "output_bytes": 8 * 1024 * 1024}
 
 
+def _forging(reply: str, prelude: str = "") -> str:
+    """Raw code that writes the reply `reply` (a Python expression) itself, then exits 0."""
+    return (
+        "import os, json\n"
+        "from sandbox._reply import encode\n"
+        "def f():\n" + (f"    {prelude}\n" if prelude else "") + f"    os.write(3, {reply})\n"
+        "    os.close(3)\n"
+        "    os._exit(0)\n"
+    )
+
+
+SMALL_CAP = {"cpu_seconds": 1, "wall_seconds": 3, "memory_mb": 64, "output_bytes": 100000}
+
+
 def test_printing_control_characters_up_to_the_cap_keeps_the_server(sb):
     # No escape needed: 8 MB of chr(1) is 48 MB once JSON-escaped, past the 32 MiB frame.
     outcome = attempt(sb, "def f():\n    print(chr(1) * 8000000)\n    return 1\n", limits=BIG)
@@ -46,16 +60,8 @@ def test_deeply_nested_json_with_the_isolation_exit_code_is_a_crash(raw):
 
 
 def test_a_forged_reply_past_the_output_cap_is_an_output_limit(raw):
-    source = (
-        "import os, json\n"
-        "from sandbox._reply import encode\n"
-        "def f():\n"
-        "    os.write(3, encode('ok', None, json.dumps('x' * 300000), 'y' * 300000))\n"
-        "    os.close(3)\n"
-        "    os._exit(0)\n"
-    )
-    limits = {"cpu_seconds": 1, "wall_seconds": 3, "memory_mb": 64, "output_bytes": 100000}
-    assert_status(attempt_raw(raw, source, limits=limits), "output_limit", "OutputLimit")
+    source = _forging("encode('ok', None, json.dumps('x' * 300000), 'y' * 300000)")
+    assert_status(attempt_raw(raw, source, limits=SMALL_CAP), "output_limit", "OutputLimit")
 
 
 @pytest.mark.parametrize(
@@ -73,14 +79,9 @@ def test_garbage_replies_are_crashes(raw, garbage):
 
 
 def test_a_forged_error_is_cut_to_the_contract_lengths(raw):
-    source = (
-        "import os\n"
-        "from sandbox._reply import encode\n"
-        "def f():\n"
-        "    error = {'type': 'T' * 5000, 'message': 'm' * 50000}\n"
-        "    os.write(3, encode('runtime_error', error, '', ''))\n"
-        "    os.close(3)\n"
-        "    os._exit(0)\n"
+    source = _forging(
+        "encode('runtime_error', error, '', '')",
+        prelude="error = {'type': 'T' * 5000, 'message': 'm' * 50000}",
     )
     outcome = attempt_raw(raw, source)
     assert_status(outcome, "runtime_error")
@@ -118,13 +119,5 @@ def test_a_reply_of_millions_of_tiny_values_costs_the_server_nothing(raw):
 
 
 def test_a_stdout_flood_in_a_forged_reply_is_capped_before_parsing(raw):
-    source = (
-        "import os\n"
-        "from sandbox._reply import encode\n"
-        "def f():\n"
-        "    os.write(3, encode('ok', None, '1', '[],' * 400000))\n"
-        "    os.close(3)\n"
-        "    os._exit(0)\n"
-    )
-    limits = {"cpu_seconds": 1, "wall_seconds": 3, "memory_mb": 64, "output_bytes": 100000}
-    assert_status(attempt_raw(raw, source, limits=limits), "output_limit", "OutputLimit")
+    source = _forging("encode('ok', None, '1', '[],' * 400000)")
+    assert_status(attempt_raw(raw, source, limits=SMALL_CAP), "output_limit", "OutputLimit")
