@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _keys
-from ._results import PENDING_TTL_SECONDS, Claim, Stored
+from ._results import PENDING_TTL_SECONDS, Claim, Stored, revoke_record
 
 
 class UnsafeMemoryResultStore:
@@ -96,17 +96,10 @@ class UnsafeMemoryResultStore:
 
     def revoke(self, key: str, client: str) -> str | None:
         with self._lock:
-            raw = self._get(_keys.pending(key))
-            if raw is None:
-                return None
-            record: dict[str, Any] = json.loads(raw)
-            if record["client"] != client:
-                return None
-            if record["state"] != "queued":
-                return str(record["state"])
-            record["state"] = "revoked"
-            self._set(_keys.pending(key), json.dumps(record), None, keepttl=True)
-            return "queued"
+            answer, revoked = revoke_record(self._get(_keys.pending(key)), client)
+            if revoked is not None:
+                self._set(_keys.pending(key), revoked, None, keepttl=True)
+            return answer
 
     def state(self, key: str) -> str | None:
         with self._lock:

@@ -254,19 +254,13 @@ class RedisResultStore:
             while True:
                 try:
                     pipe.watch(name)  # type: ignore[no-untyped-call]
-                    raw = pipe.get(name)
-                    if raw is None:
-                        return None
-                    record: dict[str, Any] = json.loads(raw)
-                    if record["client"] != client:
-                        return None
-                    if record["state"] != "queued":
-                        return str(record["state"])
-                    record["state"] = "revoked"
+                    answer, revoked = revoke_record(pipe.get(name), client)
+                    if revoked is None:
+                        return answer
                     pipe.multi()
-                    pipe.set(name, json.dumps(record), keepttl=True)
+                    pipe.set(name, revoked, keepttl=True)
                     pipe.execute()
-                    return "queued"
+                    return answer
                 except redis.WatchError:
                     # The record changed under us (a worker started the job, or another
                     # revocation won): read it again and answer from what it is now.
@@ -303,6 +297,23 @@ class RedisResultStore:
             record: dict[str, Any] = json.loads(pending)
             return Stored(record["client"], record["state"])
         return None
+
+
+def revoke_record(raw: bytes | str | None, client: str) -> tuple[str | None, str | None]:
+    """The revocation rule on a pending record, for both stores: (answer, record to write).
+
+    None when there is no record or it is another client's; the record's state when the job is
+    no longer queued (nothing to write); "queued" with the record marked revoked otherwise.
+    """
+    if raw is None:
+        return None, None
+    record: dict[str, Any] = json.loads(raw)
+    if record["client"] != client:
+        return None, None
+    if record["state"] != "queued":
+        return str(record["state"]), None
+    record["state"] = "revoked"
+    return "queued", json.dumps(record)
 
 
 def _text(value: bytes | str) -> str:
