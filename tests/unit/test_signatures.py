@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from appliance.errors import DependencyUnavailable, Unauthorized
 from appliance.signatures import UnverifiedRequest, sign_request, verify_request
 
+from .api.harness import Nonces
+
 KEY = Ed25519PrivateKey.generate()
 NOW = 1_800_000_000.0
 
@@ -22,17 +24,6 @@ NOW = 1_800_000_000.0
 class Keys:
     def public_key(self, keyid: str):  # type: ignore[no-untyped-def]
         return KEY.public_key() if keyid == "c1" else None
-
-
-class Nonces:
-    def __init__(self) -> None:
-        self.seen: set[tuple[str, str]] = set()
-
-    def claim(self, keyid: str, nonce: str, ttl_seconds: int) -> bool:
-        if (keyid, nonce) in self.seen:
-            return False
-        self.seen.add((keyid, nonce))
-        return True
 
 
 def _signed(
