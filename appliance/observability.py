@@ -29,6 +29,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -81,6 +82,27 @@ SANDBOX_RSS = Histogram(
     "appliance_sandbox_max_rss_bytes",
     "Peak resident memory of sandboxed runs",
     buckets=tuple(2**n * 1024 * 1024 for n in range(3, 12)),
+    registry=REGISTRY,
+)
+
+#: OpenBao reads of the client registry (issue 12, finding 10): `entry` per client entry read,
+#: `list` per listing of the registered key ids. Unknown key ids cost neither.
+REGISTRY_READS = Counter(
+    "appliance_client_registry_reads",
+    "OpenBao reads of the client registry, by operation (entry, list)",
+    ["operation"],
+    registry=REGISTRY,
+)
+REGISTRY_CACHED = Gauge(
+    "appliance_client_registry_cached_entries",
+    "Client entries held in this process's registry cache",
+    registry=REGISTRY,
+)
+#: Requests refused before a signature verified, by the code their client was told.
+UNAUTHENTICATED = Counter(
+    "appliance_unauthenticated_requests",
+    "Requests refused as unauthenticated (401), by code",
+    ["code"],
     registry=REGISTRY,
 )
 

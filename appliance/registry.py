@@ -12,6 +12,14 @@ request after `appliance clients disable` returns, in any API process, reads the
 and is refused. The token is random rather than a counter: a lost or reset key can never make an
 old entry look current again. A short TTL still bounds an entry's life, for writes made to
 OpenBao directly, without the CLI, or whose token could not be renewed (the CLI then says so).
+
+What an unauthenticated caller can make the API hold or read is bounded (issue 12, finding 10:
+every new key id cost an OpenBao read and a cache entry that was never evicted). The API lists
+the registered key ids (one OpenBao LIST, kept under the same generation and TTL) and reads an
+entry only for a key id in that listing: a claimed key id that is not registered costs no read
+and no entry, however many distinct ones arrive. The entries themselves are an LRU of at most
+`max_entries` registered clients, each expiring after `cache_seconds`; since only registered key
+ids get an entry, a flood of made-up ones cannot evict a real client's.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import hashlib
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -29,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import BadRequest, DependencyUnavailable, NotFound
+from .observability import REGISTRY_CACHED, REGISTRY_READS
 from .secret_names import check_secret_glob, glob_allows
 from .vault import VaultSession, list_kv, read_kv_if_present
 
@@ -121,10 +131,21 @@ class _Cached:
     client: Client | None
 
 
+@dataclass(frozen=True)
+class _Listing:
+    read_at: float
+    generation: str | None
+    keyids: frozenset[str]
+
+    def current(self, generation: str | None, now: float, ttl: float) -> bool:
+        return self.generation == generation and now - self.read_at < ttl
+
+
 class Registry:
-    """Reads clients from OpenBao; with a `generation`, caches each entry until the generation
-    changes (or `cache_seconds` pass), and renews it after every write. Without one it reads
-    OpenBao on every lookup."""
+    """Reads clients from OpenBao; with a `generation`, caches the registered key ids and up to
+    `max_entries` entries (least recently used first out) until the generation changes or
+    `cache_seconds` pass, and renews it after every write. Without one it reads OpenBao on every
+    lookup."""
 
     def __init__(
         self,
@@ -132,13 +153,18 @@ class Registry:
         mount: str = "kv",
         cache_seconds: float = 5.0,
         generation: Generation | None = None,
+        max_entries: int = 1024,
     ) -> None:
         self.session = session
         self.mount = mount
         self.cache_seconds = cache_seconds
         self.generation = generation
-        self._cache: dict[str, _Cached] = {}
+        self.max_entries = max_entries
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._listing: _Listing | None = None
         self._lock = threading.Lock()
+        # One listing at a time: the threads that find it stale together wait for one LIST.
+        self._listing_lock = threading.Lock()
 
     def get(self, keyid: str) -> Client | None:
         """The enabled client with this key id, or None (unknown, malformed or disabled)."""
@@ -154,18 +180,34 @@ class Registry:
         # newer than what it was read after, so a write that lands in between is seen next time.
         generation = self.generation.current()
         now = time.monotonic()
+        if keyid not in self._registered(generation, now):
+            return None  # No OpenBao read and no cache entry for a key id nobody registered.
         with self._lock:
             hit = self._cache.get(keyid)
-        if (
-            hit is not None
-            and hit.generation == generation
-            and now - hit.read_at < self.cache_seconds
-        ):
-            return hit.client
+            fresh = now - hit.read_at < self.cache_seconds if hit is not None else False
+            if hit is not None and fresh and hit.generation == generation:
+                self._cache.move_to_end(keyid)
+                return hit.client
         client = self._read(keyid)
-        with self._lock:
-            self._cache[keyid] = _Cached(now, generation, client)
+        self._remember(keyid, _Cached(now, generation, client))
         return client
+
+    def _registered(self, generation: str | None, now: float) -> frozenset[str]:
+        """The registered key ids, listed again when the generation changed or the TTL passed."""
+        with self._listing_lock:
+            listing = self._listing
+            if listing is None or not listing.current(generation, now, self.cache_seconds):
+                listing = _Listing(now, generation, frozenset(self.keyids()))
+                self._listing = listing
+        return listing.keyids
+
+    def _remember(self, keyid: str, cached: _Cached) -> None:
+        with self._lock:
+            self._cache[keyid] = cached
+            self._cache.move_to_end(keyid)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            REGISTRY_CACHED.set(len(self._cache))
 
     def read(self, keyid: str) -> Client:
         """The stored entry, enabled or not, straight from OpenBao (operator); NotFound if none."""
@@ -175,13 +217,15 @@ class Registry:
         return client
 
     def _read(self, keyid: str) -> Client | None:
+        REGISTRY_READS.labels("entry").inc()
         data = read_kv_if_present(self.session, _PATH.format(keyid), self.mount)
         return Client.from_dict(data) if data else None
 
     def keyids(self) -> list[str]:
-        """Every registered key id, sorted (operator)."""
+        """Every registered key id, sorted."""
+        REGISTRY_READS.labels("list").inc()
         keys = list_kv(self.session, "appliance/clients", self.mount)
-        return sorted(k for k in keys if not k.endswith("/"))
+        return sorted(k for k in keys if KEYID_PATTERN.fullmatch(k))
 
     def public_key(self, keyid: str) -> Ed25519PublicKey | None:
         """The key of an enabled client (the signature verifier's resolver)."""
@@ -202,6 +246,7 @@ class Registry:
         )
         with self._lock:
             self._cache.pop(client.keyid, None)
+            self._listing = None
         if self.generation is not None:
             try:
                 self.generation.renew()

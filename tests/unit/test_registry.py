@@ -21,6 +21,7 @@ class FakeKV:
     def __init__(self) -> None:
         self.data: dict[str, dict[str, Any]] = {}
         self.reads = 0
+        self.lists = 0
 
     def read_secret_version(
         self, path: str, mount_point: str, raise_on_deleted_version: bool
@@ -34,6 +35,7 @@ class FakeKV:
         self.data[path] = secret
 
     def list_secrets(self, path: str, mount_point: str) -> dict[str, Any]:
+        self.lists += 1
         return {"data": {"keys": [p.rsplit("/", 1)[1] for p in self.data]}}
 
 
@@ -167,3 +169,45 @@ def test_keyids_lists_disabled_clients_too() -> None:
     operator.put(Client("bob", "pem", enabled=False))
     assert operator.keyids() == ["alice", "bob"]
     assert operator.read("bob").enabled is False
+
+
+def test_unknown_key_ids_cost_no_openbao_read_and_no_cache_entry() -> None:
+    """Issue 12, finding 10: each new key id cost an OpenBao read and a cache entry for good."""
+    operator, api, kv = _two_processes()
+    operator.put(ALICE)
+    for i in range(2000):
+        assert api.get(f"made-up-{i}") is None
+    assert kv.reads == 0
+    assert kv.lists == 1  # the registered key ids, listed once under this generation
+    assert len(api._cache) == 0
+
+
+def test_a_flood_of_unknown_key_ids_does_not_evict_a_real_client() -> None:
+    operator, api, kv = _two_processes()
+    operator.put(ALICE)
+    assert api.get("alice") == ALICE
+    for i in range(5000):
+        api.get(f"made-up-{i}")
+    assert api.get("alice") == ALICE
+    assert kv.reads == 1  # still the first read: alice stayed cached
+
+
+def test_the_cache_is_a_bounded_lru_and_a_miss_on_a_real_key_still_works() -> None:
+    kv, generation = FakeKV(), MemoryGeneration()
+    operator = Registry(_session(kv), generation=generation)
+    api = Registry(_session(kv), cache_seconds=3600, generation=generation, max_entries=2)
+    for name in ("alice", "bob", "carol"):
+        operator.put(Client(name, "pem", ("*",)))
+    for name in ("alice", "bob", "alice", "carol"):
+        assert api.get(name) is not None
+    assert list(api._cache) == ["alice", "carol"]  # bob was the least recently used
+    reads = kv.reads
+    assert api.get("bob") is not None  # evicted, read again
+    assert kv.reads == reads + 1
+
+
+def test_the_key_id_listing_expires_for_writes_that_bypass_the_generation() -> None:
+    _, api, kv = _two_processes(cache_seconds=0)
+    assert api.get("alice") is None
+    kv.data["appliance/clients/alice"] = ALICE.to_dict()  # written without the CLI
+    assert api.get("alice") == ALICE
