@@ -171,29 +171,46 @@ def _argv(name: str, ports: Ports, state: Path) -> list[str]:
 def _start_service(
     state: Path, name: str, ports: Ports, pki: _stack.Pki, bao: _stack.BaoHandle
 ) -> None:
-    pid_file = _pid_file(state, name)
-    if _stack.read_pid_file(pid_file) is not None:
+    """Enrol the service (a wrapped secret_id minted by the bootstrap) and start it."""
+    if _stack.read_pid_file(_pid_file(state, name)) is not None:
         return
+    # One instance per service here: its earlier secret_ids (a successor left by its last run)
+    # are destroyed, so that the new enrolment is the only way in as this service.
+    bao.retire_secret_ids(name)
+    bao.write_service_credentials(name, _service_dir(state, name))
+    _launch(state, name, ports, pki)
+
+
+def restart_service(state: Path, name: str) -> None:
+    """Start a stopped service again without the bootstrap: it logs in with the secret_id its
+    last login left in its directory (`EnrolmentLost` in its log, and exit, if that secret_id
+    was used elsewhere, destroyed or has expired: then run `appliance up`)."""
+    if name not in SERVICES:
+        raise _stack.StackError(f"no service {name!r}; the services are {', '.join(SERVICES)}")
+    if _stack.read_pid_file(_pid_file(state, name)) is not None:
+        return
+    _launch(state, name, load_ports(state), _stack.Pki(state / "tls"))
+
+
+def _launch(state: Path, name: str, ports: Ports, pki: _stack.Pki) -> None:
     port = {"api": ports.api, "flower": ports.flower}.get(name)
     if port is not None and port_open(HOST, port):
         raise _stack.StackError(
             f"port {port} for the {name} is taken: free it or choose "
             f"another with --{name}-port on a new --state"
         )
-    extra: dict[str, str] = {}
-    if name in ("worker", "api", "flower"):
-        role_id_file, wrap_file = bao.write_service_credentials(name, _service_dir(state, name))
-        extra = {
-            "APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
-            "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file),
-        }
-    role = name
+    directory = _service_dir(state, name)
+    role_id_file, wrap_file = _stack.credential_files(directory, name)
+    extra = {
+        "APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
+        "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file),
+    }
     _stack.start_detached(
         _argv(name, ports, state),
-        log_file=_service_dir(state, name) / f"{name}.log",
-        pid_file=pid_file,
-        env=service_env(state, role, ports, pki, extra),
-        cwd=_service_dir(state, name),
+        log_file=directory / f"{name}.log",
+        pid_file=_pid_file(state, name),
+        env=service_env(state, name, ports, pki, extra),
+        cwd=directory,
     )
 
 
@@ -235,9 +252,13 @@ def operator_registry(state: Path) -> Registry:
     """The client registry as the operator writes it: OpenBao with the operator token, and the
     registry generation renewed in Redis as `admin`, so every API process sees each write on
     its next request."""
+    return Registry(operator_session(state), generation=RedisGeneration(admin_redis(state)))
+
+
+def operator_session(state: Path) -> VaultSession:
+    """An OpenBao session with the operator's token (policies/operator.hcl)."""
     token_file = _stack.operator_token_file(state)
-    session = VaultSession.from_token_file(f"http://{HOST}:{load_ports(state).bao}", token_file)
-    return Registry(session, generation=RedisGeneration(admin_redis(state)))
+    return VaultSession.from_token_file(f"http://{HOST}:{load_ports(state).bao}", token_file)
 
 
 def write_keypair(directory: Path, keyid: str) -> tuple[Path, Path]:

@@ -7,6 +7,9 @@ hvac and requests exceptions are translated here into `DependencyUnavailable` (O
 from __future__ import annotations
 
 import base64
+import json
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +33,42 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+class EnrolmentLost(DependencyUnavailable):
+    """Raised when OpenBao refuses a service's secret_id (used elsewhere, destroyed or expired).
+
+    The service cannot log in again until it is enrolled anew (`appliance up`).
+    """
+
+    code, title = "enrolment_lost", "Service enrolment lost"
+
+
+def successor_file(wrap_file: Path) -> Path:
+    """Where a service keeps its next secret_id: beside the bootstrap's wrapped one."""
+    return wrap_file.with_name(wrap_file.name.removesuffix(".wrap"))
+
+
+def _read_successor(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise EnrolmentLost(
+            f"no secret_id to log in with: neither the bootstrap's wrapped one nor {path}"
+        ) from None
+
+
+def _write_private_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, 0600 from its first byte, never half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class VaultSession:
     """A logged-in OpenBao client for one service, renewing its token before it expires."""
 
@@ -42,28 +81,77 @@ class VaultSession:
         self._renew_at = float("inf")
 
     @classmethod
-    def from_approle(cls, addr: str, role_id_file: Path, wrap_file: Path) -> VaultSession:
-        """Log in with a role_id and a response-wrapped secret_id (unwrapped here, once)."""
+    def from_approle(
+        cls, addr: str, role_id_file: Path, wrap_file: Path, secret_id_file: Path | None = None
+    ) -> VaultSession:
+        """Log in with the service's AppRole, and keep its successor secret_id for the next login.
+
+        The secret_id comes from `wrap_file` when the bootstrap left one there (a response-wrapped
+        token, unwrapped here once and deleted), else from `secret_id_file`, where each login
+        leaves the next one: secret_ids are single-use and expire, so a restarted service logs
+        in again without the bootstrap, and a stolen copy, once used, locks the service out
+        (`EnrolmentLost`) instead of sharing its identity unnoticed. See SECURITY.md, "Service
+        identities".
+        """
         session = cls(addr)
+        successor = secret_id_file or successor_file(wrap_file)
         role_id = role_id_file.read_text().strip()
-        wrapping_token = wrap_file.read_text().strip()
-        # The wrapping token is single-use: remove it from disk as soon as it is read.
-        wrap_file.unlink(missing_ok=True)
-        # Unwrapping authenticates with the wrapping token itself.
-        session._client.token = wrapping_token
-        secret_id = session._call(lambda: session._client.sys.unwrap()["data"]["secret_id"])
-        session._client.token = None
+        holder = {"secret_id": session._first_secret_id(wrap_file, successor)}
 
         def login() -> None:
-            auth = session._call(
-                lambda: session._client.auth.approle.login(role_id=role_id, secret_id=secret_id)
-            )["auth"]
+            auth = session._approle_login(role_id, holder["secret_id"])
             session._client.token = auth["client_token"]
             session._schedule(auth["lease_duration"])
+            holder["secret_id"] = session._rotate(auth["metadata"]["role_name"], successor)
 
         session._login = login
         login()
         return session
+
+    def _first_secret_id(self, wrap_file: Path, successor: Path) -> str:
+        try:
+            wrapping_token = wrap_file.read_text().strip()
+        except FileNotFoundError:
+            return _read_successor(successor)
+        # The wrapping token is single-use: remove it from disk as soon as it is read.
+        wrap_file.unlink(missing_ok=True)
+        # Unwrapping authenticates with the wrapping token itself.
+        self._client.token = wrapping_token
+        try:
+            secret_id = str(self._call(lambda: self._client.sys.unwrap()["data"]["secret_id"]))
+        except (SealBroken, Forbidden) as exc:
+            # Someone unwrapped it first (or it expired): the enrolment was intercepted.
+            raise EnrolmentLost(
+                f"the wrapped secret_id in {wrap_file} was already unwrapped or has expired"
+            ) from exc
+        finally:
+            self._client.token = None
+        return secret_id
+
+    def _approle_login(self, role_id: str, secret_id: str) -> dict[str, Any]:
+        try:
+            auth: dict[str, Any] = self._call(
+                lambda: self._client.auth.approle.login(role_id=role_id, secret_id=secret_id)
+            )["auth"]
+        except SealBroken as exc:
+            raise EnrolmentLost(
+                "OpenBao refused this service's secret_id: it was used elsewhere, destroyed by "
+                "the operator, or expired"
+            ) from exc
+        return auth
+
+    def _rotate(self, role: str, successor: Path) -> str:
+        """Mint this role's next secret_id (single-use, expiring) and keep it in `successor`."""
+        metadata = json.dumps({"host": socket.gethostname(), "pid": str(os.getpid())})
+        secret_id = str(
+            self._call(
+                lambda: self._client.adapter.post(
+                    f"/v1/auth/approle/role/{role}/secret-id", json={"metadata": metadata}
+                )
+            )["data"]["secret_id"]
+        )
+        _write_private_atomically(successor, secret_id.encode() + b"\n")
+        return secret_id
 
     @classmethod
     def from_token_file(cls, addr: str, token_file: Path) -> VaultSession:

@@ -1,6 +1,6 @@
 # OpenBao policy of the operator (the `appliance` CLI: `clients add`, key rotation). Default deny.
 # The operator manages who may submit and rotates keys; it cannot decrypt jobs or results, export
-# or delete keys, or read task secrets (it may write them).
+# or delete keys, read task secrets (it may write them), or log in as a service.
 
 # Client registry: full management, including soft delete, undelete and destroy of versions.
 path "kv/data/appliance/clients/*" {
@@ -70,14 +70,21 @@ path "kv/metadata/appliance/audit/anchors/" {
   capabilities = ["list"]
 }
 
-# Re-issue service credentials: a secret_id only ever as a response-wrapped token.
-path "auth/approle/role/+/role-id" {
-  capabilities = ["read"]
+# Service identities (issue 12, finding 5): see which secret_ids exist for each service role
+# (accessor, metadata, expiry, uses left) and destroy them. Never read a role_id or mint a
+# secret_id: the operator cannot log in as a service. Only the bootstrap (a root token that lives
+# inside `appliance up`) enrols a service, and a service mints only its own successor.
+path "auth/approle/role" {
+  capabilities = ["list"]
 }
 path "auth/approle/role/+/secret-id" {
+  capabilities = ["list"]
+}
+path "auth/approle/role/+/secret-id-accessor/lookup" {
   capabilities = ["update"]
-  min_wrapping_ttl = "1s"
-  max_wrapping_ttl = "300s"
+}
+path "auth/approle/role/+/secret-id-accessor/destroy" {
+  capabilities = ["update"]
 }
 
 # Generate a root token for `appliance up`'s bootstrap (revoked when it is done). OpenBao 2.6+

@@ -56,6 +56,16 @@ path "sys/leases/renew" {
   capabilities = ["update"]
 }
 
+# Its own next secret_id (issue 12, finding 5): at each login the service mints the single-use,
+# expiring secret_id of its next login, for its own role only (never another service's), with
+# metadata naming where it runs. Nothing else of the AppRole: no role_id, no list, no destroy.
+path "auth/approle/role/worker/secret-id" {
+  capabilities = ["update"]
+  allowed_parameters = {
+    "metadata" = []
+  }
+}
+
 # Its own token: the AppRole tokens carry no `default` policy, so these are listed here.
 path "auth/token/lookup-self" {
   capabilities = ["read"]

@@ -79,14 +79,19 @@ SERVICE_ROLES: tuple[str, ...] = ("api", "worker", "flower")
 
 FLOWER_USERNAME = "operator"
 
+#: How long a service may stay down and still log in again without a new enrolment (`up`).
+SECRET_ID_TTL = "24h"  # noqa: S105 (a duration, not a password)
+
 _APPROLE_SETTINGS: Mapping[str, Any] = MappingProxyType(
     {
         "token_ttl": "10m",
         "token_max_ttl": "1h",
-        # The secret_id reaches the service response-wrapped and lives in its memory only, so
-        # that it can log in again when renewal is capped; it works from loopback only.
-        "secret_id_num_uses": 0,
-        "secret_id_ttl": "0",
+        # A secret_id is good for one login, within SECRET_ID_TTL, from loopback only. The
+        # bootstrap hands the first one over response-wrapped; at each login the service mints
+        # its own successor (its policy may mint for its own role only) and keeps it in a 0600
+        # file, so that it can log in again when renewal is capped or after a restart.
+        "secret_id_num_uses": 1,
+        "secret_id_ttl": SECRET_ID_TTL,
         "secret_id_bound_cidrs": ["127.0.0.1/32"],
         "token_bound_cidrs": ["127.0.0.1/32"],
         # The `default` policy would add cubbyhole storage, sys/tools and more: each role policy
@@ -144,19 +149,35 @@ class BaoHandle:
         """Write `role`'s role_id and a wrapped single-use secret_id to 0600 files in `directory`.
 
         Returns `(role_id_file, wrap_token_file)`. The secret_id itself is never seen here: only
-        its wrapping token, which the service unwraps once (a second unwrap fails).
+        its wrapping token, which the service unwraps once (a second unwrap fails). Minted with
+        this handle's root token, the bootstrap's identity: the operator may not mint secret_ids
+        (issue 12, finding 5). A wrapping token is an orphan, so it outlives the root token,
+        which `appliance up` revokes before every service has unwrapped its own.
         """
         _check_service_role(role)
-        # With the operator token, not the root token: the root token is revoked at the end of
-        # `appliance up`, possibly before the service has unwrapped its secret_id.
-        operator = self.operator_client()
-        role_id = _read_role_id(operator, role)
-        wrap_token = _wrapped_secret_id(operator, role)
-        role_id_file = directory / f"vault-{role}.role-id"
-        wrap_file = directory / f"vault-{role}.secret-id.wrap"
+        client = self.client()
+        role_id = _read_role_id(client, role)
+        wrap_token = _wrapped_secret_id(client, role)
+        role_id_file, wrap_file = credential_files(directory, role)
         write_private(role_id_file, role_id.encode() + b"\n")
         write_private(wrap_file, wrap_token.encode() + b"\n")
         return role_id_file, wrap_file
+
+    def retire_secret_ids(self, role: str) -> int:
+        """Destroy every secret_id of `role` (before enrolling its one instance afresh), so that
+        a successor left by an earlier run cannot log in beside the new enrolment. How many."""
+        _check_service_role(role)
+        client = self.client()
+        base = f"/v1/auth/{APPROLE_MOUNT}/role/{role}"
+        try:
+            accessors = client.adapter.list(f"{base}/secret-id")["data"]["keys"]
+        except hvac.exceptions.InvalidPath:
+            return 0  # None left.
+        for accessor in accessors:
+            client.adapter.post(
+                f"{base}/secret-id-accessor/destroy", json={"secret_id_accessor": accessor}
+            )
+        return len(accessors)
 
     def operator_client(self) -> hvac.Client:
         """An hvac client with the operator's token (policy `operator`)."""
@@ -194,6 +215,12 @@ class Bootstrap:
         """A fresh single-use secret_id for `role`, returned only as a wrapping token (120 s)."""
         _check_service_role(role)
         return _wrapped_secret_id(self.handle.client(), role)
+
+
+def credential_files(directory: Path, role: str) -> tuple[Path, Path]:
+    """A service's login files in its own directory: its role_id, and the wrapping token of the
+    secret_id the bootstrap minted for it (its own successor secret_id is kept beside them)."""
+    return directory / f"vault-{role}.role-id", directory / f"vault-{role}.secret-id.wrap"
 
 
 def bao_dir(state_dir: Path) -> Path:

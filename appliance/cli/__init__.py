@@ -2,8 +2,8 @@
 runs.
 
 One module per group of commands: `_stack_commands` (the local stack), `_clients` (the
-registry), `_keys` (transit keys), `_jobs` (signed requests to the API); the audit commands come
-from `appliance.audit`.
+registry), `_identities` (the services' secret_ids), `_keys` (transit keys), `_jobs` (signed
+requests to the API); the audit commands come from `appliance.audit`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import click
 
 from .. import stack
 from ..audit import audit_cli
-from . import _clients, _jobs, _keys, _stack_commands
+from . import _clients, _identities, _jobs, _keys, _stack_commands
 from ._jobs import SignedClient
 
 __all__ = ["SignedClient", "main"]
@@ -45,6 +45,7 @@ for _command in (
     _stack_commands.keygen,
     _stack_commands.flower_credentials,
     _clients.clients,
+    _identities.identities,
     _keys.keys,
     _jobs.submit,
     _jobs.workflow,

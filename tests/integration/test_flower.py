@@ -143,7 +143,10 @@ _FLOWER_FORBIDDEN: dict[str, Callable[[hvac.Client], Any]] = {
         "audit", "eA==", mount_point="transit"
     ),
     "mint a worker secret_id": lambda c: c.auth.approle.generate_secret_id("worker"),
-    "mint its own secret_id": lambda c: c.auth.approle.generate_secret_id("flower"),
+    # Its own successor with metadata only (issue 12, finding 5), never one that is wider.
+    "mint its own secret_id for anywhere": lambda c: c.auth.approle.generate_secret_id(
+        "flower", cidr_list=["0.0.0.0/0"]
+    ),
     "read the api role_id": lambda c: c.auth.approle.read_role_id("api"),
     "create a token": lambda c: c.auth.token.create(policies=["flower"]),
     "read policies": lambda c: c.sys.read_policy("operator"),

@@ -66,8 +66,10 @@ def test_pki_is_private_and_idempotent(pki: Pki) -> None:
 
 
 def test_starting_again_returns_the_running_services(
-    redis_server: RedisHandle, openbao: BaoHandle, pki: Pki
+    redis_server: RedisHandle, openbao: BaoHandle, bao_bootstrap: Bootstrap, pki: Pki
 ) -> None:
+    # A running OpenBao's handle comes with a root token generated from the operator token,
+    # which the bootstrap makes.
     assert start_redis(redis_server.state_dir, 1, pki).pid == redis_server.pid
     assert start_openbao(openbao.state_dir, 1).pid == openbao.pid
 
@@ -435,11 +437,12 @@ def test_wrapped_secret_id_unwraps_only_once(openbao: BaoHandle, bao_bootstrap: 
         unwrapper.sys.unwrap()
     client = hvac.Client(url=openbao.addr)
     client.auth.approle.login(role_id=bao_bootstrap.role_id("worker"), secret_id=secret_id)
-    # The service keeps the unwrapped secret_id in memory only, to log in again when its
-    # token's renewal is capped; it is bound to loopback, so it is useless anywhere else.
-    hvac.Client(url=openbao.addr).auth.approle.login(
-        role_id=bao_bootstrap.role_id("worker"), secret_id=secret_id
-    )
+    # A secret_id is good for one login: the service logs in again with the successor it
+    # minted (tests/integration/test_service_identities.py).
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        hvac.Client(url=openbao.addr).auth.approle.login(
+            role_id=bao_bootstrap.role_id("worker"), secret_id=secret_id
+        )
     info = openbao.client().auth.approle.read_role("worker")["data"]
     assert info["secret_id_bound_cidrs"] == ["127.0.0.1/32"]
     assert info["token_bound_cidrs"] in (["127.0.0.1/32"], ["127.0.0.1"])
@@ -609,9 +612,10 @@ def test_operator_policy(openbao: BaoHandle, bao_bootstrap: Bootstrap) -> None:
         operator.secrets.transit.read_key("jobs", mount_point="transit")["data"]["latest_version"]
         >= 2
     )
-    wrapped = operator.auth.approle.generate_secret_id("worker", wrap_ttl="60s")
-    assert wrapped["wrap_info"]["token"]
-    with pytest.raises(hvac.exceptions.Forbidden):  # A secret_id only ever wrapped.
+    # Only the bootstrap enrols a service (issue 12, finding 5): no secret_id, wrapped or not.
+    with pytest.raises(hvac.exceptions.Forbidden):
+        operator.auth.approle.generate_secret_id("worker", wrap_ttl="60s")
+    with pytest.raises(hvac.exceptions.Forbidden):
         operator.auth.approle.generate_secret_id("worker")
     with pytest.raises(hvac.exceptions.Forbidden):
         operator.secrets.transit.update_key_configuration(
