@@ -133,6 +133,7 @@ CODES: dict[str, str] = {
     # The worker.
     "message_rejected": "a task message malformed, forged, expired or replayed",
     "in_flight": "a message running on a live worker (a duplicate delivery)",
+    "bad_workflow": "a workflow step's next message is not the one signed at submission",
     "secret_not_found": "a named secret that does not exist",
     # The registry and OpenBao.
     "bad_keyid": "a malformed key id",

@@ -79,6 +79,14 @@ class JobMessage:
             raise MessageRejected("malformed")
         return cls(**{f: untrusted[f] for f in fields})
 
+    def digest(self) -> str:
+        """SHA-256 of the message as the API signed it (every field but the worker's `carry`):
+        what the previous step of a workflow names as its next step."""
+        signed = {f: getattr(self, f) for f in _FIELDS}
+        return hashlib.sha256(
+            json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+
     def signed_bytes(self, task_name: str) -> bytes:
         """What the signature covers: task name, id, a digest of the arguments, nonce, expiry."""
         digest = hashlib.sha256(

@@ -13,23 +13,53 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class LaterStep:
+    """A step after this one, as the API signed it: its task id and result key."""
+
+    task_id: str
+    result_key: str
+
+
+@dataclass(frozen=True)
 class WorkflowPlace:
-    """Where a job sits in a workflow: step `step` (from 0) of `steps`, workflow `id`."""
+    """Where a job sits in a workflow: step `step` (from 0) of `steps`, workflow `id`.
+
+    The API binds the chain at submission (issue 12, finding 3): `next_sha256` is the digest of
+    the next step's signed message (`JobMessage.digest`), and `later` names every later step.
+    Both are sealed into this step's job, so only this step's signed message vouches for what
+    follows it; nothing read from Redis is taken for a step of this workflow unless it matches.
+    """
 
     id: str
     step: int
     steps: int
+    next_sha256: str = ""
+    later: tuple[LaterStep, ...] = ()
 
     @property
     def has_next(self) -> bool:
         return self.step + 1 < self.steps
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "step": self.step, "steps": self.steps}
+        return {
+            "id": self.id,
+            "step": self.step,
+            "steps": self.steps,
+            "next_sha256": self.next_sha256,
+            "later": [[s.task_id, s.result_key] for s in self.later],
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> WorkflowPlace:
-        return cls(str(raw["id"]), int(raw["step"]), int(raw["steps"]))
+        # A job sealed before the chain was bound has neither field: it reads as an empty chain,
+        # which the worker refuses to advance (`bad_workflow`).
+        return cls(
+            str(raw["id"]),
+            int(raw["step"]),
+            int(raw["steps"]),
+            str(raw.get("next_sha256", "")),
+            tuple(LaterStep(str(t), str(k)) for t, k in raw.get("later", [])),
+        )
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,9 @@ class Submissions:
         """Seal and sign every step up front; queue the first. The signed messages of the later
         steps wait in Redis (`workflow:<id>`) until the worker that finishes a step enqueues
         the next one, with the step's value sealed to it."""
-        workflow_id, steps = workflows.plan(specs)
-        messages = [self._sign_job(client, spec) for spec in steps]
+        workflow_id, steps, messages = workflows.sign_chain(
+            specs, lambda spec: self._sign_job(client, spec)
+        )
         for message in messages:
             self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
         workflows.save(self.store, workflow_id, messages, MESSAGE_TTL_SECONDS)

@@ -218,7 +218,9 @@ RULES: Mapping[EventType, _Rule] = {
         None,
         "module_source result",
     ),
-    EventType.TASK_REJECTED: _rule("code", "task_id function client reason request_id", "rejected"),
+    EventType.TASK_REJECTED: _rule(
+        "code", "task_id function client reason workflow_id step request_id", "rejected"
+    ),
     EventType.RESULT_READ: _rule(
         "client result_key status", f"task_id http_status {_REQUEST}", None, "result"
     ),

@@ -123,7 +123,7 @@ def _claim_and_run(
         raise InFlight(message.task_id)
     if rt.store.has_result(message.result_key):
         # It died between storing the result and enqueuing the next step.
-        workflows.send_staged(rt.store, rt.publish, _place(spec), request_id)
+        workflows.send_staged(_outcomes(rt, request_id), rt.publish, message, _place(spec))
         rt.store.finish_claim(message.nonce, ttl)
         return "recovered"
     if not retry and claim.attempts >= rt.settings.max_attempts:
@@ -208,6 +208,10 @@ def _place(spec: JobSpec | None) -> WorkflowPlace | None:
     return spec.workflow if spec is not None else None
 
 
+def _outcomes(rt: Runtime, request_id: str | None) -> workflows.Outcomes:
+    return workflows.Outcomes(rt.transit, rt.store, rt.audit, request_id)
+
+
 def _step_fields(spec: JobSpec | None) -> dict[str, Any]:
     workflow = _place(spec)
     return {"workflow_id": workflow.id, "step": workflow.step} if workflow else {}
@@ -230,9 +234,10 @@ def _finish(
             seal_result(rt.transit, body, message.result_key, message.client),
         )
     elif body.succeeded and workflow.has_next:
-        workflows.advance(rt.transit, rt.store, rt.publish, message, workflow, body, request_id)
+        workflows.advance(_outcomes(rt, request_id), rt.publish, message, workflow, body)
     else:
-        workflows.end(rt.transit, rt.store, rt.audit, message, spec, workflow, body)
+        function = spec.function if spec is not None else "?"
+        workflows.end(_outcomes(rt, request_id), message, function, workflow, body)
     rt.store.finish_claim(message.nonce, ttl)
     status = body.code
     finished: dict[str, Any] = {"client": message.client, "result_key": message.result_key}
