@@ -29,6 +29,23 @@ class Unauthorized(ApplianceError):
 
     status, code, title = 401, "unauthorized", "Unauthorized"
 
+    def __init__(
+        self,
+        detail: str,
+        code: str | None = None,
+        *,
+        reason: str | None = None,
+        claimed_keyid: str | None = None,
+        verified: bool = False,
+    ) -> None:
+        super().__init__(detail, code)
+        #: For the audit log only: a finer cause than the client is told (`unknown_key`).
+        self.reason = reason
+        #: The key id the request named, unverified (None when it named none).
+        self.claimed_keyid = claimed_keyid
+        #: The signature verified (a replay): someone holds the key, so it is never aggregated.
+        self.verified = verified
+
 
 class Forbidden(ApplianceError):
     """Raised when the client's policy forbids what it asked for."""
@@ -110,11 +127,15 @@ CODES: dict[str, str] = {
     "metrics_unauthorized": "/metrics without its bearer token",
     # Signatures (RFC 9421 profile).
     "missing_signature": "the request is not signed",
-    "invalid_signature": "the signature or its input does not verify",
+    "invalid_signature": "the signature or its input does not verify, or its key id is unknown",
     "missing_tag": 'no signature carries tag="appliance"',
     "stale_signature": "created too old or too far ahead, or expired",
     "replayed_nonce": "a nonce already seen for that key in the window",
-    "unknown_key": "an unknown or disabled key id",
+    "unknown_key": "an unknown or disabled key id (the audit log's reason; clients are told "
+    "invalid_signature)",
+    "wrong_key": "a signature that the key of the enabled client it names does not verify (the "
+    "audit log's reason; clients are told invalid_signature)",
+    "wrong_authority": "the signed authority is not one this server answers for",
     # Authorization of a task.
     "invalid_function": "the function is not a plain name",
     "function_not_allowed": "the client may not call the function",

@@ -7,12 +7,14 @@ never passed inline, only paths to files readable by the service alone.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ApplianceError
 
@@ -30,6 +32,10 @@ class ServiceFiles:
     role_id_file: Path
     secret_id_wrap_file: Path
     audit_log: Path
+
+
+#: A host name, an IPv4 address or a bracketed IPv6 address, with an optional port.
+_AUTHORITY = re.compile(r"(?:[a-z0-9](?:[a-z0-9.-]{0,252})|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
 class Settings(BaseSettings):
@@ -53,7 +59,8 @@ class Settings(BaseSettings):
     redis_lease_role: str | None = None
 
     # OpenBao (Vault API). The service logs in with its own AppRole: role_id in a file, and a
-    # response-wrapped, single-use secret_id whose wrapping token is in another file.
+    # single-use secret_id: the bootstrap's, response-wrapped, in the wrap file, or else the
+    # successor its last login minted, kept beside it (`vault.successor_file`).
     vault_addr: str = "http://127.0.0.1:8200"
     vault_role_id_file: Path | None = None
     vault_secret_id_wrap_file: Path | None = None
@@ -70,6 +77,11 @@ class Settings(BaseSettings):
     # §2's 300 s and 30 s by default; a deployment may narrow or widen them).
     signature_window_seconds: int = Field(default=300, ge=1, le=3600)
     signature_future_skew_seconds: int = Field(default=30, ge=0, le=300)
+    # The `@authority` values a signed request may name (issue 12, finding 19), comma-separated,
+    # each as RFC 9421 normalises it: the host in lower case and the port unless it is the
+    # scheme's default (`127.0.0.1:8000`, `appliance.example`). Empty: only the address and port
+    # the connection arrived at (the local stack sets its `127.0.0.1:PORT` explicitly).
+    api_authorities: Annotated[tuple[str, ...], NoDecode] = ()
 
     audit_log: Path | None = None
 
@@ -85,6 +97,16 @@ class Settings(BaseSettings):
     # Prometheus: `/metrics` (API) and the worker's endpoint answer only this bearer token.
     metrics_token_file: Path | None = None
     metrics_port: int = 0  # the worker's metrics port on loopback; 0: not served
+
+    @field_validator("api_authorities", mode="before")
+    @classmethod
+    def _authorities(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        authorities = tuple(str(item).strip().lower() for item in items if str(item).strip())
+        for authority in authorities:
+            if not _AUTHORITY.fullmatch(authority):
+                raise ValueError(f"not a host[:port] authority: {authority[:80]!r}")
+        return authorities
 
     def service_files(self) -> ServiceFiles:
         """The files a long-running service (API, worker, Flower) needs to log in and audit.

@@ -3,17 +3,27 @@
 `verify_request()` returns the verified key id or raises `Unauthorized`; it never returns a bool.
 The replay check (a nonce seen for that key within the window) runs only after the signature
 verifies, so nobody can burn another client's nonces.
+
+What an unauthenticated caller learns is the same for every key id (issue 12, finding 18): a
+signature over an unknown or disabled key id is checked against a key nobody holds, and fails
+as a wrong signature does, with the same code and detail (`invalid_signature`); only the audit
+log is told which it was (`reason="unknown_key"`). Exactly one signature may carry the
+profile's tag (finding 20): it alone is checked for time, authority, key and nonce, so a second
+tagged signature could only be one that escaped those checks. The signed authority must be one
+this server answers for (finding 19).
 """
 
 from __future__ import annotations
 
 import datetime
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 import http_sf
+from cryptography.exceptions import InvalidSignature as BadEd25519Signature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from http_message_signatures import (
     HTTPMessageSigner,
@@ -69,14 +79,27 @@ class UnverifiedRequest:
     headers: Mapping[str, str]
 
 
+#: What a signature is checked against when its key id is unknown or disabled: a key whose
+#: private half was never kept, so that such a request costs and answers what a wrong signature
+#: does (no distinct code, detail or shortcut for an enumerator to tell apart).
+_NOBODYS_KEY = Ed25519PrivateKey.generate().public_key()
+
+#: The one detail of a signature that does not verify, whatever its key id.
+NOT_VERIFIED = "the signature does not verify with an enabled key of that key id"
+
+
 class _Keys(HTTPSignatureKeyResolver):
     def __init__(self, keys: PublicKeys) -> None:
         self.keys = keys
+        self.unknown = False
+        self.known = False
 
     def resolve_public_key(self, key_id: str) -> Ed25519PublicKey:
         key = self.keys.public_key(key_id)
         if key is None:
-            raise Unauthorized(f"unknown or disabled key {key_id!r}", code="unknown_key")
+            self.unknown = True
+            return _NOBODYS_KEY
+        self.known = True
         return key
 
     def resolve_private_key(self, key_id: str) -> Any:
@@ -103,10 +126,18 @@ def _selected_params(headers: Mapping[str, str]) -> tuple[dict[str, Any], list[s
     # http_sf types the result as any structured value; with tltype="dictionary" it is a dict
     # whose members are (value, params) pairs. A member that is not an inner list is skipped.
     signatures: dict[str, tuple[Any, Any]] = cast(dict[str, tuple[Any, Any]], parsed)
-    for _label, (members, params) in signatures.items():
-        if isinstance(members, list) and params.get("tag") == TAG:
-            return dict(params), [str(value) for value, _ in members]
-    raise Unauthorized('no signature carries tag="appliance"', code="missing_tag")
+    tagged = [
+        (dict(params), [str(value) for value, _ in members])
+        for members, params in signatures.values()
+        if isinstance(members, list) and params.get("tag") == TAG
+    ]
+    if not tagged:
+        raise Unauthorized('no signature carries tag="appliance"', code="missing_tag")
+    if len(tagged) > 1:
+        raise Unauthorized(
+            'more than one signature carries tag="appliance"', code="invalid_signature"
+        )
+    return tagged[0]
 
 
 def required_components(has_query: bool, has_body: bool, covered: list[str]) -> list[str]:
@@ -138,6 +169,25 @@ def _check_times(params: Mapping[str, Any], now: float, window: Window) -> None:
         raise Unauthorized("only ed25519 signatures are accepted", code="invalid_signature")
 
 
+def authority_of(url: str) -> str:
+    """The `@authority` a signature over `url` covers (RFC 9421 §2.2.3): the host in lower case,
+    and the port unless it is the scheme's default."""
+    parts = urlsplit(url)
+    authority = parts.netloc.rpartition("@")[2].lower()
+    host, colon, port = authority.rpartition(":")
+    default = {"http": "80", "https": "443"}.get(parts.scheme.lower())
+    if colon and "]" not in port and port == default:
+        return host
+    return authority
+
+
+def _check_authority(url: str, authorities: Collection[str]) -> None:
+    if authority_of(url) not in authorities:
+        # A signature made for another server is not accepted here (issue 12, finding 19): the
+        # authorities this server answers for are a deployment setting.
+        raise Unauthorized("the signed authority is not this server's", code="wrong_authority")
+
+
 def verify_request(
     unverified: UnverifiedRequest,
     body: bytes,
@@ -145,37 +195,82 @@ def verify_request(
     nonces: NonceStore,
     clock: Clock,
     window: Window = DEFAULT_WINDOW,
+    *,
+    authorities: Collection[str],
 ) -> str:
-    """Verify a request against the profile; return the client's key id or raise Unauthorized."""
+    """Verify a request against the profile; return the client's key id or raise Unauthorized.
+
+    `authorities` are the `@authority` values this server answers for; any other is refused. A
+    refusal carries the claimed key id (`Unauthorized.claimed_keyid`) for the audit log.
+    """
     params, covered = _selected_params(unverified.headers)
-    now = clock()
-    _check_times(params, now, window)
+    claimed = params.get("keyid")
+    try:
+        _check_times(params, clock(), window)
+        _check_authority(unverified.url, authorities)
+        _verify_signature(unverified, body, keys, params, covered)
+    except Unauthorized as exc:
+        exc.claimed_keyid = claimed if isinstance(claimed, str) else None
+        raise
+    keyid = str(params["keyid"])
+    # A nonce is remembered as long as a signature carrying it could still be accepted.
+    if not nonces.claim(keyid, str(params["nonce"]), window.max_age + window.future_skew):
+        raise Unauthorized(
+            "nonce already used (replay)", code="replayed_nonce", claimed_keyid=keyid, verified=True
+        )
+    return keyid
+
+
+def _verify_signature(
+    unverified: UnverifiedRequest,
+    body: bytes,
+    keys: PublicKeys,
+    params: Mapping[str, Any],
+    covered: list[str],
+) -> None:
+    """Check the one tagged signature against the key of its key id (or raise)."""
     query = unverified.url.partition("?")[2]
     need = required_components(bool(query), bool(body), covered)
-    verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(keys))
+    resolver = _Keys(keys)
+    verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=resolver)
     try:
-        verifier.verify(
+        results = verifier.verify(
             unverified,
             expect_tag=TAG,
             require_components=need,
             body=body if body else None,
             max_age=None,
         )
-    except Unauthorized:
-        raise
     except (InvalidSignature, HTTPMessageSignaturesException) as exc:
         cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, Unauthorized):
-            raise cause from None
         if isinstance(cause, DependencyUnavailable):
             # The key could not be looked up (OpenBao down or sealed): 503, not a bad signature.
             raise cause from None
-        raise Unauthorized(f"signature does not verify: {exc}", code="invalid_signature") from exc
-    keyid = str(params["keyid"])
-    # A nonce is remembered as long as a signature carrying it could still be accepted.
-    if not nonces.claim(keyid, str(params["nonce"]), window.max_age + window.future_skew):
-        raise Unauthorized("nonce already used (replay)", code="replayed_nonce")
-    return keyid
+        # The detail depends on the failure alone, never on whether the key id was known.
+        crypto = isinstance(cause, BadEd25519Signature)
+        detail = NOT_VERIFIED if crypto else f"signature does not verify: {exc}"
+        raise _refusal(detail, resolver) from exc
+    if resolver.unknown:
+        raise _refusal(NOT_VERIFIED, resolver)  # Unreachable with a key nobody holds.
+    # The library parses the headers on its own: it must have verified exactly the signature
+    # whose times and key id were checked above, and no other.
+    if len(results) != 1 or any(
+        results[0].parameters.get(name) != params.get(name)
+        for name in ("keyid", "nonce", "created", "expires", "tag")
+    ):
+        raise Unauthorized(
+            'exactly one signature may carry tag="appliance"', code="invalid_signature"
+        )
+
+
+def _refusal(detail: str, resolver: _Keys) -> Unauthorized:
+    """A signature that does not verify: the same for the client whatever its key id; the audit
+    log alone learns whether the key id was unknown or disabled, or an enabled client's."""
+    if resolver.unknown:
+        return Unauthorized(detail, code="invalid_signature", reason="unknown_key")
+    if resolver.known:
+        return Unauthorized(detail, code="invalid_signature", reason="wrong_key")
+    return Unauthorized(detail, code="invalid_signature")
 
 
 class _PrivateKey(HTTPSignatureKeyResolver):

@@ -16,7 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..audit import AuditError, AuditSink, EventType
-from ..errors import ApplianceError
+from ..errors import ApplianceError, Unauthorized
+from ..observability import UNAUTHENTICATED
+from ._auth_failures import AuthFailures, Failure
 
 log = logging.getLogger("appliance.api")
 
@@ -40,12 +42,11 @@ def problem(
 
 
 def audit_refusal(audit: AuditSink, client: str | None, exc: ApplianceError) -> None:
-    """One audit entry per refused request: who (if known), what and why; never the body."""
+    """One audit entry per refused request that is not an unauthenticated one (see
+    `audit_unauthenticated`): who, what and why; never the body."""
     common: dict[str, Any] = {"code": exc.code, "http_status": exc.status}
     try:
-        if exc.status == 401:
-            audit.record(EventType.AUTH_FAILED, **common)
-        elif exc.status == 403 and client is not None:
+        if exc.status == 403 and client is not None:
             audit.record(EventType.POLICY_DENIED, client=client, **common)
         else:
             audit.record(
@@ -55,9 +56,44 @@ def audit_refusal(audit: AuditSink, client: str | None, exc: ApplianceError) -> 
         log.warning("could not audit a refused request")
 
 
+def audit_unauthenticated(
+    audit: AuditSink, failures: AuthFailures, request: Request, exc: Unauthorized
+) -> None:
+    """A 401: recorded with the key id it claimed, its route and request id (issue 12, finding
+    21); counted per source and window unless its signature verified (`AuthFailures`)."""
+    failure = Failure(
+        code=exc.code,
+        source=request.client.host if request.client else "unknown",
+        route=getattr(request.scope.get("route"), "path", "unmatched"),
+        reason=exc.reason,
+        claimed_keyid=exc.claimed_keyid,
+        request_id=getattr(request.state, "request_id", None),
+    )
+    UNAUTHENTICATED.labels(exc.code).inc()
+    if not exc.verified:
+        failures.refused(failure)
+        return
+    try:  # A replayed nonce: the signature verified, so whoever sent it holds the key.
+        audit.record(
+            EventType.AUTH_FAILED,
+            code=failure.code,
+            http_status=401,
+            claimed_keyid=failure.claimed_keyid,
+            route=failure.route,
+            request_id=failure.request_id,
+            remote_addr=failure.source,
+        )
+    except AuditError:
+        log.warning("could not audit a refused request")
+
+
 async def _appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
     services = getattr(request.app.state, "services", None)
-    if 400 <= exc.status < 500 and services is not None:
+    if isinstance(exc, Unauthorized) and services is not None:
+        await run_in_threadpool(
+            audit_unauthenticated, services.audit, services.auth_failures, request, exc
+        )
+    elif 400 <= exc.status < 500 and services is not None:
         client = getattr(request.state, "client", None)
         await run_in_threadpool(audit_refusal, services.audit, client, exc)
     retry_after = getattr(exc, "retry_after", None)

@@ -13,7 +13,14 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from ..registry import Client, Registry
-from ..signatures import DEFAULT_WINDOW, NonceStore, UnverifiedRequest, Window, verify_request
+from ..signatures import (
+    DEFAULT_WINDOW,
+    NonceStore,
+    UnverifiedRequest,
+    Window,
+    authority_of,
+    verify_request,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -49,7 +56,12 @@ class _ResolvedClient:
 
 
 class Authenticator:
-    """Verifies a request's signature against the registry and the nonces seen."""
+    """Verifies a request's signature against the registry and the nonces seen.
+
+    `authorities` are the `@authority` values a signature may name (the deployment's setting);
+    when none are set, only the address and port the connection arrived at, which no client
+    chooses (issue 12, finding 19).
+    """
 
     def __init__(
         self,
@@ -57,22 +69,44 @@ class Authenticator:
         nonces: NonceStore,
         clock: Callable[[], float],
         window: Window = DEFAULT_WINDOW,
+        authorities: tuple[str, ...] = (),
     ) -> None:
         self.registry = registry
         self.nonces = nonces
         self.clock = clock
         self.window = window
+        self.authorities = frozenset(authorities)
 
     def authenticate(self, request: Request, body: bytes) -> Client:
         """The signing client (or raise Unauthorized)."""
         unverified = UnverifiedRequest(request.method, str(request.url), dict(request.headers))
         resolved = _ResolvedClient(self.registry)
-        keyid = verify_request(unverified, body, resolved, self.nonces, self.clock, self.window)
+        keyid = verify_request(
+            unverified,
+            body,
+            resolved,
+            self.nonces,
+            self.clock,
+            self.window,
+            authorities=self.authorities or _arrived_at(request),
+        )
         client = resolved.client
         if client is None or client.keyid != keyid:  # verify_request resolved no other key.
-            raise Unauthorized(f"unknown or disabled key {keyid!r}", code="unknown_key")
+            raise Unauthorized("the signature does not verify", code="invalid_signature")
         request.state.client = client.keyid
         return client
+
+
+def _arrived_at(request: Request) -> frozenset[str]:
+    """The authority of the address and port this connection arrived at (none on a socket
+    without one, such as a Unix socket: then every signed request is refused)."""
+    server = request.scope.get("server")
+    if not server:
+        return frozenset()
+    host, port = str(server[0]), server[1]
+    host = f"[{host}]" if ":" in host else host
+    netloc = host if port is None else f"{host}:{int(port)}"
+    return frozenset({authority_of(f"{request.url.scheme}://{netloc}/")})
 
 
 def parse_body(request: Request, body: bytes, model: type[M]) -> M:

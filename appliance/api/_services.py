@@ -22,6 +22,7 @@ from ..store import (
     ResultStore,
 )
 from ..vault import Transit, VaultSession
+from ._auth_failures import AuthFailures
 from ._jobs import Publish, Results, Submissions
 from ._requests import Authenticator
 
@@ -46,6 +47,7 @@ class Services:
     metrics_token: bytes | None = None
     clock: Callable[[], float] = time.time
     authenticator: Authenticator = field(init=False)
+    auth_failures: AuthFailures = field(init=False)
     submissions: Submissions = field(init=False)
     results: Results = field(init=False)
 
@@ -53,7 +55,10 @@ class Services:
         window = Window(
             self.settings.signature_window_seconds, self.settings.signature_future_skew_seconds
         )
-        self.authenticator = Authenticator(self.registry, self.nonces, self.clock, window)
+        self.authenticator = Authenticator(
+            self.registry, self.nonces, self.clock, window, self.settings.api_authorities
+        )
+        self.auth_failures = AuthFailures(self.audit, self.clock)
         self.submissions = Submissions(
             self.transit, self.store, self.publish, self.audit, self.clock
         )

@@ -30,8 +30,14 @@ def create_app(build: Callable[[], Services]) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = await run_in_threadpool(build)
-        yield
+        services = await run_in_threadpool(build)
+        app.state.services = services
+        services.auth_failures.start()
+        try:
+            yield
+        finally:
+            # Every counted unauthenticated failure reaches the audit log before the API stops.
+            await run_in_threadpool(services.auth_failures.close)
 
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which an appliance
     # must not make its operators' browsers fetch (issue 12, finding 24). The schema stays at

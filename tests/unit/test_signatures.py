@@ -13,12 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import DependencyUnavailable, Unauthorized
-from appliance.signatures import UnverifiedRequest, sign_request, verify_request
+from appliance.signatures import (
+    NOT_VERIFIED,
+    UnverifiedRequest,
+    authority_of,
+    sign_request,
+    verify_request,
+)
 
 from .api.harness import Nonces
 
 KEY = Ed25519PrivateKey.generate()
 NOW = 1_800_000_000.0
+#: The authority the test server answers for.
+HERE = frozenset({"api.test"})
 
 
 class Keys:
@@ -46,7 +54,7 @@ def _verify(
     nonces: Nonces | None = None,
     now: float = NOW,
 ) -> str:
-    return verify_request(req, body, Keys(), nonces or Nonces(), lambda: now)
+    return verify_request(req, body, Keys(), nonces or Nonces(), lambda: now, authorities=HERE)
 
 
 def test_valid_request_verifies() -> None:
@@ -105,10 +113,86 @@ def test_other_url_does_not_verify() -> None:
         _verify(moved)
 
 
-def test_unknown_key() -> None:
+def _refusal(req: UnverifiedRequest) -> Unauthorized:
     with pytest.raises(Unauthorized) as exc:
-        _verify(_signed(keyid="nobody"))
-    assert exc.value.code == "unknown_key"
+        _verify(req)
+    return exc.value
+
+
+def test_an_unknown_key_id_answers_as_a_wrong_signature_does() -> None:
+    """Issue 12, finding 18: an unauthenticated caller could tell `unknown_key` from
+    `invalid_signature`, and so enumerate the registered key ids. Only the audit-only reason
+    tells them apart."""
+    unknown = _refusal(_signed(keyid="nobody"))
+    wrong = _refusal(_signed(key=Ed25519PrivateKey.generate()))
+    assert (unknown.status, unknown.code, unknown.detail) == (
+        401,
+        "invalid_signature",
+        NOT_VERIFIED,
+    )
+    assert (wrong.status, wrong.code, wrong.detail) == (
+        unknown.status,
+        unknown.code,
+        unknown.detail,
+    )
+    assert (unknown.reason, wrong.reason) == ("unknown_key", "wrong_key")
+    assert (unknown.claimed_keyid, wrong.claimed_keyid) == ("nobody", "c1")
+
+
+def test_a_malformed_request_answers_the_same_for_known_and_unknown_key_ids() -> None:
+    """A failure after the key lookup but before the signature check (a covered header that is
+    absent) must not differ either."""
+
+    def without_digest(keyid: str) -> UnverifiedRequest:
+        req = _signed(keyid=keyid)
+        headers = {k: v for k, v in req.headers.items() if k.lower() != "content-digest"}
+        return UnverifiedRequest(req.method, req.url, headers)
+
+    known, unknown = _refusal(without_digest("c1")), _refusal(without_digest("nobody"))
+    assert (known.code, known.detail) == (unknown.code, unknown.detail)
+
+
+def test_two_appliance_tagged_signatures_are_refused() -> None:
+    """Issue 12, finding 20: only the first tagged signature got the time and nonce checks; a
+    second one, stale or replayed, rode along. Exactly one may carry the tag."""
+    req = httpx.Request("GET", "http://api.test/x")
+    sign_request(req, "c1", KEY, None, created=datetime.datetime.fromtimestamp(NOW, datetime.UTC))
+    first_input, first_sig = req.headers["signature-input"], req.headers["signature"]
+    stale = datetime.datetime.fromtimestamp(NOW - 3600, datetime.UTC)
+    sign_request(req, "c1", KEY, None, created=stale, nonce="old")
+    headers = dict(req.headers)
+    headers["signature-input"] = (
+        first_input + ", " + req.headers["signature-input"].replace("sig1=", "sig2=", 1)
+    )
+    headers["signature"] = first_sig + ", " + req.headers["signature"].replace("sig1=", "sig2=", 1)
+    twice = UnverifiedRequest("GET", str(req.url), headers)
+    assert _refusal(twice).code == "invalid_signature"
+    # Each signature alone is what it is: the first verifies, the second is stale.
+    alone = {"signature-input": first_input, "signature": first_sig}
+    assert _verify(UnverifiedRequest("GET", str(req.url), alone), b"") == "c1"
+
+
+def test_another_servers_authority_is_refused() -> None:
+    """Issue 12, finding 19: a request signed for another server verified here."""
+    elsewhere = _signed(url="http://other.example:8080/v1/tasks")
+    assert _refusal(elsewhere).code == "wrong_authority"
+    here = _signed(url="http://API.test:80/v1/tasks")
+    assert _verify(here) == "c1"  # the same authority as RFC 9421 normalises it
+
+
+@pytest.mark.parametrize(
+    ("url", "authority"),
+    [
+        ("http://API.test:80/x", "api.test"),
+        ("https://api.test:443/x", "api.test"),
+        ("https://api.test:80/x", "api.test:80"),
+        ("http://127.0.0.1:8000/x?y", "127.0.0.1:8000"),
+        ("http://[::1]:8000/x", "[::1]:8000"),
+        ("http://[::1]/x", "[::1]"),
+    ],
+)
+def test_authority_of(url: str, authority: str) -> None:
+    assert authority_of(url) == authority
 
 
 def test_registry_down_is_503_not_a_bad_signature() -> None:
@@ -121,7 +205,7 @@ def test_registry_down_is_503_not_a_bad_signature() -> None:
             raise DependencyUnavailable("OpenBao is unreachable")
 
     with pytest.raises(DependencyUnavailable):
-        verify_request(_signed(), b'{"a": 1}', DownKeys(), Nonces(), lambda: NOW)
+        verify_request(_signed(), b'{"a": 1}', DownKeys(), Nonces(), lambda: NOW, authorities=HERE)
 
 
 @settings(max_examples=200, deadline=None)
