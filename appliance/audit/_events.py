@@ -238,7 +238,7 @@ RULES: Mapping[EventType, _Rule] = {
     ),
     EventType.EXECUTION_FINISHED: _rule(
         "task_id status",
-        "function client result_key module_sha256 usage workflow_id step code request_id",
+        "function client result_key module_sha256 usage workflow_id step code reason request_id",
         None,
         "module_source result",
     ),

@@ -11,7 +11,9 @@ own retry. Every collaborator is in `Runtime`, so the machine runs over stubs in
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -24,7 +26,14 @@ import sandbox
 
 from .. import workflows
 from ..audit import AuditSink, EventType
-from ..errors import ApplianceError, BadRequest, NotFound, SealBroken
+from ..errors import (
+    ApplianceError,
+    BadRequest,
+    DependencyUnavailable,
+    Forbidden,
+    NotFound,
+    SealBroken,
+)
 from ..jobs import JobMessage, MessageRejected, open_carry, open_job, seal_result, verify_message
 from ..keyservice import KeyService
 from ..observability import JOBS, observe_usage
@@ -34,6 +43,8 @@ from ..settings import Settings
 from ..specs import JobSpec, ResultBody, WorkflowPlace
 from ..store import ResultStore
 from .sandboxes import SandboxPool
+
+log = logging.getLogger("appliance.worker")
 
 
 @dataclass
@@ -96,9 +107,65 @@ def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> 
     now = rt.clock()
     verify_message(rt.transit, message, TASK_NAME, now)
     ttl = message.expires - int(now)
-    spec = _open(rt, message)
     with _in_hand.only(message):
-        return _claim_and_run(rt, message, spec, ttl, now, request_id)
+        spec: JobSpec | None = None
+        try:
+            spec = _open(rt, message)
+            return _claim_and_run(rt, message, _carried(rt, message, spec), ttl, now, request_id)
+        except _LEFT_TO_THE_TASK:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the line drawn in `_LEFT_TO_THE_TASK`'s comment
+            return _fail(rt, message, spec, ttl, request_id, exc)
+
+
+#: Where the line is drawn (issue 12, finding 14). These leave the job to Celery: a duplicate
+#: delivery waits (InFlight), a refused message is audited unrun (MessageRejected), and a
+#: dependency that is down or sealed (Redis, OpenBao, the broker, the audit log) is retried
+#: until it is back (SECURITY.md, "Outage"). Every other exception, once the message verified,
+#: is not going to pass on a retry: the job ends as failed `internal_error` (`_fail`).
+_LEFT_TO_THE_TASK = (InFlight, MessageRejected, DependencyUnavailable)
+
+
+def error_reason(exc: BaseException) -> str:
+    """An audit `reason` for an unexpected error: its appliance code, else its type's name as a
+    slug. Never its message, which may quote a secret's path or a job's data."""
+    if isinstance(exc, ApplianceError):
+        return exc.code
+    slug = re.sub(r"[^a-z0-9_.:-]", "", type(exc).__name__.lower()).lstrip("_.:-")
+    return slug[:64] or "unknown"
+
+
+def _fail(
+    rt: Runtime,
+    message: JobMessage,
+    spec: JobSpec | None,
+    ttl: int,
+    request_id: str | None,
+    exc: Exception,
+) -> str:
+    """End a verified job that hit an unexpected error as failed `internal_error`, so that it
+    never stays `running`. The client reads a fixed sentence; the log and the audit entry get
+    the error's code or type (never its message, which may quote data)."""
+    reason = error_reason(exc)
+    log.error("job %s ended by an unexpected %s", message.task_id, type(exc).__name__)
+    if rt.store.has_result(message.result_key):
+        # The error came after the result was stored (an audit entry, a step sent on): the
+        # result stands, and the failure is still audited.
+        rt.store.finish_claim(message.nonce, ttl)
+        rt.audit.record(
+            EventType.EXECUTION_FINISHED,
+            task_id=message.task_id,
+            status="internal_error",
+            reason=reason,
+            client=message.client,
+            result_key=message.result_key,
+            request_id=request_id,
+        )
+        return "internal_error"
+    body = ResultBody.failure(
+        "internal_error", "the appliance failed while running the job", "InternalError"
+    )
+    return _finish(rt, message, spec, body, ttl, request_id, reason=reason)
 
 
 def _claim_and_run(
@@ -164,20 +231,23 @@ _in_hand = _InHand()
 
 
 def _open(rt: Runtime, message: JobMessage) -> JobSpec | None:
-    """The job's spec, with the carried value first among the arguments of a later workflow
-    step; None when the job does not open (it then ends as `rejected`)."""
+    """The job's spec; None when the job does not open (it then ends as `rejected`)."""
     try:
-        spec = open_job(rt.transit, message)
+        return open_job(rt.transit, message)
     except SealBroken:
         return None
-    if spec.workflow is not None and spec.workflow.step > 0:
-        try:
-            carried = open_carry(rt.transit, message)
-        except SealBroken:
-            # Only a worker can seal a carry: a later step without one was not enqueued by us.
-            raise MessageRejected("bad carry") from None
-        spec = spec.with_carried(carried)
-    return spec
+
+
+def _carried(rt: Runtime, message: JobMessage, spec: JobSpec | None) -> JobSpec | None:
+    """The spec with the carried value first among the arguments of a later workflow step."""
+    if spec is None or spec.workflow is None or spec.workflow.step == 0:
+        return spec
+    try:
+        carried = open_carry(rt.transit, message)
+    except SealBroken:
+        # Only a worker can seal a carry: a later step without one was not enqueued by us.
+        raise MessageRejected("bad carry") from None
+    return spec.with_carried(carried)
 
 
 def _run_and_store(
@@ -224,6 +294,7 @@ def _finish(
     body: ResultBody,
     ttl: int,
     request_id: str | None,
+    reason: str | None = None,
 ) -> str:
     """Seal and store the result; in a workflow, enqueue the next step or skip the rest."""
     workflow = _place(spec)
@@ -251,6 +322,7 @@ def _finish(
         EventType.EXECUTION_FINISHED,
         task_id=message.task_id,
         status=status,
+        reason=reason,
         request_id=request_id,
         **finished,
     )
@@ -269,8 +341,12 @@ def _run(rt: Runtime, spec: JobSpec) -> ResultBody:
             return ResultBody.failure("secret_not_allowed", refused)
         try:
             values = rt.read_secrets(names)
-        except (NotFound, SealBroken):
-            return ResultBody.failure("secret_unavailable", "a named secret does not exist")
+        except (NotFound, Forbidden, SealBroken):
+            # OpenBao refusing a path reads like a missing secret: whether another client's
+            # secret exists is not for this job to learn.
+            return ResultBody.failure(
+                "secret_unavailable", "a named secret does not exist or may not be read"
+            )
         # Secrets reach the function as one keyword argument, `secrets`: {name: {field: value}}.
         kwargs["secrets"] = values
     try:

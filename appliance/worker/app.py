@@ -35,7 +35,7 @@ from ..queue import TASK_NAME, make_celery, publish
 from ..services import connect
 from ..settings import Settings, get_settings
 from ..vault import read_secrets
-from ._execute import InFlight, Runtime, execute, owner
+from ._execute import InFlight, Runtime, error_reason, execute, owner
 from .sandboxes import SandboxPool
 
 log = logging.getLogger("appliance.worker")
@@ -139,6 +139,20 @@ def _run_job(self: Task, message: Any) -> str:
     except DependencyUnavailable as exc:
         # Accepted work is never dropped: wait for Redis or OpenBao to come back.
         raise self.retry(countdown=2, exc=exc) from exc
+    except Exception as exc:  # noqa: BLE001 - the last resort of issue 12, finding 14
+        # `execute` ends a verified job that fails unexpectedly as `internal_error` itself. What
+        # reaches here failed before its message verified, or could not even store that
+        # failure: nothing is written for it, and the refusal is audited (type, never message).
+        log.error("task %s failed unexpectedly: %s", self.request.id, type(exc).__name__)
+        runtime().audit.record(
+            EventType.TASK_REJECTED,
+            code="internal_error",
+            reason=error_reason(exc),
+            task_id=task_id,
+            request_id=request_id,
+        )
+        JOBS.labels("internal_error").inc()
+        return "internal_error"
     finally:
         current_request_id.reset(token)
 
