@@ -6,6 +6,9 @@ an expired one, or one already run (a replay) is refused before anything else ha
 wait), from a redelivery after a crash (its claimer is dead: run again, at most `max_attempts`
 times in all, or finish the dead worker's work if it stored a result) and from this process's
 own retry. Every collaborator is in `Runtime`, so the machine runs over stubs in unit tests.
+
+Every verified job ends with a stored result: a dependency that is down is retried until it is
+back, and any other error ends the job as failed `internal_error` (`_LEFT_TO_THE_TASK`, `_fail`).
 """
 
 from __future__ import annotations
