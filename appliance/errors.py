@@ -118,7 +118,6 @@ CODES: dict[str, str] = {
     "unsupported_media_type": "the body is not JSON",
     "rate_limited": "over the client's rate limit or daily quota",
     "dependency_unavailable": "Redis, OpenBao or the broker is unreachable",
-    "enrolment_lost": "OpenBao refused the service's own secret_id: it needs `appliance up`",
     "seal_broken": "a sealed envelope does not open",
     # Request parsing (api).
     "bad_content_length": "Content-Length is not a number",
@@ -126,6 +125,9 @@ CODES: dict[str, str] = {
     "invalid_field": "a field fails validation",
     "too_many_steps": "a workflow over the configured number of steps",
     "metrics_unauthorized": "/metrics without its bearer token",
+    "invalid_idempotency_key": "an Idempotency-Key that is not 1 to 64 URL-safe characters",
+    "idempotency_conflict": "an Idempotency-Key already used for another request",
+    "idempotency_in_progress": "the first request with that Idempotency-Key has not finished",
     # Signatures (RFC 9421 profile).
     "missing_signature": "the request is not signed",
     "invalid_signature": "the signature or its input does not verify, or its key id is unknown",

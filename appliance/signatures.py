@@ -140,7 +140,14 @@ def _selected_params(headers: Mapping[str, str]) -> tuple[dict[str, Any], list[s
     return tagged[0]
 
 
-def required_components(has_query: bool, has_body: bool, covered: list[str]) -> list[str]:
+#: A header the signature must cover whenever the request carries it (CONTRACT §5): a retry is
+#: answered from the record of that key, so whoever could change it could redirect the answer.
+IDEMPOTENCY_HEADER = "idempotency-key"
+
+
+def required_components(
+    has_query: bool, has_body: bool, covered: list[str], has_idempotency_key: bool = False
+) -> list[str]:
     """The components the profile demands for this request."""
     need = ["@method"]
     need += ["@target-uri"] if "@target-uri" in covered else ["@authority", "@path"]
@@ -148,6 +155,8 @@ def required_components(has_query: bool, has_body: bool, covered: list[str]) -> 
         need.append("@query")
     if has_body:
         need += ["content-type", "content-digest"]
+    if has_idempotency_key:
+        need.append(IDEMPOTENCY_HEADER)
     return need
 
 
@@ -230,7 +239,8 @@ def _verify_signature(
 ) -> None:
     """Check the one tagged signature against the key of its key id (or raise)."""
     query = unverified.url.partition("?")[2]
-    need = required_components(bool(query), bool(body), covered)
+    has_key = any(name.lower() == IDEMPOTENCY_HEADER for name in unverified.headers)
+    need = required_components(bool(query), bool(body), covered, has_key)
     resolver = _Keys(keys)
     verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=resolver)
     try:
@@ -302,6 +312,8 @@ def sign_request(
         components.append("@query")
     if body:
         components.append("content-type")
+    if IDEMPOTENCY_HEADER in request.headers:
+        components.append(IDEMPOTENCY_HEADER)
     signer.sign(
         request,
         key_id=keyid,

@@ -6,14 +6,15 @@ so a unit test builds one with stubs and no service is reached through a bag of 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import workflows
-from ..audit import AuditSink, EventType
-from ..errors import Conflict, Forbidden, NotFound, SealBroken
+from ..audit import AuditError, AuditSink, EventType
+from ..errors import Conflict, DependencyUnavailable, Forbidden, NotFound, SealBroken
 from ..jobs import MESSAGE_TTL_SECONDS, JobMessage, open_result, seal_job, sign_message
 from ..keyservice import KeyService
 from ..queue import TASK_NAME
@@ -21,12 +22,15 @@ from ..registry import Client
 from ..results import check_result_key, new_result_key
 from ..specs import JobSpec
 from ..store import ResultStore, Stored
+from ._idempotency import Idempotency, Retryable
 
 Publish = workflows.Publish
 
 
 class Submissions:
-    """Seal, record, publish and audit accepted jobs."""
+    """Seal, audit, record and publish accepted jobs, in that order: a job whose acceptance
+    cannot be audited is never published (issue 12, finding 12). A submission with an
+    Idempotency-Key is accepted at most once (`_idempotency`)."""
 
     def __init__(
         self,
@@ -35,38 +39,64 @@ class Submissions:
         publish: Publish,
         audit: AuditSink,
         clock: Callable[[], float],
+        idempotency: Idempotency,
     ) -> None:
         self.transit = transit
         self.store = store
         self.publish = publish
         self.audit = audit
         self.clock = clock
+        self.idempotency = idempotency
 
     def enqueue(
-        self, client: Client, spec: JobSpec, request_id: str | None = None
-    ) -> dict[str, str]:
-        """Seal the job, record it as queued, and hand it to the broker."""
+        self,
+        client: Client,
+        spec: JobSpec,
+        request_id: str | None = None,
+        retry: Retryable | None = None,
+    ) -> dict[str, Any]:
+        """Accept the job once (see `_enqueue`); a retry gets the first acceptance again."""
+        return self.idempotency.once(
+            client.keyid, retry, lambda: self._enqueue(client, spec, request_id)
+        )
+
+    def _enqueue(self, client: Client, spec: JobSpec, request_id: str | None) -> dict[str, Any]:
+        """Seal the job, audit its acceptance, record it as queued, and hand it to the broker."""
         message = self._sign_job(client, spec)
-        self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
-        self.publish(message, request_id)
         self._audit_accepted(message, spec, request_id)
+        with self._withdrawn_unless_published([message], request_id):
+            self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
+            self.publish(message, request_id)
         return {"task_id": message.task_id, "result_key": message.result_key, "status": "queued"}
 
     def enqueue_workflow(
-        self, client: Client, specs: list[JobSpec], request_id: str | None = None
+        self,
+        client: Client,
+        specs: list[JobSpec],
+        request_id: str | None = None,
+        retry: Retryable | None = None,
     ) -> dict[str, Any]:
-        """Seal and sign every step up front; queue the first. The signed messages of the later
-        steps wait in Redis (`workflow:<id>`) until the worker that finishes a step enqueues
-        the next one, with the step's value sealed to it."""
+        """Accept the workflow once (see `_enqueue_workflow`)."""
+        return self.idempotency.once(
+            client.keyid, retry, lambda: self._enqueue_workflow(client, specs, request_id)
+        )
+
+    def _enqueue_workflow(
+        self, client: Client, specs: list[JobSpec], request_id: str | None
+    ) -> dict[str, Any]:
+        """Seal and sign every step up front, audit them, then queue the first. The signed
+        messages of the later steps wait in Redis (`workflow:<id>`) until the worker that
+        finishes a step enqueues the next one, with the step's value sealed to it."""
         workflow_id, steps, messages = workflows.sign_chain(
             specs, lambda spec: self._sign_job(client, spec)
         )
-        for message in messages:
-            self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
-        workflows.save(self.store, workflow_id, messages, MESSAGE_TTL_SECONDS)
-        self.publish(messages[0], request_id)
         for i, (message, spec) in enumerate(zip(messages, steps, strict=True)):
             self._audit_accepted(message, spec, request_id, workflow_id=workflow_id, step=i)
+        with self._withdrawn_unless_published(messages, request_id, workflow_id=workflow_id):
+            for message in messages:
+                self.store.mark(message.result_key, client.keyid, "queued", message.task_id)
+            workflows.save(self.store, workflow_id, messages, MESSAGE_TTL_SECONDS)
+            self.publish(messages[0], request_id)
         return {
             "workflow_id": workflow_id,
             "result_key": messages[-1].result_key,
@@ -81,6 +111,39 @@ class Submissions:
         sealed = seal_job(self.transit, spec, task_id, result_key, client.keyid)
         message = JobMessage(task_id, result_key, client.keyid, sealed)
         return sign_message(self.transit, message, TASK_NAME, self.clock())
+
+    @contextlib.contextmanager
+    def _withdrawn_unless_published(
+        self, messages: list[JobMessage], request_id: str | None, **workflow: Any
+    ) -> Iterator[None]:
+        """Audit `submission.withdrawn` for accepted jobs when their publication fails (the
+        client gets the error, the job will not run), and forget their `queued` records."""
+        try:
+            yield
+        except Exception as exc:
+            code = exc.code if isinstance(exc, DependencyUnavailable) else "internal_error"
+            for step, message in enumerate(messages):
+                self._withdraw(
+                    message, code, request_id, **workflow, **({"step": step} if workflow else {})
+                )
+            raise
+
+    def _withdraw(
+        self, message: JobMessage, code: str, request_id: str | None, **step: Any
+    ) -> None:
+        # Best effort: the failure being reported is the original one.
+        with contextlib.suppress(DependencyUnavailable):
+            self.store.delete(message.result_key)
+        with contextlib.suppress(AuditError):
+            self.audit.record(
+                EventType.SUBMISSION_WITHDRAWN,
+                client=message.client,
+                task_id=message.task_id,
+                result_key=message.result_key,
+                code=code,
+                request_id=request_id,
+                **step,
+            )
 
     def _audit_accepted(
         self, message: JobMessage, spec: JobSpec, request_id: str | None, **step: Any

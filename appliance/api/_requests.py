@@ -126,6 +126,14 @@ def parse_body(request: Request, body: bytes, model: type[M]) -> M:
         raise BadRequest(_first_error(exc), code="invalid_field") from exc
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key as sent (checked by `Retryable`); one at most."""
+    values = request.headers.getlist("idempotency-key")
+    if len(values) > 1:
+        raise BadRequest("more than one Idempotency-Key", code="invalid_idempotency_key")
+    return values[0] if values else None
+
+
 def request_id(request: Request) -> str | None:
     """The id the middleware gave this request."""
     rid: str | None = getattr(request.state, "request_id", None)

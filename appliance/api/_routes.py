@@ -11,7 +11,8 @@ from ..errors import BadRequest, NotFound, Unauthorized
 from ..observability import authorized, exposition
 from ..registry import Client
 from ._authorize import authorize
-from ._requests import parse_body, read_body, request_id
+from ._idempotency import Retryable
+from ._requests import idempotency_key, parse_body, read_body, request_id
 from ._schemas import TaskIn, WorkflowIn
 from ._services import Services
 
@@ -36,16 +37,20 @@ async def signed(request: Request) -> tuple[Services, bytes, Client]:
 @router.post("/v1/tasks", status_code=202)
 async def submit_task(request: Request) -> JSONResponse:
     svc, body, client = await signed(request)
+    retry = Retryable.from_header(idempotency_key(request), "/v1/tasks", body)
     task = parse_body(request, body, TaskIn)
     spec = authorize(svc.policy, client, task)
     await run_in_threadpool(svc.limiter.hit, client, 1, svc.clock())
-    accepted = await run_in_threadpool(svc.submissions.enqueue, client, spec, request_id(request))
+    accepted = await run_in_threadpool(
+        svc.submissions.enqueue, client, spec, request_id(request), retry
+    )
     return JSONResponse(accepted, status_code=202)
 
 
 @router.post("/v1/workflows", status_code=202)
 async def submit_workflow(request: Request) -> JSONResponse:
     svc, body, client = await signed(request)
+    retry = Retryable.from_header(idempotency_key(request), "/v1/workflows", body)
     workflow = parse_body(request, body, WorkflowIn)
     if len(workflow.steps) > svc.settings.workflow_max_steps:
         raise BadRequest(
@@ -55,7 +60,7 @@ async def submit_workflow(request: Request) -> JSONResponse:
     specs = [authorize(svc.policy, client, step) for step in workflow.steps]
     await run_in_threadpool(svc.limiter.hit, client, len(specs), svc.clock())
     accepted = await run_in_threadpool(
-        svc.submissions.enqueue_workflow, client, specs, request_id(request)
+        svc.submissions.enqueue_workflow, client, specs, request_id(request), retry
     )
     return JSONResponse(accepted, status_code=202)
 

@@ -18,11 +18,13 @@ from ..services import connect
 from ..settings import Settings
 from ..signatures import NonceStore, Window
 from ..store import (
+    IdempotencyStore,
     RateLimiter,
     ResultStore,
 )
 from ..vault import Transit, VaultSession
 from ._auth_failures import AuthFailures
+from ._idempotency import Idempotency
 from ._jobs import Publish, Results, Submissions
 from ._requests import Authenticator
 
@@ -44,6 +46,7 @@ class Services:
     policy: sandbox.Policy
     audit: AuditSink
     limiter: RateLimiter
+    idempotency: IdempotencyStore
     metrics_token: bytes | None = None
     clock: Callable[[], float] = time.time
     authenticator: Authenticator = field(init=False)
@@ -59,8 +62,10 @@ class Services:
             self.registry, self.nonces, self.clock, window, self.settings.api_authorities
         )
         self.auth_failures = AuthFailures(self.audit, self.clock)
+        # A retry may arrive as long as a signature made after the first request is accepted.
+        retries = Idempotency(self.transit, self.idempotency, window.max_age + window.future_skew)
         self.submissions = Submissions(
-            self.transit, self.store, self.publish, self.audit, self.clock
+            self.transit, self.store, self.publish, self.audit, self.clock, retries
         )
         self.results = Results(self.transit, self.store, self.audit, self.clock)
 
@@ -83,6 +88,7 @@ class Services:
             policy=sandbox.Policy.load(),
             audit=connected.audit,
             limiter=stores.limiter,
+            idempotency=stores.idempotency,
             metrics_token=read_token(settings.metrics_token_file),
         )
 

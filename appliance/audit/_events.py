@@ -25,6 +25,9 @@ class EventType(StrEnum):
 
     SUBMISSION_ACCEPTED = "submission.accepted"
     SUBMISSION_REJECTED = "submission.rejected"
+    # An accepted submission whose job could not be published after all (the broker or Redis
+    # failed once the acceptance was audited): the client got the error, the job never runs.
+    SUBMISSION_WITHDRAWN = "submission.withdrawn"
     AUTH_FAILED = "auth.failed"
     # The unauthenticated failures of one source in one window after its first (which has its
     # own `auth.failed` entry): counted, not written one by one (issue 12, finding 10).
@@ -220,6 +223,11 @@ RULES: Mapping[EventType, _Rule] = {
         f"client function http_status reason module_sha256 workflow_id {_REQUEST}",
         "rejected",
         "module_source",
+    ),
+    EventType.SUBMISSION_WITHDRAWN: _rule(
+        "client task_id result_key code",
+        "function workflow_id step request_id",
+        "withdrawn",
     ),
     EventType.AUTH_FAILED: _rule(
         "code", f"client claimed_keyid route http_status reason {_REQUEST}", "denied"

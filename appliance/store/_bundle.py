@@ -8,6 +8,7 @@ from ..settings import Settings
 from ..vault import VaultSession
 from ._connection import connect
 from ._generation import RedisGeneration
+from ._idempotency import RedisIdempotency
 from ._limits import RedisRateLimiter
 from ._nonces import RedisNonces
 from ._results import RedisResultStore
@@ -15,12 +16,14 @@ from ._results import RedisResultStore
 
 @dataclass(frozen=True)
 class RedisStores:
-    """The result store, nonces, rate limits and registry generation of one service."""
+    """The result store, nonces, rate limits, idempotency records and registry generation of
+    one service."""
 
     results: RedisResultStore
     nonces: RedisNonces
     limiter: RedisRateLimiter
     generation: RedisGeneration
+    idempotency: RedisIdempotency
 
     @classmethod
     def connect(cls, settings: Settings, session: VaultSession) -> RedisStores:
@@ -31,4 +34,5 @@ class RedisStores:
             RedisNonces(client),
             RedisRateLimiter(client),
             RedisGeneration(client),
+            RedisIdempotency(client),
         )

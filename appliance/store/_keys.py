@@ -19,6 +19,8 @@ WORKFLOW = "workflow:"
 NONCE = "nonce:"
 #: Rate-limit windows: `ratelimit:<keyid>:m:<minute>` and `:d:<day>` (api only).
 RATELIMIT = "ratelimit:"
+#: A client's first acceptance per Idempotency-Key: `idempotency:<keyid>:<sha256>` (api only).
+IDEMPOTENCY = "idempotency:"
 #: Live workers: the sorted set `heartbeat:workers` (member host:pid, score unix time).
 HEARTBEAT = "heartbeat:"
 #: The registry's generation token `registry:generation` (written by the operator as admin).
@@ -27,7 +29,18 @@ REGISTRY = "registry:"
 BROKER = "celery:"
 
 #: Every prefix, in the order of the ACL file's notes.
-PREFIXES = (RESULT, PENDING, CLAIM, WORKFLOW, NONCE, RATELIMIT, HEARTBEAT, REGISTRY, BROKER)
+PREFIXES = (
+    RESULT,
+    PENDING,
+    CLAIM,
+    WORKFLOW,
+    NONCE,
+    RATELIMIT,
+    IDEMPOTENCY,
+    HEARTBEAT,
+    REGISTRY,
+    BROKER,
+)
 
 HEARTBEAT_KEY = HEARTBEAT + "workers"
 REGISTRY_GENERATION_KEY = REGISTRY + "generation"
@@ -51,6 +64,10 @@ def nonce(keyid: str, digest: str) -> str:
 
 def ratelimit(keyid: str, window: str) -> str:
     return f"{RATELIMIT}{keyid}:{window}"
+
+
+def idempotency(keyid: str, digest: str) -> str:
+    return f"{IDEMPOTENCY}{keyid}:{digest}"
 
 
 def prefix_of(key: str) -> str | None:

@@ -19,7 +19,11 @@ from appliance.jobs import JobMessage
 from appliance.keyservice import UnsafeMemoryKeyService
 from appliance.registry import Client
 from appliance.settings import Settings
-from appliance.store import UnsafeMemoryRateLimiter, UnsafeMemoryResultStore
+from appliance.store import (
+    UnsafeMemoryIdempotency,
+    UnsafeMemoryRateLimiter,
+    UnsafeMemoryResultStore,
+)
 
 NOW = 1_800_000_000.0
 
@@ -72,6 +76,7 @@ class Harness:
         self.registry = Registry()
         self.published: list[JobMessage] = []
         self.vault = Vault()
+        self.idempotency = UnsafeMemoryIdempotency(self.clock)
         self.services = Services(
             settings=settings or Settings(),
             registry=self.registry,  # type: ignore[arg-type]
@@ -83,6 +88,7 @@ class Harness:
             policy=sandbox.Policy.load(),
             audit=self.audit,
             limiter=UnsafeMemoryRateLimiter(self.clock),
+            idempotency=self.idempotency,
             clock=self.clock,
         )
         self.app = create_app(lambda: self.services)
@@ -113,18 +119,21 @@ class Harness:
         params: dict[str, str] | None = None,
         nonce: str | None = None,
         signed_at: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         """A request signed by `keyid` (alice by default), at the harness's time (or at
-        `signed_at`)."""
+        `signed_at`), with extra `headers` (an Idempotency-Key is covered by the signature)."""
         from appliance.signatures import sign_request
 
         async def send() -> httpx.Response:
             transport = httpx.ASGITransport(app=self.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
                 content = json.dumps(body).encode() if body is not None else None
-                headers = {"content-type": "application/json"} if content is not None else {}
+                extra = dict(headers or {})
+                if content is not None:
+                    extra["content-type"] = "application/json"
                 req = http.build_request(
-                    method, path, content=content, headers=headers, params=params
+                    method, path, content=content, headers=extra, params=params
                 )
                 when = self.clock() if signed_at is None else signed_at
                 created = datetime.datetime.fromtimestamp(when, datetime.UTC)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import sandbox
+from appliance.api._idempotency import Idempotency
 from appliance.api._jobs import Submissions
 from appliance.audit import UnsafeMemoryAuditSink
 from appliance.jobs import JobMessage, MessageRejected, open_result
@@ -18,7 +19,7 @@ from appliance.keyservice import UnsafeMemoryKeyService
 from appliance.registry import Client
 from appliance.settings import Settings
 from appliance.specs import JobSpec
-from appliance.store import UnsafeMemoryResultStore
+from appliance.store import UnsafeMemoryIdempotency, UnsafeMemoryResultStore
 from appliance.worker import InFlight, Runtime, execute, owner
 
 NOW = 1_800_000_000.0
@@ -76,6 +77,7 @@ class World:
             lambda message, request_id: self.published.append(message),
             self.audit,
             self.clock,
+            Idempotency(self.keys, UnsafeMemoryIdempotency(self.clock), 330),  # type: ignore[arg-type]
         )
 
     def submit(self, args: list[Any] | None = None) -> JobMessage:
