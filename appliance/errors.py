@@ -118,6 +118,7 @@ CODES: dict[str, str] = {
     "unsupported_media_type": "the body is not JSON",
     "rate_limited": "over the client's rate limit or daily quota",
     "dependency_unavailable": "Redis, OpenBao or the broker is unreachable",
+    "enrolment_lost": "OpenBao refused the service's own secret_id: it needs `appliance up`",
     "seal_broken": "a sealed envelope does not open",
     # Request parsing (api).
     "bad_content_length": "Content-Length is not a number",
