@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # scheme's default (`127.0.0.1:8000`, `appliance.example`). Empty: only the address and port
     # the connection arrived at (the local stack sets its `127.0.0.1:PORT` explicitly).
     api_authorities: Annotated[tuple[str, ...], NoDecode] = ()
+    # Unauthenticated failures of one source are audited one by one only for the first of each
+    # window this long; the rest are counted into one `auth.failures` entry when it ends.
+    auth_failure_window_seconds: float = Field(default=10.0, ge=1, le=3600)
 
     audit_log: Path | None = None
 

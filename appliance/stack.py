@@ -205,6 +205,10 @@ def _launch(state: Path, name: str, ports: Ports, pki: _stack.Pki) -> None:
         "APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
         "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE": str(wrap_file),
     }
+    if name == "api":
+        # The one authority a signed request to this stack may name (issue 12, finding 19): the
+        # loopback address and port of `api_url`, which is all the local stack listens on.
+        extra["APPLIANCE_API_AUTHORITIES"] = f"{HOST}:{ports.api}"
     _stack.start_detached(
         _argv(name, ports, state),
         log_file=directory / f"{name}.log",

@@ -37,8 +37,9 @@ from ..audit import AuditError, AuditSink, EventType
 
 log = logging.getLogger("appliance.api")
 
-#: Seconds a source's window lasts, counted from its first failure.
-WINDOW_SECONDS = 60.0
+#: Seconds a source's window lasts, counted from its first failure (the default of
+#: `APPLIANCE_AUTH_FAILURE_WINDOW_SECONDS`): short, so that a flood shows in the log soon.
+WINDOW_SECONDS = 10.0
 #: Sources tracked at once; the failures of more are counted under `OVERFLOW`.
 MAX_SOURCES = 1024
 OVERFLOW = "other"

@@ -61,7 +61,9 @@ class Services:
         self.authenticator = Authenticator(
             self.registry, self.nonces, self.clock, window, self.settings.api_authorities
         )
-        self.auth_failures = AuthFailures(self.audit, self.clock)
+        self.auth_failures = AuthFailures(
+            self.audit, self.clock, self.settings.auth_failure_window_seconds
+        )
         # A retry may arrive as long as a signature made after the first request is accepted.
         retries = Idempotency(self.transit, self.idempotency, window.max_age + window.future_skew)
         self.submissions = Submissions(

@@ -49,8 +49,9 @@ def test_disable_refuses_the_next_request_and_enable_restores_it(appliance_stack
         done = appliance_stack.cli("clients", "disable", "revocable")
         disabled_at = time.monotonic()
         assert done.returncode == 0, done.stderr
-        # The very next request: refused as an unknown or disabled key (CONTRACT.md section 2).
-        assert is_problem(submit(client, _F, "f"), 401)["code"] == "unknown_key"
+        # The very next request: refused as an unknown or disabled key (CONTRACT.md section 2),
+        # which a client is told as a signature that does not verify (issue 12, finding 18).
+        assert is_problem(submit(client, _F, "f"), 401)["code"] == "invalid_signature"
         time.sleep(1.0)
         enable_started = time.monotonic()
         done = appliance_stack.cli("clients", "enable", "revocable")
@@ -70,7 +71,7 @@ def test_disable_refuses_the_next_request_and_enable_restores_it(appliance_stack
     ]
     after = [status for sent, status, _ in log if sent >= enabled_at]
     assert before and set(before) == {200}
-    assert while_disabled and set(while_disabled) == {(401, "unknown_key")}
+    assert while_disabled and set(while_disabled) == {(401, "invalid_signature")}
     assert after and set(after) == {200}
 
 
