@@ -3,10 +3,14 @@ findings 10 and 21): the first of a source and window alone, the rest counted.""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
 
+import httpx
+
+from appliance.api import create_app
 from appliance.api._auth_failures import OVERFLOW, AuthFailures, Failure
 from appliance.audit import UnsafeMemoryAuditSink
 
@@ -148,3 +152,22 @@ def test_a_replay_is_never_aggregated() -> None:
         assert api.request("GET", "/get-result", params={"key": "x"}, nonce="n1").status_code == 401
     replays = [e for e in api.audit.of_type("auth.failed") if e["code"] == "replayed_nonce"]
     assert len(replays) == 3 and replays[0]["claimed_keyid"] == "alice"
+
+
+def test_the_api_writes_the_open_windows_when_it_stops() -> None:
+    """The lifespan starts the flush and closes it at shutdown: nothing counted is lost."""
+    api = Harness()
+    app = create_app(lambda: api.services)
+
+    async def serve_then_stop() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+                for _ in range(3):
+                    assert (await http.get("/get-result?key=x")).status_code == 401
+            assert len(api.audit.of_type("auth.failed")) == 1
+            assert api.audit.of_type("auth.failures") == []  # the window is still open
+
+    asyncio.run(serve_then_stop())
+    [counted] = api.audit.of_type("auth.failures")
+    assert counted["count"] == 2 and counted["codes"] == {"missing_signature": 2}
