@@ -101,7 +101,7 @@ REGISTRY_CACHED = Gauge(
 #: Requests refused before a signature verified, by the code their client was told.
 UNAUTHENTICATED = Counter(
     "appliance_unauthenticated_requests",
-    "Requests refused as unauthenticated (401), by code",
+    "Requests refused before any signature verified (401, 413, ...), by code",
     ["code"],
     registry=REGISTRY,
 )

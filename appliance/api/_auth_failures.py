@@ -1,7 +1,10 @@
 """Unauthenticated failures: each one recorded, without one synced audit entry per request.
 
 An unauthenticated caller once bought a synced audit entry with every 401 (issue 12, finding 10:
-2,000 requests, 2,020 entries). Every failure is still recorded (CONTRACT §4), as follows:
+2,000 requests, 2,020 entries). The same holds for the refusals that come before a signature
+can be checked at all (a body over the cap, a bad Content-Length): they are counted here too,
+their sample being a `submission.rejected` entry. Every failure is still recorded (CONTRACT
+§4), as follows:
 
 - The first unauthenticated failure of a *source* in a *window* gets its own `auth.failed`
   entry at once: the sample, with the code, the audit-only reason, the claimed key id, the
@@ -52,6 +55,7 @@ class Failure:
     code: str
     source: str
     route: str
+    status: int = 401
     reason: str | None = None
     claimed_keyid: str | None = None
     request_id: str | None = None
@@ -105,7 +109,7 @@ class AuthFailures:
                 window.last = now
         self._write_aggregates(ended)
         if window is None:
-            self._write(EventType.AUTH_FAILED, _single(failure))
+            self._write(*_single(failure))
 
     def flush_ended(self) -> None:
         """Write the windows that have ended (the background flush; tests call it)."""
@@ -167,15 +171,22 @@ class AuthFailures:
             log.warning("could not audit unauthenticated failures", extra={"type": str(kind)})
 
 
-def _single(failure: Failure) -> dict[str, Any]:
-    return {
+def _single(failure: Failure) -> tuple[EventType, dict[str, Any]]:
+    common = {
         "code": failure.code,
+        "http_status": failure.status,
+        "request_id": failure.request_id,
+        "remote_addr": failure.source,
+    }
+    if failure.status != 401:
+        # A body refused before its signature could be checked (over the cap, a bad
+        # Content-Length): a rejected submission of nobody known.
+        return EventType.SUBMISSION_REJECTED, common
+    return EventType.AUTH_FAILED, {
+        **common,
         "reason": failure.reason,
         "claimed_keyid": failure.claimed_keyid,
         "route": failure.route,
-        "request_id": failure.request_id,
-        "remote_addr": failure.source,
-        "http_status": 401,
     }
 
 

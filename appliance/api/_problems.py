@@ -42,7 +42,7 @@ def problem(
 
 
 def audit_refusal(audit: AuditSink, client: str | None, exc: ApplianceError) -> None:
-    """One audit entry per refused request that is not an unauthenticated one (see
+    """One audit entry per refusal of an authenticated client (the others go through
     `audit_unauthenticated`): who, what and why; never the body."""
     common: dict[str, Any] = {"code": exc.code, "http_status": exc.status}
     try:
@@ -57,20 +57,23 @@ def audit_refusal(audit: AuditSink, client: str | None, exc: ApplianceError) -> 
 
 
 def audit_unauthenticated(
-    audit: AuditSink, failures: AuthFailures, request: Request, exc: Unauthorized
+    audit: AuditSink, failures: AuthFailures, request: Request, exc: ApplianceError
 ) -> None:
-    """A 401: recorded with the key id it claimed, its route and request id (issue 12, finding
-    21); counted per source and window unless its signature verified (`AuthFailures`)."""
+    """A refusal before any signature verified (a 401, or a body refused before its signature
+    could be checked): recorded with the key id it claimed, its route and request id (issue 12,
+    finding 21), and counted per source and window unless its signature verified."""
+    unauthorized = exc if isinstance(exc, Unauthorized) else None
     failure = Failure(
         code=exc.code,
         source=request.client.host if request.client else "unknown",
         route=getattr(request.scope.get("route"), "path", "unmatched"),
-        reason=exc.reason,
-        claimed_keyid=exc.claimed_keyid,
+        status=exc.status,
+        reason=unauthorized.reason if unauthorized else None,
+        claimed_keyid=unauthorized.claimed_keyid if unauthorized else None,
         request_id=getattr(request.state, "request_id", None),
     )
     UNAUTHENTICATED.labels(exc.code).inc()
-    if not exc.verified:
+    if unauthorized is None or not unauthorized.verified:
         failures.refused(failure)
         return
     try:  # A replayed nonce: the signature verified, so whoever sent it holds the key.
@@ -89,12 +92,14 @@ def audit_unauthenticated(
 
 async def _appliance_error(request: Request, exc: ApplianceError) -> JSONResponse:
     services = getattr(request.app.state, "services", None)
-    if isinstance(exc, Unauthorized) and services is not None:
+    client = getattr(request.state, "client", None)
+    if 400 <= exc.status < 500 and services is not None and client is None:
+        # Nobody is authenticated yet: a 401, or a body refused before it could be verified
+        # (413, a bad Content-Length). No unauthenticated caller buys an entry per request.
         await run_in_threadpool(
             audit_unauthenticated, services.audit, services.auth_failures, request, exc
         )
     elif 400 <= exc.status < 500 and services is not None:
-        client = getattr(request.state, "client", None)
         await run_in_threadpool(audit_refusal, services.audit, client, exc)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after else None

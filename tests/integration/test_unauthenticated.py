@@ -2,7 +2,8 @@
 findings 10, 18, 19, 20 and 21).
 
 10: 2,000 requests with made-up key ids once added 2,020 audit entries and 2,000 OpenBao reads
-    (and as many registry cache entries, never evicted).
+    (and as many registry cache entries, never evicted); a body refused before its signature
+    could be checked (413) cost an entry each too.
 18: an unknown key id answered `unknown_key`, a wrong signature `invalid_signature`.
 19: a request signed for another server's authority was accepted.
 20: a second `appliance`-tagged signature escaped the time and nonce checks.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime
 import re
 import secrets
+import socket
 import time
 from typing import Any
 
@@ -154,3 +156,41 @@ def test_a_second_appliance_signature_is_refused(appliance_stack: Stack) -> None
         headers[name] = first.headers[name] + ", " + stale.headers[name].replace("sig1=", "sig2=")
     resp = httpx.Client().send(httpx.Request("GET", first.url, headers=headers))
     assert is_problem(resp, 401)["code"] == "invalid_signature"
+
+
+def _counted(entries: list[dict[str, Any]], code: str) -> int:
+    """How many failures of `code` the entries account for (samples and counts)."""
+    samples = sum(1 for e in entries if e.get("type") != "auth.failures" and e.get("code") == code)
+    return samples + sum(
+        e["codes"].get(code, 0) for e in entries if e.get("type") == "auth.failures"
+    )
+
+
+def test_bodies_refused_before_their_signature_is_checked_cost_bounded_entries(
+    appliance_stack: Stack,
+) -> None:
+    """A declared body over the cap is refused (413) before anything is verified: no more an
+    audit entry per request."""
+    port = httpx.URL(appliance_stack.status["api_url"]).port
+    assert port is not None
+    head = (
+        f"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 999999\r\n\r\n"
+    ).encode()
+    before_entries, flood = len(appliance_stack.audit_entries()), 300
+    started = time.monotonic()
+    for _ in range(flood):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(head)
+            assert b" 413 " in conn.recv(4096).split(b"\r\n", 1)[0]
+    took = time.monotonic() - started
+    deadline = time.monotonic() + 10.0 + 30
+    while True:
+        added = appliance_stack.audit_entries()[before_entries:]
+        if _counted(added, "body_too_large") >= flood or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert _counted(added, "body_too_large") == flood
+    windows = int(took // 10.0) + 2
+    mine = [e for e in added if "body_too_large" in (e.get("code"), *e.get("codes", {}))]
+    assert len(mine) <= 2 * windows  # a sample and a count per window, not an entry per request

@@ -171,3 +171,26 @@ def test_the_api_writes_the_open_windows_when_it_stops() -> None:
     asyncio.run(serve_then_stop())
     [counted] = api.audit.of_type("auth.failures")
     assert counted["count"] == 2 and counted["codes"] == {"missing_signature": 2}
+
+
+def test_bodies_refused_before_any_signature_check_are_counted_too() -> None:
+    """A body over the cap is refused before it can be verified: nobody is authenticated, so it
+    is counted like a 401, its sample a `submission.rejected` entry."""
+    api = Harness()
+
+    async def send_three() -> list[int]:
+        transport = httpx.ASGITransport(app=api.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            big = b"{" + b" " * (300 * 1024) + b"}"
+            headers = {"content-type": "application/json"}
+            return [
+                (await http.post("/v1/tasks", content=big, headers=headers)).status_code
+                for _ in range(3)
+            ]
+
+    assert asyncio.run(send_three()) == [413, 413, 413]
+    [sample] = api.audit.of_type("submission.rejected")
+    assert sample["code"] == "body_too_large" and "client" not in sample
+    api.services.auth_failures.close()
+    [counted] = api.audit.of_type("auth.failures")
+    assert counted["codes"] == {"body_too_large": 2}
