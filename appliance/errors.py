@@ -71,6 +71,12 @@ class PayloadTooLarge(ApplianceError):
     status, code, title = 413, "body_too_large", "Payload too large"
 
 
+class RequestTimeout(ApplianceError):
+    """Raised when a request's body does not arrive within the API's body deadline."""
+
+    status, code, title = 408, "body_timeout", "Request timeout"
+
+
 class UnsupportedMediaType(ApplianceError):
     """Raised when a body is not JSON."""
 
@@ -126,6 +132,8 @@ CODES: dict[str, str] = {
     "invalid_field": "a field fails validation",
     "too_many_steps": "a workflow over the configured number of steps",
     "metrics_unauthorized": "/metrics without its bearer token",
+    "body_timeout": "the body did not arrive within the API's body deadline",
+    "over_capacity": "the API is serving as many requests or connections as it may",
     "invalid_idempotency_key": "an Idempotency-Key that is not 1 to 64 URL-safe characters",
     "idempotency_conflict": "an Idempotency-Key already used for another request",
     "idempotency_in_progress": "the first request with that Idempotency-Key has not finished",

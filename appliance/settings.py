@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     # window this long; the rest are counted into one `auth.failures` entry when it ends.
     auth_failure_window_seconds: float = Field(default=10.0, ge=1, le=3600)
 
+    # Slow clients (issue 12, finding 11; `api/_server.py`): a request's line and headers must
+    # arrive within the first, its body within the second; a request finding this many requests
+    # or connections open is answered 503, and connections beyond twice as many are cut at once.
+    api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    api_body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    api_limit_concurrency: int = Field(default=512, ge=1, le=65536)
+
     audit_log: Path | None = None
 
     # Task lifecycle. A message not acknowledged this long after delivery (its worker died) is

@@ -152,17 +152,13 @@ def _argv(name: str, ports: Ports, state: Path) -> list[str]:
     if name == "api":
         return [
             py,
+            # uvicorn with read deadlines and caps (appliance/api/_server.py), not plain uvicorn.
             "-m",
-            "uvicorn",
-            "appliance.api.main:app",
+            "appliance.api",
             "--host",
             HOST,
             "--port",
             str(ports.api),
-            "--no-server-header",
-            "--no-access-log",
-            "--log-level",
-            "info",
         ]
     # Flower reads its login from OpenBao itself (AppRole `flower`): no secret in argv or env.
     return [py, "-m", "appliance.flower", "--address", HOST, "--port", str(ports.flower)]

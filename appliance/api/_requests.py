@@ -3,6 +3,7 @@ parse the JSON. Each raises an `ApplianceError` before anything else happens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,7 +12,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from ..errors import BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from ..errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from ..registry import Client, Registry
 from ..signatures import (
     DEFAULT_WINDOW,
@@ -25,8 +32,10 @@ from ..signatures import (
 M = TypeVar("M", bound=BaseModel)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than `limit` bytes before reading them all."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refusing more than `limit` bytes before reading them all, and a body that has
+    not arrived within `timeout` seconds (a slow client holds a connection and its buffers;
+    the server closes it a little later in any case, see `_server`)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -34,11 +43,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise PayloadTooLarge(f"body larger than {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from exc
     return b"".join(chunks)
 
 

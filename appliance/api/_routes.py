@@ -29,7 +29,8 @@ async def signed(request: Request) -> tuple[Services, bytes, Client]:
     """The services, the body (under the size cap) and the client whose signature verified;
     raises before anything else happens."""
     svc = services(request)
-    body = await read_body(request, svc.settings.max_body_bytes)
+    settings = svc.settings
+    body = await read_body(request, settings.max_body_bytes, settings.api_body_timeout_seconds)
     client = await run_in_threadpool(svc.authenticator.authenticate, request, body)
     return svc, body, client
 

@@ -1,0 +1,42 @@
+"""`python -m appliance.api --host HOST --port PORT`: the API under uvicorn, with the read
+deadlines, the concurrency limit and the connection cap of `_server` (issue 12, finding 11).
+
+`appliance up` starts the API this way. Plain `uvicorn appliance.api.main:app` would serve the
+same app without any of them: do not deploy it so.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from ..settings import get_settings
+from ._server import ReadLimits, protocol
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the API on HOST:PORT until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m appliance.api")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    limits = ReadLimits.from_settings(get_settings())
+    from .main import app  # Configures the API's JSON logging; uvicorn must not redo it.
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        http=protocol(limits),
+        limit_concurrency=limits.limit_concurrency,
+        server_header=False,
+        access_log=False,
+        log_config=None,
+        log_level="info",
+    )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()
