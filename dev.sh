@@ -29,7 +29,10 @@ need_apt() {
 }
 
 python_bin() {
-  for py in python3.11 python3; do
+  # Debian's own interpreter first: the stack's services run as users of their own (SECURITY.md)
+  # and must be able to execute it, which a per-user build under a private home (pyenv's
+  # /root/.pyenv) does not allow.
+  for py in /usr/bin/python3.11 /usr/bin/python3 python3.11 python3; do
     if command -v "$py" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
       echo "$py"; return 0
     fi

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=20)
     workflow_max_steps: int = Field(default=10, ge=1, le=100)
 
+    # The worker starts as root (its sandbox fork servers need it), starts their launcher, then
+    # becomes this user before it reads any credential (`worker.privileges`). None: no change.
+    worker_user: str | None = None
+
     # Prometheus: `/metrics` (API) and the worker's endpoint answer only this bearer token.
     metrics_token_file: Path | None = None
     metrics_port: int = 0  # the worker's metrics port on loopback; 0: not served

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,7 +166,12 @@ def _argv(name: str, ports: Ports, state: Path) -> list[str]:
 
 
 def _start_service(
-    state: Path, name: str, ports: Ports, pki: _stack.Pki, bao: _stack.BaoHandle
+    state: Path,
+    name: str,
+    ports: Ports,
+    pki: _stack.Pki,
+    bao: _stack.BaoHandle,
+    users: Mapping[str, _stack.RunAs] | None,
 ) -> None:
     """Enrol the service (a wrapped secret_id minted by the bootstrap) and start it."""
     if _stack.read_pid_file(_pid_file(state, name)) is not None:
@@ -174,7 +180,7 @@ def _start_service(
     # are destroyed, so that the new enrolment is the only way in as this service.
     bao.retire_secret_ids(name)
     bao.write_service_credentials(name, _service_dir(state, name))
-    _launch(state, name, ports, pki)
+    _launch(state, name, ports, pki, users)
 
 
 def restart_service(state: Path, name: str) -> None:
@@ -185,10 +191,16 @@ def restart_service(state: Path, name: str) -> None:
         raise _stack.StackError(f"no service {name!r}; the services are {', '.join(SERVICES)}")
     if _stack.read_pid_file(_pid_file(state, name)) is not None:
         return
-    _launch(state, name, load_ports(state), _stack.Pki(state / "tls"))
+    _launch(state, name, load_ports(state), _stack.Pki(state / "tls"), _service_users(state))
 
 
-def _launch(state: Path, name: str, ports: Ports, pki: _stack.Pki) -> None:
+def _launch(
+    state: Path,
+    name: str,
+    ports: Ports,
+    pki: _stack.Pki,
+    users: Mapping[str, _stack.RunAs] | None,
+) -> None:
     port = {"api": ports.api, "flower": ports.flower}.get(name)
     if port is not None and port_open(HOST, port):
         raise _stack.StackError(
@@ -205,13 +217,80 @@ def _launch(state: Path, name: str, ports: Ports, pki: _stack.Pki) -> None:
         # The one authority a signed request to this stack may name (issue 12, finding 19): the
         # loopback address and port of `api_url`, which is all the local stack listens on.
         extra["APPLIANCE_API_AUTHORITIES"] = f"{HOST}:{ports.api}"
+    run_as = None
+    if users is not None:
+        users[name].own(directory, pki.client(name)[1])
+        if "APPLIANCE_REDIS_PASSWORD_FILE" in service_env(state, name, ports, pki):
+            users[name].own(_stack.password_file(state, name))
+        # The worker starts as root, starts its sandbox launcher, then becomes its user.
+        if name == "worker":
+            extra["APPLIANCE_WORKER_USER"] = users[name].name
+        else:
+            run_as = users[name]
     _stack.start_detached(
         _argv(name, ports, state),
         log_file=directory / f"{name}.log",
         pid_file=_pid_file(state, name),
         env=service_env(state, name, ports, pki, extra),
         cwd=directory,
+        run_as=run_as,
     )
+
+
+def _service_users(state: Path) -> Mapping[str, _stack.RunAs] | None:
+    """Each service's own user when `up` runs as root; None when every service runs as the
+    caller: `up` not run as root, or those users could not reach the state directory, the
+    Python or the code (then `status` says why, under `service_users`)."""
+    why = _users_file(state)
+    why.unlink(missing_ok=True)
+    users = _stack.service_users()
+    if users is None:
+        return None
+    try:
+        _stack.check_reachable(state, Path(sys.executable), Path(__file__))
+    except _stack.StackError as exc:
+        why.write_text(json.dumps({"enabled": False, "why": str(exc)}))
+        return None
+    os.chmod(state, 0o711)  # noqa: S103 - search only: each service reaches its own files
+    why.write_text(json.dumps({"enabled": True, "users": {k: u.name for k, u in users.items()}}))
+    return users
+
+
+def _users_file(state: Path) -> Path:
+    return state / "service-users.json"
+
+
+def _hand_over_keys(state: Path, pki: _stack.Pki, users: Mapping[str, _stack.RunAs] | None) -> None:
+    """The directories each service must cross made searchable, and Redis's keys to its user;
+    each other service gets its own files when it starts (`_launch`). The rest stays root's:
+    the CA key, the `admin` key and password, the unseal shares, the operator token."""
+    if users is None:
+        return
+    for directory in (pki.dir, state / "secrets", state / "run"):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o711)  # noqa: S103 - search only, no listing
+    users["redis"].own(pki.server_key, pki.client("vault")[1])
+
+
+def _share_audit_and_metrics(state: Path, users: Mapping[str, _stack.RunAs] | None) -> None:
+    """The audit directory and the metrics token to the group of the API and the worker, and
+    the secrets directory searchable (the services' Redis password files are in it)."""
+    if users is None:
+        return
+    # Searchable, not listable: each service opens only the files it owns (or its group's).
+    # Redis's start makes `secrets/` 0700 again, hence here, right before the services start.
+    os.chmod(state / "secrets", 0o711)  # noqa: S103 - search only
+    gid = _stack.shared_gid()
+    directory = audit_log(state).parent
+    os.chown(directory, 0, gid)
+    # setgid: every file made in it belongs to the group (the writers make them 0660).
+    os.chmod(directory, 0o2770)  # noqa: S103 - the group of the API and the worker only
+    for path in directory.iterdir():
+        os.chown(path, -1, gid)
+        group_bits = 0o040 if path.name.endswith(".key") else 0o060
+        os.chmod(path, (path.stat().st_mode & 0o777) | group_bits)
+    os.chown(metrics_token_file(state), 0, gid)
+    os.chmod(metrics_token_file(state), 0o640)
 
 
 def _ensure_local_client(state: Path, bao: _stack.BaoHandle) -> None:
@@ -288,19 +367,22 @@ def up(
     """Start (or complete) the stack and return its status."""
     _require_binaries()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    users = _service_users(state)
     ports = load_ports(state, requested_ports)
     _config_file(state).write_text(json.dumps({"ports": asdict(ports)}))
     pki = _stack.ensure_pki(state / "tls")
+    _hand_over_keys(state, pki, users)
     leased = _stack.load_leased_roles()
     redis_was_running = _stack.read_pid_file(state / "redis" / "redis.pid") is not None
-    _stack.start_redis(state, ports.redis, pki, leased=leased)
-    relay_port = _stack.start_relay(state, ports.redis, pki)
+    redis_user = users["redis"] if users else None
+    _stack.start_redis(state, ports.redis, pki, leased=leased, run_as=redis_user)
+    relay_port = _stack.start_relay(state, ports.redis, pki, run_as=redis_user)
     # Files older stacks left: the dev-mode OpenBao's root token (that server is gone) and the
     # static passwords of roles whose users now come from OpenBao.
     (state / "secrets" / "bao-root.token").unlink(missing_ok=True)
     for role in leased:
         _stack.password_file(state, role).unlink(missing_ok=True)
-    bao = _stack.start_openbao(state, ports.bao)
+    bao = _stack.start_openbao(state, ports.bao, run_as=users["openbao"] if users else None)
     try:
         if bao.initialized_now or not redis_was_running:
             # A new, empty OpenBao has none of the old identities, and a new Redis none of the
@@ -317,8 +399,9 @@ def up(
         # older stacks so that no stale password is left lying around.
         (state / "secrets" / "flower.pass").unlink(missing_ok=True)
         _ensure_local_client(state, bao)
+        _share_audit_and_metrics(state, users)
         for name in SERVICES:
-            _start_service(state, name, ports, pki, bao)
+            _start_service(state, name, ports, pki, bao, users)
     finally:
         # The root token served the bootstrap only; the operator token (an orphan) and the
         # services' AppRole tokens are not its children and stay valid.
@@ -413,12 +496,22 @@ def status(state: Path) -> dict[str, Any]:
             "token_file": str(metrics_token_file(state)),
         },
         "services": services,
+        "service_users": _service_users_status(state),
         "redis": operator_access(state, HOST, ports.redis, pki),
         "client": {
             "key_id": LOCAL_CLIENT,
             "private_key": str(state / "clients" / f"{LOCAL_CLIENT}.key"),
         },
     }
+
+
+def _service_users_status(state: Path) -> dict[str, Any]:
+    """Whether each service runs as a user of its own, and if not, why (`status --json`)."""
+    try:
+        recorded: dict[str, Any] = json.loads(_users_file(state).read_text())
+    except FileNotFoundError:
+        return {"enabled": False, "why": "`appliance up` did not run as root"}
+    return recorded
 
 
 def down(state: Path) -> dict[str, bool]:

@@ -23,6 +23,7 @@ from ._errors import (
     PolicyError,
     SandboxError,
 )
+from ._launcher import Launcher
 from ._limits import Limits
 from ._outcome import Outcome, Usage
 from ._policy import LAYERS, Policy
@@ -34,6 +35,7 @@ __all__ = [
     "ImportNotAllowed",
     "InvalidRequest",
     "IsolationUnavailable",
+    "Launcher",
     "LimitNotAllowed",
     "Limits",
     "Outcome",

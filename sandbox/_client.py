@@ -19,6 +19,7 @@ from ._errors import (
     ZygoteLost,
 )
 from ._framing import MAX_FRAME, read_frame, write_frame
+from ._launcher import LaunchedServer, Launcher
 from ._limits import Limits
 from ._outcome import Outcome, outcome_from_dict
 from ._policy import Policy, _default_policy_path
@@ -29,6 +30,8 @@ from ._request import prepare
 # child the server's zygote forks, at a cost of about 120 page faults and half a millisecond.
 if TYPE_CHECKING:
     import subprocess
+
+    _Server = subprocess.Popen[bytes] | LaunchedServer
 
 _ERRORS: dict[str, type[SandboxError]] = {
     "invalid_request": InvalidRequest,
@@ -56,14 +59,14 @@ del line, byte, root
 _BOOT_MAIN = "from sandbox._server import main; main(policy)"
 
 
-def _pipes(proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
+def _pipes(proc: _Server) -> tuple[IO[bytes], IO[bytes]]:
     """The fork server's stdin and stdout (always pipes: see `_ensure_started`)."""
     if proc.stdin is None or proc.stdout is None:
         raise SandboxError("the sandbox fork server has no protocol pipes")
     return proc.stdin, proc.stdout
 
 
-def _stop(proc: subprocess.Popen[bytes], kill: bool) -> None:
+def _stop(proc: _Server, kill: bool) -> None:
     """Stop (or reap) a fork server and close this side of its pipes."""
     if kill and proc.poll() is None:
         proc.kill()
@@ -84,11 +87,13 @@ class Sandbox:
     _boot: str = _BOOT + _BOOT_MAIN
     _server_env: Mapping[str, str] = {}
 
-    def __init__(self, policy_path: Path | None = None) -> None:
+    def __init__(self, policy_path: Path | None = None, launcher: Launcher | None = None) -> None:
         self.policy_path = Path(policy_path or _default_policy_path())
         self.policy = Policy.load(self.policy_path)
         self._lock = _thread.allocate_lock()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: _Server | None = None
+        #: Where fork servers come from when this process has dropped its privileges.
+        self._launcher = launcher
         self.layers: dict[str, str] = {}
         #: What the fork server says of its filter and memory backend (see `doctor`).
         self.details: dict[str, str] = {}
@@ -99,29 +104,26 @@ class Sandbox:
             self._ensure_started()
         return self
 
-    def _ensure_started(self) -> subprocess.Popen[bytes]:
+    @classmethod
+    def launcher(cls, policy_path: Path | None = None, max_servers: int = 16) -> Launcher:
+        """A launcher of this class's fork servers (start it before dropping privileges)."""
+        policy = str(Path(policy_path or _default_policy_path()))
+        return Launcher.start(_PROJECT_ROOT, policy, cls._boot, cls._server_env, max_servers)
+
+    def _ensure_started(self) -> _Server:
         if self._proc is not None:
             if self._proc.poll() is None:
                 return self._proc
             _stop(self._proc, kill=False)  # it died between calls: reaped, pipes closed
             self._proc = None
-        import subprocess  # see the note on imports above
-
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", self._boot],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=dict(self._server_env),
-            close_fds=True,
-            cwd="/",
-        )
+        proc = self._spawn()
         stdin, stdout = _pipes(proc)
         try:
-            write_all = stdin.fileno()
-            boot = f"{_PROJECT_ROOT}\0{self.policy_path}\n".encode()
-            while boot:
-                boot = boot[os.write(write_all, boot) :]
+            if not isinstance(proc, LaunchedServer):  # the launcher told it already
+                write_all = stdin.fileno()
+                boot = f"{_PROJECT_ROOT}\0{self.policy_path}\n".encode()
+                while boot:
+                    boot = boot[os.write(write_all, boot) :]
             hello = read_frame(stdout.fileno())
         except (OSError, EOFError, ValueError):
             hello = None
@@ -133,6 +135,21 @@ class Sandbox:
         self.details = greeting.get("details", {})
         self._proc = proc
         return proc
+
+    def _spawn(self) -> _Server:
+        if self._launcher is not None:
+            return self._launcher.spawn()
+        import subprocess  # see the note on imports above
+
+        return subprocess.Popen(
+            [sys.executable, "-I", "-c", self._boot],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=dict(self._server_env),
+            close_fds=True,
+            cwd="/",
+        )
 
     def close(self) -> None:
         """Stop the fork server."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(
                 pytest.mark.filterwarnings("default::pytest.PytestUnraisableExceptionWarning")
             )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary directories of this run's own, under /tmp, not under the shared
+    /tmp/pytest-of-USER: the stacks' services run as users of their own (issue 12, finding
+    23) and must cross these directories to their state, and every pytest run makes
+    /tmp/pytest-of-USER private again (0700) when it starts, under a run already going."""
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="appliance-tests-")
+        config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that passed leaves nothing in /tmp; a failed one keeps its files to look at."""
+    own = session.config.stash.get(_OWN_BASETEMP, None)
+    if own is not None and exitstatus == 0:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+_OWN_BASETEMP = pytest.StashKey[Path]()

@@ -42,6 +42,7 @@ from .redis_server import (
     start_redis,
     stop_redis,
 )
+from .users import RunAs, check_reachable, service_users, shared_gid
 
 __all__ = [
     "CLIENT_ROLES",
@@ -49,9 +50,11 @@ __all__ = [
     "Bootstrap",
     "Pki",
     "RedisHandle",
+    "RunAs",
     "StackError",
     "audit_log_path",
     "bootstrap",
+    "check_reachable",
     "configure_redis_leases",
     "credential_files",
     "ensure_pki",
@@ -63,6 +66,8 @@ __all__ = [
     "pid_alive",
     "read_pid_file",
     "render_acl",
+    "service_users",
+    "shared_gid",
     "data_dir",
     "generate_root_token",
     "operator_token_file",

@@ -50,6 +50,7 @@ from .procs import (
     stop_by_pid_file,
     wait_for_port,
 )
+from .users import RunAs
 
 HOST = "127.0.0.1"
 
@@ -248,7 +249,9 @@ def operator_token_file(state_dir: Path) -> Path:
     return state_dir / "secrets" / "bao-operator.token"
 
 
-def start_openbao(state_dir: Path, port: int, *, timeout: float = 30.0) -> BaoHandle:
+def start_openbao(
+    state_dir: Path, port: int, *, timeout: float = 30.0, run_as: RunAs | None = None
+) -> BaoHandle:
     """Start this state's OpenBao on `127.0.0.1:port`, initialise it once, unseal it.
 
     Idempotent: when this state's OpenBao already runs, it is unsealed if needed and its handle
@@ -264,12 +267,15 @@ def start_openbao(state_dir: Path, port: int, *, timeout: float = 30.0) -> BaoHa
     data_dir(state_dir).mkdir(mode=0o700, exist_ok=True)
     addr = f"http://{HOST}:{port}"
     (workdir / "config.hcl").write_text(_config_hcl(state_dir, port))
+    if run_as is not None:
+        run_as.own(workdir)
     pid = start_detached(
         _argv(binary, workdir),
         log_file=workdir / "bao.log",
         pid_file=workdir / "bao.pid",
         env=_child_env(workdir),
         cwd=workdir,
+        run_as=run_as,
     )
     (workdir / "endpoint.json").write_text(json.dumps({"addr": addr}))
     try:

@@ -14,8 +14,12 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ApplianceError
+
+if TYPE_CHECKING:
+    from .users import RunAs
 
 # Children started by this process, kept so that they are reaped through `Popen.poll()` (and no
 # "subprocess still running" warning fires when a handle is dropped).
@@ -63,12 +67,13 @@ def start_detached(
     pid_file: Path,
     env: Mapping[str, str],
     cwd: Path | None = None,
+    run_as: RunAs | None = None,
 ) -> int:
     """Start `argv` in its own session with output appended to `log_file`; record it in `pid_file`.
 
     `env` is the child's whole environment: nothing of ours is inherited unless passed explicitly.
     The log is created 0600: a service may print secrets at start-up (OpenBao's dev mode does).
-    Returns the pid.
+    With `run_as`, the process runs as that user (umask 077). Returns the pid.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,7 @@ def start_detached(
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
+            **(run_as.popen_kwargs() if run_as is not None else {}),
         )
     _CHILDREN[proc.pid] = proc
     _write_pid_file(pid_file, proc.pid)

@@ -21,6 +21,7 @@ import redis
 
 from .pki import Pki, write_private
 from .procs import StackError, read_pid_file, start_detached, stop_by_pid_file, wait_for_port
+from .users import RunAs
 
 HOST = "127.0.0.1"
 
@@ -112,6 +113,7 @@ def start_redis(
     *,
     acl_policy: Path = DEFAULT_ACL_POLICY,
     leased: tuple[str, ...] = (),
+    run_as: RunAs | None = None,
 ) -> RedisHandle:
     """Start the stack's Redis on `127.0.0.1:port` (TLS only) and wait until it accepts connections.
 
@@ -128,12 +130,15 @@ def start_redis(
     workdir.chmod(0o700)
     acl = render_acl(state_dir, load_acl_policy(acl_policy), leased)
     write_private(workdir / "users.acl", acl.encode())
+    if run_as is not None:
+        run_as.own(workdir)
     pid = start_detached(
         _argv(binary, workdir, port, pki),
         log_file=workdir / "redis.log",
         pid_file=workdir / "redis.pid",
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         cwd=workdir,
+        run_as=run_as,
     )
     (workdir / "endpoint.json").write_text(json.dumps({"host": HOST, "port": port}))
     handle = RedisHandle(HOST, port, pid, state_dir, pki)

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 import weakref
@@ -314,10 +315,11 @@ class AuditLog:
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._fd = os.open(self.paths.log, flags, 0o600)
-            self._side_fd = os.open(self.paths.checkpoints, flags, 0o600)
-            self._lock_fd = os.open(self.paths.checkpoint_lock, flags, 0o600)
-            self._digest_key = _digest_key(self.paths.digest_key)
+            shared = _shared_by_group(directory)
+            self._fd = _open_private(self.paths.log, flags, shared)
+            self._side_fd = _open_private(self.paths.checkpoints, flags, shared)
+            self._lock_fd = _open_private(self.paths.checkpoint_lock, flags, shared)
+            self._digest_key = _digest_key(self.paths.digest_key, shared)
             if created:
                 _fsync_dir(directory.parent)
             _fsync_dir(directory)
@@ -831,13 +833,30 @@ def _call_if_alive(ref: weakref.WeakMethod[Callable[[], None]]) -> None:
         method()
 
 
-def _digest_key(path: Path) -> bytes:
-    """The log's local digest key: created once (0600, complete before it is visible), then read
-    by every writer."""
+def _shared_by_group(directory: Path) -> bool:
+    """Whether the log's directory is shared by the writers' group (setgid, as the stack makes it
+    when its services run as users of their own): then its files are the group's too."""
+    return bool(directory.stat().st_mode & stat.S_ISGID)
+
+
+def _open_private(path: Path, flags: int, shared: bool) -> int:
+    """Open (or create) one of the log's files: 0600, or 0660 in a directory the writers share
+    (set on the descriptor, whatever the process's umask)."""
+    fd = os.open(path, flags, 0o600)
+    if shared and os.fstat(fd).st_uid == os.geteuid():
+        os.fchmod(fd, 0o660)
+    return fd
+
+
+def _digest_key(path: Path, shared: bool = False) -> bytes:
+    """The log's local digest key: created once (0600, or 0640 for the writers' group; complete
+    before it is visible), then read by every writer."""
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            if shared:
+                os.fchmod(fd, 0o640)
             os.write(fd, secrets.token_bytes(32))
             os.fsync(fd)
         finally:

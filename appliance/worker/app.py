@@ -3,7 +3,10 @@
 The only module that builds the worker's Celery app; the job itself runs in `_execute`.
 
 Start-up order matters: the sandbox fork servers are spawned first, before this process logs in
-to OpenBao or reads a Redis password, so the processes that fork user code never held one.
+to OpenBao or reads a Redis password, so the processes that fork user code never held one. When
+the worker starts as root (`APPLIANCE_WORKER_USER`), the fork servers come from a launcher made
+first, and the worker becomes that user before it logs in: root stays with the launcher and the
+fork servers (`privileges.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from typing import Any
 
 from celery import Task, signals
+
+from sandbox import Sandbox
 
 from ..audit import EventType
 from ..errors import DependencyUnavailable
@@ -36,6 +41,7 @@ from ..services import connect
 from ..settings import Settings, get_settings
 from ..vault import read_secrets
 from ._execute import InFlight, Runtime, error_reason, execute, owner
+from .privileges import drop_to, must_drop
 from .sandboxes import SandboxPool
 
 log = logging.getLogger("appliance.worker")
@@ -48,8 +54,12 @@ _runtime_lock = threading.Lock()
 
 
 def build_runtime(settings: Settings, concurrency: int) -> Runtime:
-    """Spawn the fork servers, then log in: the order is the security property."""
-    pool = SandboxPool(concurrency)
+    """Spawn the fork servers, drop root, then log in: the order is the security property."""
+    dropping = must_drop(settings.worker_user)
+    launcher = Sandbox.launcher(max_servers=2 * concurrency) if dropping else None
+    pool = SandboxPool(concurrency, launcher)
+    if dropping and settings.worker_user is not None:
+        drop_to(settings.worker_user)
     connected = connect(settings, "worker")
     return Runtime(
         settings,

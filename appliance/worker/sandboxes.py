@@ -6,17 +6,22 @@ import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sandbox import Sandbox
+from sandbox import Launcher, Sandbox
 
 
 class SandboxPool:
-    """`size` fork servers; each run borrows one. Thread-safe."""
+    """`size` fork servers; each run borrows one. Thread-safe.
 
-    def __init__(self, size: int) -> None:
+    With a `launcher`, every fork server (and every replacement of one) comes from it, so that
+    this process may drop its privileges (`privileges.drop_to`) and still get new ones.
+    """
+
+    def __init__(self, size: int, launcher: Launcher | None = None) -> None:
         self._idle: queue.Queue[Sandbox] = queue.Queue()
         self.size = size
+        self._launcher = launcher
         for _ in range(size):
-            self._idle.put(Sandbox().start())
+            self._idle.put(Sandbox(launcher=launcher).start())
 
     @contextmanager
     def borrow(self) -> Iterator[Sandbox]:
@@ -28,6 +33,8 @@ class SandboxPool:
             self._idle.put(sb)
 
     def close(self) -> None:
-        """Stop every fork server."""
+        """Stop every fork server, and the launcher."""
         while not self._idle.empty():
             self._idle.get_nowait().close()
+        if self._launcher is not None:
+            self._launcher.close()

@@ -168,6 +168,14 @@ class Stack:
             time.sleep(0.05)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _services_may_reach_the_stacks(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The stacks' services run as users of their own (issue 12, finding 23): let them cross
+    this run's temporary directory (search only, no listing) to their state (tests/conftest.py
+    puts it directly under /tmp)."""
+    tmp_path_factory.getbasetemp().chmod(0o711)
+
+
 @pytest.fixture(scope="session")
 def appliance_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("stack")

@@ -1,0 +1,63 @@
+"""The worker gives up root once its fork servers have a launcher (issue 12, finding 23).
+
+The fork servers need root; the worker, which holds the OpenBao token, the Redis user and
+the audit log, does not. So the worker starts as root only to start its sandbox launcher
+(`sandbox.Sandbox.launcher`), then becomes `APPLIANCE_WORKER_USER` for good, before it reads
+any credential: every uid and gid (real, effective, saved), the supplementary groups of that
+user, and no capability left in any set. `drop_to` checks all of it and raises otherwise.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from pathlib import Path
+
+from ..settings import ConfigurationError
+
+#: The capability sets of /proc/self/status that must all be empty once dropped.
+_CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
+
+
+def must_drop(user: str | None) -> bool:
+    """Whether this process runs as root and is to become `user`; ConfigurationError when it
+    runs as another user than `user` (it could not change to it)."""
+    if user is None:
+        return False
+    if os.geteuid() == 0:
+        return True
+    if pwd.getpwuid(os.geteuid()).pw_name != user:
+        raise ConfigurationError(
+            f"APPLIANCE_WORKER_USER is {user!r}, but the worker runs as uid {os.geteuid()}"
+        )
+    return False
+
+
+def drop_to(user: str) -> None:
+    """Become `user` for good (uids, gids, its groups); raise unless nothing of root is left."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigurationError(f"APPLIANCE_WORKER_USER {user!r} does not exist") from None
+    groups = sorted({g.gr_gid for g in grp.getgrall() if user in g.gr_mem} | {entry.pw_gid})
+    # glibc applies each of these to every thread of the process, not only the calling one.
+    os.setgroups(groups)
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    _check_dropped(entry.pw_uid, entry.pw_gid)
+
+
+def _check_dropped(uid: int, gid: int) -> None:
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PermissionError("the worker did not fully drop its uid and gid")
+    status = Path("/proc/self/status").read_text().splitlines()
+    for line in status:
+        name, _, value = line.partition(":")
+        if name in _CAPABILITY_SETS and int(value.strip(), 16) != 0:
+            raise PermissionError(f"the worker still holds capabilities ({name} {value.strip()})")
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise PermissionError("the worker could become root again")

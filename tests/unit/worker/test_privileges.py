@@ -1,0 +1,107 @@
+"""The worker's drop from root to its own user (issue 12, finding 23)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from appliance.settings import ConfigurationError
+from appliance.worker.privileges import drop_to, must_drop
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+
+
+def _in_child(program: str, **popen: object) -> dict[str, object]:
+    done = subprocess.run(  # noqa: S603 - the test's own program
+        [sys.executable, "-c", textwrap.dedent(program)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **popen,  # type: ignore[arg-type]
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_nothing_to_drop_without_a_user() -> None:
+    assert must_drop(None) is False
+
+
+@root_only
+def test_root_must_drop() -> None:
+    assert must_drop("nobody") is True
+
+
+@root_only
+def test_another_user_than_the_configured_one_is_refused() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, then ask to become root
+        os.close(read)
+        verdict = b"accepted"
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            must_drop("root")
+        except ConfigurationError:
+            verdict = b"refused"
+        finally:
+            os.write(write, verdict)
+            os._exit(0)
+    os.close(write)
+    verdict = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert verdict == b"refused"
+
+
+@root_only
+def test_drop_to_leaves_nothing_of_root() -> None:
+    seen = _in_child(
+        """
+        import json, os, threading, time
+        from appliance.worker.privileges import drop_to
+        # A thread started before the drop changes with the process (glibc's setxid).
+        box = {}
+        started = threading.Event()
+        def other():
+            started.set()
+            time.sleep(0.5)
+            box["uid"] = os.getresuid()
+        t = threading.Thread(target=other)
+        t.start()
+        started.wait()
+        drop_to("nobody")
+        t.join()
+        caps = {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status")
+                if l.startswith("Cap")}
+        try:
+            os.setuid(0)
+            regained = True
+        except PermissionError:
+            regained = False
+        print(json.dumps({"me": os.getresuid(), "thread": box["uid"], "caps": caps,
+                          "groups": os.getgroups(), "regained": regained}))
+        """
+    )
+    nobody = 65534
+    assert seen["me"] == [nobody] * 3
+    assert seen["thread"] == [nobody] * 3
+    assert all(int(v, 16) == 0 for k, v in seen["caps"].items() if k != "CapBnd")  # type: ignore[union-attr]
+    assert seen["regained"] is False
+    assert 0 not in seen["groups"]  # type: ignore[operator]
+
+
+def test_an_unknown_user_is_a_configuration_error() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CI runs as root)")
+    with pytest.raises(ConfigurationError):
+        drop_to("no-such-user-appliance-test")
