@@ -236,9 +236,28 @@ cmd_start() {
   [[ $(cat /proc/sys/net/ipv4/ip_forward) == 0 ]] \
     || say "warning: net.ipv4.ip_forward is 1 on this host: containers' packets to other addresses are routed out"
   make_bridge "$n"
+  note_host_dirs
   start_containerd
   start_dockerd "$n"
   say "running: pid $(cat "$PIDFILE"), bridge $BRIDGE 10.$n.0.1/24, pools 10.$n.16.0/20, $(storage_driver)"
+}
+
+# Two paths are fixed in the binaries: containerd's shims put their sockets in /run/containerd/s
+# and dockerd looks for plugins in /run/docker/plugins. Those that did not exist before the engine
+# started are removed (when empty) by `stop`.
+readonly HOST_DIRS=(/run/containerd/s /run/containerd /run/docker/plugins /run/docker)
+
+note_host_dirs() {
+  [[ -e $ROOT/made-dirs ]] && return 0
+  local d
+  for d in "${HOST_DIRS[@]}"; do [[ -e $d ]] || echo "$d"; done >"$ROOT/made-dirs"
+}
+
+remove_host_dirs() {
+  local d
+  [[ -s $ROOT/made-dirs ]] || return 0
+  while read -r d; do rmdir "$d" 2>/dev/null || true; done <"$ROOT/made-dirs"
+  rm -f "$ROOT/made-dirs"
 }
 
 # --- stop -----------------------------------------------------------------------------------------
@@ -271,11 +290,25 @@ our_shims() {
 
 kill_shims() {
   local pids pid
-  pids=$(our_shims)
+  pids=$(our_shims | paste -sd, -)
   [[ -n $pids ]] || return 0
   say "killing leftover shims and their containers: $pids"
-  for pid in $pids; do pkill -KILL -P "$pid" 2>/dev/null || true; kill -KILL "$pid" 2>/dev/null || true; done
-  wait_for 10 "shims exit" bash -c "[[ -z \$(ps -o pid= -p ${pids// /,}) ]]" || die "shims survive: $pids"
+  for pid in ${pids//,/ }; do
+    pkill -KILL -P "$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  wait_for 10 "shims exit" bash -c "! ps -o pid= -p $pids" || die "shims survive: $pids"
+}
+
+# A shim that was killed leaves its socket in /run/containerd/s, named by the SHA-256 of
+# "<containerd address>/<namespace>/<task id>" (containerd 1.6); remove those of our tasks.
+remove_shim_sockets() {
+  local task ns id
+  for task in "$ROOT"/containerd/state/io.containerd.runtime.v2.task/*/*; do
+    [[ -d $task ]] || continue
+    id=${task##*/}; ns=${task%/*}; ns=${ns##*/}
+    rm -f "/run/containerd/s/$(printf '%s' "$CTD_SOCK/$ns/$id" | sha256sum | cut -c1-64)"
+  done
 }
 
 unmount_all() {
@@ -286,15 +319,11 @@ unmount_all() {
   done
 }
 
-# Bridges dockerd made for networks (br-<id>) and ours; the list is read before dockerd stops.
+# Bridges of this engine: every interface with an address in its 10.N.0.0/16 (its own bridge and
+# those dockerd made for networks). Found from the addresses, so a crashed dockerd is no obstacle.
 engine_bridges() {
-  env DOCKER_HOST="unix://$SOCK" DOCKER_CONFIG="$CONFIG_DIR" timeout 20 "$DOCKER" network ls -q \
-    --filter driver=bridge --no-trunc 2>/dev/null | while read -r id; do
-    local name
-    name=$(env DOCKER_HOST="unix://$SOCK" timeout 20 "$DOCKER" network inspect -f \
-      '{{index .Options "com.docker.network.bridge.name"}}' "$id" 2>/dev/null || true)
-    echo "${name:-br-${id:0:12}}"
-  done
+  [[ -s $ROOT/subnet ]] || return 0
+  ip -4 -o addr show | awk -v p="10.$(cat "$ROOT/subnet")." 'index($4, p) == 1 {print $2}' | sort -u
 }
 
 remove_cgroups() {
@@ -307,18 +336,17 @@ remove_cgroups() {
 cmd_stop() {
   need_root
   [[ -d $ROOT ]] || return 0
-  local bridges=""
-  alive "$PIDFILE" && bridges=$(engine_bridges)
   stop_pid "$PIDFILE" dockerd
   stop_pid "$CTD_PIDFILE" containerd
   kill_shims
+  remove_shim_sockets
   unmount_all
   local b
-  for b in $bridges "$BRIDGE"; do
-    [[ $b == docker0 ]] && continue
-    ip link show "$b" >/dev/null 2>&1 && ip link delete "$b"
+  for b in $(engine_bridges) "$BRIDGE"; do
+    if ip link show "$b" >/dev/null 2>&1; then ip link delete "$b"; fi
   done
   remove_cgroups
+  remove_host_dirs
   say "stopped"
 }
 

@@ -110,6 +110,7 @@ print(f"  namespaces: {ns}")
 print(f"  memory cgroup as mounted: {json.dumps(r['memory_cgroup_as_mounted'])}")
 print(f"  remounted rw: {json.dumps(r['memory_cgroup_remount_rw'])}")
 print(f"  fresh mount: {json.dumps(r['memory_cgroup_fresh_mount'])}")
+print(f"  new named hierarchy: {json.dumps(r['new_named_hierarchy'])}")
 bad = [k for k in ("user", "pid", "net", "uts", "ipc") if not r["namespaces"][k].get("ok")]
 sys.exit(f"namespaces refused: {bad}" if bad else 0)
 EOF

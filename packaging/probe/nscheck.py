@@ -184,6 +184,40 @@ def memory_cgroup_fresh_mount():
     return in_child(check)
 
 
+def own_limit_writable(path):
+    """Can the container change its own limit? Writes the value it already has (no change)."""
+    limit = os.path.join(path, "memory.limit_in_bytes")
+    try:
+        with open(limit) as f:
+            value = f.read().strip()
+        with open(limit, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        return errname(exc.errno)
+    return True
+
+
+def new_hierarchy_mount():
+    """Mount a new named v1 hierarchy: its root would show release_agent. Only under a private
+    cgroup namespace (where the kernel should refuse it); on the host's it would make one."""
+
+    def check():
+        own = open("/proc/self/cgroup").read()
+        if any(line.split(":", 2)[2] != "/" for line in own.splitlines() if line):
+            return {"skipped": "host cgroup namespace"}
+        if libc.unshare(FLAGS["mnt"]) != 0:
+            return {"unshare_mnt": errname(ctypes.get_errno())}
+        target = tempfile.mkdtemp(prefix="nscheck-named-")
+        if libc.mount(b"cgroup", target.encode(), b"cgroup", 0, b"none,name=nscheck") != 0:
+            return {"mount": errname(ctypes.get_errno())}
+        try:
+            return {"mount": "ok", "sees_release_agent": "release_agent" in os.listdir(target)}
+        finally:
+            libc.umount2(target.encode(), MNT_DETACH)
+
+    return in_child(check)
+
+
 def memory_cgroup_remount_rw():
     """Remount the container's /sys/fs/cgroup/memory read-write in a private mount namespace."""
 
@@ -199,7 +233,12 @@ def memory_cgroup_remount_rw():
             parent = "ok"
         if libc.mount(None, target, None, MS_REMOUNT | MS_BIND, None) != 0:
             return {"remount_parent": parent, "remount": errname(ctypes.get_errno())}
-        return {"remount_parent": parent, "remount": "ok", **try_memory_cgroup(target.decode())}
+        return {
+            "remount_parent": parent,
+            "remount": "ok",
+            "own_limit_writable": own_limit_writable(target.decode()),
+            **try_memory_cgroup(target.decode()),
+        }
 
     return in_child(check)
 
@@ -223,6 +262,7 @@ def main():
         "memory_cgroup_as_mounted": in_child(memory_cgroup_as_mounted),
         "memory_cgroup_remount_rw": memory_cgroup_remount_rw(),
         "memory_cgroup_fresh_mount": memory_cgroup_fresh_mount(),
+        "new_named_hierarchy": new_hierarchy_mount(),
     }
     json.dump(report, sys.stdout, indent=1)
     print()
