@@ -93,6 +93,12 @@ class RateLimited(ApplianceError):
         self.retry_after = retry_after
 
 
+class StorageQuotaExceeded(RateLimited):
+    """Raised when a client's stored results are over its byte budget."""
+
+    code, title = "storage_quota", "Storage quota exceeded"
+
+
 class DependencyUnavailable(ApplianceError):
     """Raised when Redis, OpenBao or the broker cannot be reached; the request is not accepted."""
 
@@ -124,6 +130,8 @@ CODES: dict[str, str] = {
     "unsupported_media_type": "the body is not JSON",
     "rate_limited": "over the client's rate limit or daily quota",
     "dependency_unavailable": "Redis, OpenBao or the broker is unreachable",
+    "storage_quota": "the client's stored results are over its byte budget",
+    "storage_full": "Redis refused a write: it is at its memory limit",
     "enrolment_lost": "OpenBao refused the service's own secret_id: it needs `appliance up`",
     "seal_broken": "a sealed envelope does not open",
     # Request parsing (api).

@@ -42,6 +42,9 @@ from .observability import REGISTRY_CACHED, REGISTRY_READS
 from .secret_names import check_secret_glob, glob_allows
 from .vault import VaultSession, list_kv, read_kv_if_present
 
+#: A client's default budget of stored result bytes (about five results of the largest size,
+#: 8 MiB of output sealed into about 12.6 MB); see SECURITY.md, "Redis memory".
+DEFAULT_STORAGE_BYTES = 64 * 1024 * 1024
 KEYID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PATH = "appliance/clients/{}"
 
@@ -59,6 +62,8 @@ class Client:
     rate_per_minute: int = 120
     #: Jobs per UTC day; 0 means no daily quota.
     daily_quota: int = 0
+    #: Bytes of sealed results the client may hold in Redis before submissions get 429.
+    storage_bytes: int = DEFAULT_STORAGE_BYTES
     enabled: bool = True
 
     def public_key(self) -> Ed25519PublicKey:
@@ -103,6 +108,7 @@ class Client:
             limits=dict(data.get("limits", {})),
             rate_per_minute=int(data.get("rate_per_minute", 120)),
             daily_quota=int(data.get("daily_quota", 0)),
+            storage_bytes=int(data.get("storage_bytes", DEFAULT_STORAGE_BYTES)),
             enabled=bool(data.get("enabled", True)),
         )
 

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # When set, this service's Redis user is a short-lived one from OpenBao's database engine
     # (`database/creds/<role>`), not the static user and password file above.
     redis_lease_role: str | None = None
+    # The stack's Redis memory limit in MiB (`maxmemory`, writes refused beyond it); 0: a quarter
+    # of the host's memory, at least 256 MiB and at most 4 GiB (SECURITY.md, "Redis memory").
+    redis_maxmemory_mb: int = Field(default=0, ge=0)
 
     # OpenBao (Vault API). The service logs in with its own AppRole: role_id in a file, and a
     # single-use secret_id: the bootstrap's, response-wrapped, in the wrap file, or else the

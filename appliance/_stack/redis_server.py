@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from ..settings import Settings
 from .pki import Pki, write_private
 from .procs import StackError, read_pid_file, start_detached, stop_by_pid_file, wait_for_port
 from .users import RunAs
@@ -34,6 +35,7 @@ _TOKEN_PREFIXES = {
     "commands": ("+", "-"),
 }
 _ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,12 @@ def start_redis(
 
     Roles in `leased` get their users from OpenBao's database engine: their static users are
     rendered off, without a password. Idempotent: when this state's Redis already runs, its
-    handle is returned and `port` is ignored.
+    handle is returned and `port` is ignored (its memory limit is set again).
     """
+    limit = maxmemory()
     running = _running_handle(state_dir, pki)
     if running is not None:
+        _limit_memory(running, limit)
         return running
     binary = _redis_binary()
     workdir = redis_dir(state_dir)
@@ -133,7 +137,7 @@ def start_redis(
     if run_as is not None:
         run_as.own(workdir)
     pid = start_detached(
-        _argv(binary, workdir, port, pki),
+        _argv(binary, workdir, port, pki, limit),
         log_file=workdir / "redis.log",
         pid_file=workdir / "redis.pid",
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
@@ -265,7 +269,36 @@ def _redis_binary() -> str:
     return binary
 
 
-def _argv(binary: str, workdir: Path, port: int, pki: Pki) -> list[str]:
+def maxmemory(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Redis's memory limit in bytes: `APPLIANCE_REDIS_MAXMEMORY_MB`, else a quarter of the
+    host's memory, at least 256 MiB and at most 4 GiB."""
+    configured = Settings().redis_maxmemory_mb
+    if configured:
+        return configured * _MIB
+    total_kib = next(
+        (
+            int(line.split()[1])
+            for line in meminfo.read_text().splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        0,
+    )
+    return min(max(total_kib * 1024 // 4, 256 * _MIB), 4096 * _MIB)
+
+
+def _limit_memory(handle: RedisHandle, limit: int) -> None:
+    """Set the memory limit of a Redis that already runs (an `up` after the setting changed)."""
+    try:
+        with handle.client("admin", socket_timeout=5) as admin:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", limit)
+    except redis.RedisError as exc:
+        raise StackError(
+            f"cannot set the memory limit of Redis on port {handle.port}: {exc}"
+        ) from exc
+
+
+def _argv(binary: str, workdir: Path, port: int, pki: Pki, limit: int) -> list[str]:
     return [
         binary,
         "--port", "0",
@@ -278,6 +311,10 @@ def _argv(binary: str, workdir: Path, port: int, pki: Pki) -> list[str]:
         "--protected-mode", "yes",
         "--save", "",
         "--appendonly", "no",
+        # Past the limit Redis refuses writes (the API answers 503 storage_full, the worker
+        # retries); it never evicts: a lost claim, nonce or result would be a replay or a loss.
+        "--maxmemory", str(limit),
+        "--maxmemory-policy", "noeviction",
         "--daemonize", "no",
         "--dir", str(workdir),
         "--aclfile", str(workdir / "users.acl"),

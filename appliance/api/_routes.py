@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import BadRequest, NotFound, Unauthorized
 from ..observability import authorized, exposition
 from ..registry import Client
+from ..store import check_storage_budget
 from ._authorize import authorize
 from ._idempotency import Retryable
 from ._requests import idempotency_key, parse_body, read_body, request_id
@@ -41,6 +42,7 @@ async def submit_task(request: Request) -> JSONResponse:
     retry = Retryable.from_header(idempotency_key(request), "/v1/tasks", body)
     task = parse_body(request, body, TaskIn)
     spec = authorize(svc.policy, client, task)
+    await run_in_threadpool(check_storage_budget, svc.store, client)
     await run_in_threadpool(svc.limiter.hit, client, 1, svc.clock())
     accepted = await run_in_threadpool(
         svc.submissions.enqueue, client, spec, request_id(request), retry
@@ -59,6 +61,7 @@ async def submit_workflow(request: Request) -> JSONResponse:
             code="too_many_steps",
         )
     specs = [authorize(svc.policy, client, step) for step in workflow.steps]
+    await run_in_threadpool(check_storage_budget, svc.store, client)
     await run_in_threadpool(svc.limiter.hit, client, len(specs), svc.clock())
     accepted = await run_in_threadpool(
         svc.submissions.enqueue_workflow, client, specs, request_id(request), retry

@@ -38,6 +38,13 @@ def clients() -> None:
     show_default=True,
     help="jobs per UTC day (0: no daily quota)",
 )
+@click.option(
+    "--storage-bytes",
+    type=click.IntRange(min=0),
+    default=64 * 1024 * 1024,
+    show_default=True,
+    help="bytes of sealed results the client may keep stored before submissions get 429",
+)
 @click.pass_context
 def clients_add(
     ctx: click.Context,
@@ -48,6 +55,7 @@ def clients_add(
     imports: tuple[str, ...],
     rate_per_minute: int,
     daily_quota: int,
+    storage_bytes: int,
 ) -> None:
     """Register (or replace) a client with its public key and what it may do.
 
@@ -60,7 +68,10 @@ def clients_add(
     try:
         client = make_client(keyid, Path(public_key).read_text(), functions, secrets, imports)
         client = dataclasses.replace(
-            client, rate_per_minute=rate_per_minute, daily_quota=daily_quota
+            client,
+            rate_per_minute=rate_per_minute,
+            daily_quota=daily_quota,
+            storage_bytes=storage_bytes,
         )
     except (ApplianceError, ValueError) as exc:
         _fail(f"cannot register {keyid}: {exc}")
@@ -129,6 +140,7 @@ def clients_list(ctx: click.Context, as_json: bool) -> None:
                 "allowed_imports": list(c.allowed_imports),
                 "rate_per_minute": c.rate_per_minute,
                 "daily_quota": c.daily_quota,
+                "storage_bytes": c.storage_bytes,
                 "public_key_sha256": c.public_key_sha256(),
             }
             for c in map(registry.read, registry.keyids())

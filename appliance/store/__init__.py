@@ -1,8 +1,9 @@
 """The one seam to Redis: results, claims, heartbeats, workflow records, nonces, rate limits,
-idempotency records and the registry's generation, each key named once in `_keys`. No other
-module of the appliance builds a Redis key or translates a Redis error."""
+idempotency records, per-client stored bytes and the registry's generation, each key named once
+in `_keys`. No other module of the appliance builds a Redis key or translates a Redis error."""
 
 from . import _keys as keys
+from ._budget import Budgeted, StoredBytes, check_storage_budget
 from ._bundle import RedisStores
 from ._connection import broker_url, connect, ssl_options
 from ._errors import redis_unavailable
@@ -22,6 +23,7 @@ from ._results import PENDING_TTL_SECONDS, Claim, RedisResultStore, ResultStore,
 
 __all__ = [
     "PENDING_TTL_SECONDS",
+    "Budgeted",
     "Claim",
     "IdempotencyRecord",
     "IdempotencyStore",
@@ -38,10 +40,12 @@ __all__ = [
     "Reservation",
     "ResultStore",
     "Stored",
+    "StoredBytes",
     "UnsafeMemoryIdempotency",
     "UnsafeMemoryRateLimiter",
     "UnsafeMemoryResultStore",
     "broker_url",
+    "check_storage_budget",
     "connect",
     "install",
     "keys",

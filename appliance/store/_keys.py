@@ -21,6 +21,9 @@ NONCE = "nonce:"
 RATELIMIT = "ratelimit:"
 #: A client's first acceptance per Idempotency-Key: `idempotency:<keyid>:<sha256>` (api only).
 IDEMPOTENCY = "idempotency:"
+#: Each client's stored result bytes: `storage:<keyid>` hash of result key -> size, written with
+#: each result (worker); the API reads it and drops the entries whose result is gone.
+STORAGE = "storage:"
 #: Live workers: the sorted set `heartbeat:workers` (member host:pid, score unix time).
 HEARTBEAT = "heartbeat:"
 #: The registry's generation token `registry:generation` (written by the operator as admin).
@@ -37,6 +40,7 @@ PREFIXES = (
     NONCE,
     RATELIMIT,
     IDEMPOTENCY,
+    STORAGE,
     HEARTBEAT,
     REGISTRY,
     BROKER,
@@ -44,6 +48,10 @@ PREFIXES = (
 
 HEARTBEAT_KEY = HEARTBEAT + "workers"
 REGISTRY_GENERATION_KEY = REGISTRY + "generation"
+
+
+def storage(keyid: str) -> str:
+    return STORAGE + keyid
 
 
 def pending(result_key: str) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _keys
+from ._budget import StoredBytes
 from ._results import PENDING_TTL_SECONDS, Claim, Stored, revoke_record
 
 
@@ -84,6 +85,9 @@ class UnsafeMemoryResultStore:
         record = json.dumps({"client": client, "sealed": sealed})
         self._set(self.prefix + key, record, self.ttl_seconds)
         self._delete(_keys.pending(key))
+        sizes = dict(self._get(_keys.storage(client)) or {})
+        sizes[key] = len(record.encode())
+        self._set(_keys.storage(client), sizes, self.ttl_seconds)
 
     def put_many(
         self, results: dict[str, str], client: str, workflow_id: str | None = None
@@ -109,6 +113,17 @@ class UnsafeMemoryResultStore:
     def delete(self, key: str) -> None:
         with self._lock:
             self._delete(self.prefix + key, _keys.pending(key))
+
+    def storage_use(self, client: str) -> list[StoredBytes]:
+        with self._lock:
+            sizes: dict[str, int] = self._get(_keys.storage(client)) or {}
+            live = {k: n for k, n in sizes.items() if self._get(self.prefix + k) is not None}
+            if sizes and live != sizes:
+                self._values[_keys.storage(client)] = live
+            return [StoredBytes(n, self._ttl_ms(self.prefix + k)) for k, n in live.items()]
+
+    def _ttl_ms(self, name: str) -> int:
+        return max(0, int((self._expires[name] - self.clock()) * 1000))
 
     def has_result(self, key: str) -> bool:
         with self._lock:

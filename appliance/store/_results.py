@@ -1,6 +1,9 @@
 """The result store: ciphertext under `result:<key>` with a TTL, and a small `pending:<key>`
 record (client and state, no payload) while the job is queued or running.
 
+Each stored result's size is recorded in its client's `storage:<keyid>` hash in the same
+transaction (`_budget` says how the bytes are counted and released).
+
 Also kept here, since they change together with results: `claim:<nonce>` (which worker runs a
 signed message, how many times it was attempted, and whether it is done), `workflow:<id>` (the
 signed, sealed messages of a workflow's later steps until each is enqueued) and the workers'
@@ -17,6 +20,7 @@ from typing import Any, Protocol
 import redis
 
 from . import _keys
+from ._budget import StoredBytes
 from ._errors import redis_unavailable
 
 PENDING_TTL_SECONDS = 24 * 3600
@@ -54,6 +58,7 @@ class ResultStore(Protocol):
     def delete(self, key: str) -> None: ...
     def has_result(self, key: str) -> bool: ...
     def get(self, key: str) -> Stored | None: ...
+    def storage_use(self, client: str) -> list[StoredBytes]: ...
 
 
 @dataclass(frozen=True)
@@ -130,10 +135,13 @@ class RedisResultStore:
             pipe.execute()
 
     def _put(self, pipe: Any, key: str, client: str, sealed: str) -> None:
-        pipe.set(
-            self.prefix + key, json.dumps({"client": client, "sealed": sealed}), ex=self.ttl_seconds
-        )
+        record = json.dumps({"client": client, "sealed": sealed})
+        pipe.set(self.prefix + key, record, ex=self.ttl_seconds)
         pipe.delete(self._pending(key))
+        # The client's stored bytes, in the same transaction; the hash lives as long as the
+        # newest result it counts.
+        pipe.hset(_keys.storage(client), key, len(record.encode()))
+        pipe.expire(_keys.storage(client), self.ttl_seconds)
 
     def claim(self, nonce: str, ttl_seconds: int, owner: str) -> Claim | None:
         """Claim a message's nonce for `owner`; return None when this is the first delivery,
@@ -281,6 +289,21 @@ class RedisResultStore:
         """Whether a sealed result already exists (a job never runs twice for one key)."""
         with redis_unavailable():
             return bool(self.redis.exists(self.prefix + key))
+
+    def storage_use(self, client: str) -> list[StoredBytes]:
+        """The size and time left of each of `client`'s stored results. Entries whose result
+        expired or was deleted are dropped here: a result's bytes count while its key exists."""
+        name = _keys.storage(client)
+        with redis_unavailable():
+            sizes = {_text(k): int(v) for k, v in self.redis.hgetall(name).items()}
+            pipe = self.redis.pipeline(transaction=False)
+            for key in sizes:
+                pipe.pttl(self.prefix + key)
+            left = dict(zip(sizes, pipe.execute(), strict=True))
+            gone = [key for key, ms in left.items() if ms == -2]
+            if gone:
+                self.redis.hdel(name, *gone)
+        return [StoredBytes(sizes[k], max(0, int(ms))) for k, ms in left.items() if ms != -2]
 
     def get(self, key: str) -> Stored | None:
         """The record for `key`, or None when unknown or expired."""

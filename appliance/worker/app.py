@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, signals
@@ -109,6 +110,27 @@ def _on_worker_shutdown(**_: Any) -> None:
         _runtime.sandboxes.close()
 
 
+def while_redis_is_full(run: Callable[[], str], sleep: Callable[[float], None]) -> str:
+    """`run()`, run again while Redis refuses writes for memory (`storage_full`).
+
+    Celery's retry publishes a new message, which a full Redis refuses too, and Celery then
+    rejects the delivery for good (the job was lost: issue 12, finding 8). So the job waits here,
+    its message unacknowledged, until Redis has room; while Redis is full, a run fails at its
+    first write (the claim) before anything runs. A job waits at most until its message
+    expires (`MESSAGE_TTL_SECONDS`): then it is refused and audited like any expired message.
+    """
+    delay = 1.0
+    while True:
+        try:
+            return run()
+        except DependencyUnavailable as exc:
+            if exc.code != "storage_full":
+                raise
+            log.warning("Redis is full: the job waits %.0f s", delay)
+        sleep(delay)
+        delay = min(2 * delay, 10.0)
+
+
 def _heartbeat() -> None:
     name = owner()
     while True:
@@ -129,7 +151,8 @@ def _run_job(self: Task, message: Any) -> str:
     claimed = message.get("task_id") if isinstance(message, dict) else None
     task_id = claimed if isinstance(claimed, str) else str(self.request.id)
     try:
-        status = execute(runtime(), JobMessage.from_wire(message), request_id)
+        job = JobMessage.from_wire(message)
+        status = while_redis_is_full(lambda: execute(runtime(), job, request_id), time.sleep)
         JOB_DURATION.observe(time.perf_counter() - started)
         log.info("job finished", extra={"task_id": task_id, "status": status})
         return status

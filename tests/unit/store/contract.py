@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from appliance.store import Claim, ResultStore, Stored, keys
+import pytest
+
+from appliance.errors import StorageQuotaExceeded
+from appliance.store import Claim, ResultStore, Stored, check_storage_budget, keys
 
 StoredKeys = Callable[[], list[str]]
+
+
+@dataclass(frozen=True)
+class Budget:
+    keyid: str
+    storage_bytes: int
 
 
 def _key() -> str:
@@ -154,6 +164,35 @@ class ResultStoreContract:
         wf = uuid.uuid4().hex
         store.save_workflow(wf, {}, 60)
         assert keys.workflow(wf) not in stored_keys()
+
+    # ---- per-client stored bytes (issue 12, finding 8) -----------------------------------------
+
+    def test_stored_bytes_count_per_client_until_deleted(self, store: ResultStore) -> None:
+        first, second, other, wf = _key(), _key(), _key(), uuid.uuid4().hex
+        store.put(first, "alice", "x" * 1000)
+        store.put_and_stage(second, "alice", "y" * 2000, wf, 0, "m")
+        store.put_many({other: "z" * 500}, "bob")
+        alice = sorted(item.size for item in store.storage_use("alice"))
+        assert len(alice) == 2 and 1000 < alice[0] < 1100 and 2000 < alice[1] < 2100
+        assert all(0 < item.ttl_ms <= 300_000 for item in store.storage_use("alice"))
+        assert [item.size > 500 for item in store.storage_use("bob")] == [True]
+        store.delete(first)
+        assert [item.size > 2000 for item in store.storage_use("alice")] == [True]
+        assert store.storage_use("carol") == []
+
+    def test_the_budget_refuses_a_client_over_it_until_its_results_go(
+        self, store: ResultStore
+    ) -> None:
+        key = _key()
+        store.put(key, "alice", "x" * 5000)
+        check_storage_budget(store, Budget("alice", 10_000))
+        with pytest.raises(StorageQuotaExceeded) as refused:
+            check_storage_budget(store, Budget("alice", 1000))
+        assert refused.value.code == "storage_quota" and refused.value.status == 429
+        assert 1 <= refused.value.retry_after <= 300
+        check_storage_budget(store, Budget("bob", 1000))  # Another client's bytes are its own.
+        store.delete(key)
+        check_storage_budget(store, Budget("alice", 1000))
 
     # ---- the keyspace -------------------------------------------------------------------------
 

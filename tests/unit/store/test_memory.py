@@ -60,3 +60,17 @@ def test_a_claim_expires_with_its_message(memory: UnsafeMemoryResultStore, clock
     clock.now += 10
     assert memory.claim("n", 10, "h:2") is None
     assert keys.claim("n") in memory.keys()
+
+
+def test_stored_bytes_are_released_when_the_result_expires(
+    memory: UnsafeMemoryResultStore, clock: Clock
+) -> None:
+    memory.put("f_1_a", "alice", "x" * 100)
+    clock.now += 200
+    memory.put("f_1_b", "alice", "x" * 100)
+    assert len(memory.storage_use("alice")) == 2
+    clock.now += 101  # The first has expired, the second has 199 s left.
+    (left,) = memory.storage_use("alice")
+    assert 198_000 < left.ttl_ms <= 199_000
+    clock.now += 200
+    assert memory.storage_use("alice") == []
