@@ -132,7 +132,12 @@ main() {
   # One builder at a time per key; a second caller waits (bounded) and then finds the tarball.
   exec 9>"$CACHE/base-$key.lock"
   flock -w 1200 9 || die "another base-image.sh holds $CACHE/base-$key.lock"
-  [[ -s $tarball ]] || build_tarball "$tarball"
+  if [[ ! -s $tarball ]]; then
+    build_tarball "$tarball"
+    # Older keys' tarballs are dead weight (140 MB each): keep only this one.
+    find "$CACHE" -maxdepth 1 -name 'base-*.tar' ! -name "base-$key.tar" -delete
+    find "$CACHE" -maxdepth 1 -name 'base-*.lock' ! -name "base-$key.lock" -delete
+  fi
   local started=$SECONDS
   "$DOCKER" import \
     --change 'ENV LANG=C.UTF-8' \
