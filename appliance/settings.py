@@ -90,11 +90,12 @@ class Settings(BaseSettings):
     auth_failure_window_seconds: float = Field(default=10.0, ge=1, le=3600)
 
     # Slow clients (issue 12, finding 11; `api/_server.py`): a request's line and headers must
-    # arrive within the first, its body within the second; a request finding this many requests
-    # or connections open is answered 503, and connections beyond twice as many are cut at once.
+    # arrive within the first, its body within the second; a request arriving while this many
+    # are in progress is answered 503; connections beyond the last are closed when accepted.
     api_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     api_body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     api_limit_concurrency: int = Field(default=512, ge=1, le=65536)
+    api_max_connections: int = Field(default=2048, ge=1, le=65536)
 
     audit_log: Path | None = None
 

@@ -8,6 +8,7 @@ same app without any of them: do not deploy it so.
 from __future__ import annotations
 
 import argparse
+import resource
 
 import uvicorn
 
@@ -22,20 +23,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     limits = ReadLimits.from_settings(get_settings())
+    _allow_files(limits.max_connections + 256)
     from .main import app  # Configures the API's JSON logging; uvicorn must not redo it.
 
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
+        # The protocol limits requests in progress and connections itself (see `_server`).
         http=protocol(limits),
-        limit_concurrency=limits.limit_concurrency,
         server_header=False,
         access_log=False,
         log_config=None,
         log_level="info",
     )
     uvicorn.Server(config).run()
+
+
+def _allow_files(wanted: int) -> None:
+    """Raise this process's open-file limit towards `wanted` (a socket is a file), within the
+    hard limit: below it, accept() would fail with EMFILE before the connection cap applies."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 if __name__ == "__main__":

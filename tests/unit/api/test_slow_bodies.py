@@ -12,7 +12,7 @@ from fastapi import Request
 
 from appliance.api._requests import read_body
 from appliance.api._server import BODY_GRACE_SECONDS, ReadLimits
-from appliance.errors import RequestTimeout
+from appliance.errors import BadRequest, RequestTimeout
 from appliance.settings import Settings
 
 
@@ -39,8 +39,18 @@ def test_a_stalled_body_is_refused_at_the_deadline() -> None:
     assert time.monotonic() - started < 2
 
 
+def test_a_client_that_goes_away_mid_body_is_a_4xx() -> None:
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+    with pytest.raises(BadRequest) as caught:
+        asyncio.run(read_body(request, 1024, 5))
+    assert caught.value.code == "client_disconnected"
+
+
 def test_the_defaults_bound_what_a_slow_client_may_hold() -> None:
     limits = ReadLimits.from_settings(Settings())
     assert (limits.header_seconds, limits.body_seconds) == (10, 30)
-    assert limits.limit_concurrency == 512 and limits.max_connections == 1024
+    assert limits.limit_concurrency == 512 and limits.max_connections == 2048
     assert BODY_GRACE_SECONDS > 0  # The app's 408 goes out before the server cuts the body.
