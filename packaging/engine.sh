@@ -36,7 +36,7 @@ usage() { die "usage: engine.sh start|stop|env|status DIR"; }
 # --- paths ----------------------------------------------------------------------------------------
 
 # Every path the engine uses hangs off DIR. Unix socket paths are limited to 108 bytes, and the
-# longest one (containerd's ttrpc socket) adds about 30 to DIR: keep DIR short.
+# longest one (dockerd's exec/libnetwork/<id12>.sock) adds 34 to DIR: keep DIR short.
 set_paths() {
   [[ $1 == /* ]] || die "DIR must be absolute: $1"
   ROOT=${1%/}
