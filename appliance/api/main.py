@@ -1,4 +1,5 @@
-"""The ASGI entry point: `uvicorn appliance.api.main:app`."""
+"""The ASGI app. Serve it with `python -m appliance.api` (`__main__`), which adds the read
+deadlines and caps of `_server`; plain `uvicorn appliance.api.main:app` has none of them."""
 
 from ..observability import configure_logging
 from ..settings import get_settings

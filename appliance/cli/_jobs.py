@@ -43,7 +43,8 @@ class SignedClient:
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        """Send a signed request (JSON body when given; extra headers are not signed)."""
+        """Send a signed request (JSON body when given; of the extra headers, only an
+        Idempotency-Key is signed, as CONTRACT §5 requires)."""
         content = json.dumps(body).encode() if body is not None else None
         headers = dict(headers or {})
         if content is not None:
