@@ -230,6 +230,8 @@ def test_restarted_service_logs_in_without_up(appliance_stack: Stack, name: str)
     assert stop_by_pid_file(state / "run" / name / f"{name}.pid")
     stack.restart_service(state, name)
     assert _pid(appliance_stack, name) not in (None, old_pid)
+    # Later tests read the session stack's pids from its status: keep it current.
+    appliance_stack.status = stack.status(state)
     _wait_ready(appliance_stack.status["api_url"])
     client = appliance_stack.client()
     resp = submit(client, "def f():\n    return 41 + 1\n", "f")
