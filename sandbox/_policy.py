@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from collections.abc import Iterable
@@ -35,13 +36,17 @@ def _default_policy_path() -> Path:
     env = os.environ.get("SANDBOX_POLICY")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (
-        here.parent / "policies" / "sandbox.json",  # source checkout or editable install
-        here.parent / "appliance_policies" / "sandbox.json",  # wheel
-    ):
-        if candidate.is_file():
-            return candidate
+    # A source checkout (or an editable install, whose installed copy may be stale) first.
+    checkout = Path(__file__).resolve().parents[1] / "policies" / "sandbox.json"
+    if checkout.is_file():
+        return checkout
+    # Installed from the wheel: `policies/` ships as the data package `appliance_policies`.
+    try:
+        installed = importlib.resources.files("appliance_policies") / "sandbox.json"
+    except ModuleNotFoundError:
+        installed = None
+    if isinstance(installed, Path) and installed.is_file():
+        return installed
     raise PolicyError("no sandbox policy found: set SANDBOX_POLICY to the policy file")
 
 

@@ -42,6 +42,7 @@ import hvac
 
 from ..vault import FLOWER_CREDENTIAL_PATH
 from .pki import write_private
+from .policy_files import policies_dir
 from .procs import (
     StackError,
     free_port,
@@ -54,8 +55,8 @@ from .users import RunAs
 
 HOST = "127.0.0.1"
 
-#: Where the policy files live in a source checkout.
-DEFAULT_POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+#: Where the policy files live: the checkout's `policies/`, or the installed `appliance_policies`.
+DEFAULT_POLICIES_DIR = policies_dir()
 
 TRANSIT_MOUNT = "transit"
 KV_MOUNT = "kv"

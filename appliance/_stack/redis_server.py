@@ -21,13 +21,14 @@ import redis
 
 from ..settings import Settings
 from .pki import Pki, write_private
+from .policy_files import policies_dir
 from .procs import StackError, read_pid_file, start_detached, stop_by_pid_file, wait_for_port
 from .users import RunAs
 
 HOST = "127.0.0.1"
 
-#: Where the role definitions live in a source checkout (and, installed, next to the package).
-DEFAULT_ACL_POLICY = Path(__file__).resolve().parents[2] / "policies" / "redis-acl.json"
+#: Where the role definitions live (a checkout's `policies/`, or the installed package's).
+DEFAULT_ACL_POLICY = policies_dir() / "redis-acl.json"
 
 _TOKEN_PREFIXES = {
     "keys": ("~", "%R~", "%W~", "%RW~"),
