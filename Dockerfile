@@ -43,6 +43,7 @@ RUN groupadd --system --gid 910 appliance \
     && mkdir -p /state && chmod 0711 /state
 COPY --from=build /opt/venv /opt/venv
 COPY packaging/entrypoint.sh /usr/local/bin/appliance-entrypoint
+COPY packaging/entrypoint-healthcheck.py /usr/local/bin/appliance-healthcheck
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     APPLIANCE_STATE=/state \
     PYTHONDONTWRITEBYTECODE=1 \
