@@ -31,7 +31,8 @@ def _state_option(fn: Any) -> Any:
 
     return click.option(
         "--state",
-        type=click.Path(file_okay=False),
+        # Search-only (0711) for the services' users: never listed, so not `readable`.
+        type=click.Path(file_okay=False, readable=False),
         expose_value=False,
         callback=remember,
         help="the stack's state directory",
