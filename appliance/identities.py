@@ -13,11 +13,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ._stack.enrolment import ENROL_ROLE
 from ._stack.openbao import APPROLE_MOUNT, SERVICE_ROLES
 from .errors import NotFound
 from .vault import VaultSession
 
-__all__ = ["SERVICE_ROLES", "SecretIdInfo", "destroy_secret_id", "list_secret_ids"]
+__all__ = [
+    "IDENTITY_ROLES",
+    "SERVICE_ROLES",
+    "SecretIdInfo",
+    "destroy_secret_id",
+    "list_secret_ids",
+]
+
+#: The roles whose secret_ids the operator sees and destroys: the services', and the worker
+#: enrolment credential's (destroying it stops new worker replicas, not running ones).
+IDENTITY_ROLES: tuple[str, ...] = (*SERVICE_ROLES, ENROL_ROLE)
 
 
 @dataclass(frozen=True)
@@ -46,9 +57,10 @@ class SecretIdInfo:
 
 
 def list_secret_ids(
-    session: VaultSession, roles: Iterable[str] = SERVICE_ROLES
+    session: VaultSession, roles: Iterable[str] = IDENTITY_ROLES
 ) -> list[SecretIdInfo]:
-    """Every live secret_id of the given service roles."""
+    """Every live secret_id of the given roles (by default every service's and the enrolment
+    role's)."""
     found = []
     for role in roles:
         _check_role(role)
@@ -109,5 +121,5 @@ def _lookup(session: VaultSession, role: str, accessor: str) -> SecretIdInfo:
 
 
 def _check_role(role: str) -> None:
-    if role not in SERVICE_ROLES:
-        raise NotFound(f"no service role {role!r}; the roles are {', '.join(SERVICE_ROLES)}")
+    if role not in IDENTITY_ROLES:
+        raise NotFound(f"no service role {role!r}; the roles are {', '.join(IDENTITY_ROLES)}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -31,7 +33,7 @@ from ._stack.redis_server import operator_access
 from .errors import NotFound
 from .registry import Client, Registry
 from .store import RedisGeneration
-from .vault import VaultSession
+from .vault import VaultSession, successor_file
 
 if TYPE_CHECKING:
     from .audit import VaultAnchorStore
@@ -125,7 +127,7 @@ def audit_log(state: Path) -> Path:
     return state / "audit" / "audit.jsonl"
 
 
-def _argv(name: str, ports: Ports, state: Path) -> list[str]:
+def _argv(name: str, ports: Ports, state: Path, env: Mapping[str, str]) -> list[str]:
     py = sys.executable
     if name == "worker":
         return [
@@ -157,12 +159,13 @@ def _argv(name: str, ports: Ports, state: Path) -> list[str]:
             "-m",
             "appliance.api",
             "--host",
-            HOST,
+            env.get("APPLIANCE_API_HOST", HOST),
             "--port",
             str(ports.api),
         ]
     # Flower reads its login from OpenBao itself (AppRole `flower`): no secret in argv or env.
-    return [py, "-m", "appliance.flower", "--address", HOST, "--port", str(ports.flower)]
+    address = env.get("APPLIANCE_FLOWER_HOST", HOST)
+    return [py, "-m", "appliance.flower", "--address", address, "--port", str(ports.flower)]
 
 
 def _start_service(
@@ -208,6 +211,39 @@ def _launch(
             f"another with --{name}-port on a new --state"
         )
     directory = _service_dir(state, name)
+    command = _service_command(state, name, ports, pki, users, directory)
+    _stack.start_detached(
+        command.argv,
+        log_file=directory / f"{name}.log",
+        pid_file=_pid_file(state, name),
+        env=command.env,
+        cwd=directory,
+        run_as=command.run_as,
+    )
+
+
+@dataclass(frozen=True)
+class Command:
+    """How one service runs: its command line, its whole environment, where, and as whom."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    run_as: _stack.RunAs | None = None
+
+
+def _service_command(
+    state: Path,
+    name: str,
+    ports: Ports,
+    pki: _stack.Pki,
+    users: Mapping[str, _stack.RunAs] | None,
+    directory: Path,
+    overrides: Mapping[str, str] | None = None,
+) -> Command:
+    """The API's, the worker's or Flower's command, logging in with the files in `directory`;
+    `overrides` (APPLIANCE_* settings of `appliance serve`'s caller) win over the defaults,
+    except the service's credentials."""
     role_id_file, wrap_file = _stack.credential_files(directory, name)
     extra = {
         "APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
@@ -217,24 +253,46 @@ def _launch(
         # The one authority a signed request to this stack may name (issue 12, finding 19): the
         # loopback address and port of `api_url`, which is all the local stack listens on.
         extra["APPLIANCE_API_AUTHORITIES"] = f"{HOST}:{ports.api}"
+    extra.update({k: v for k, v in (overrides or {}).items() if k not in _CREDENTIAL_SETTINGS})
     run_as = None
     if users is not None:
-        users[name].own(directory, pki.client(name)[1])
-        if "APPLIANCE_REDIS_PASSWORD_FILE" in service_env(state, name, ports, pki):
-            users[name].own(_stack.password_file(state, name))
+        _own_service_files(state, name, ports, pki, users, directory)
         # The worker starts as root, starts its sandbox launcher, then becomes its user.
         if name == "worker":
             extra["APPLIANCE_WORKER_USER"] = users[name].name
         else:
             run_as = users[name]
-    _stack.start_detached(
-        _argv(name, ports, state),
-        log_file=directory / f"{name}.log",
-        pid_file=_pid_file(state, name),
-        env=service_env(state, name, ports, pki, extra),
-        cwd=directory,
-        run_as=run_as,
-    )
+    env = service_env(state, name, ports, pki, extra)
+    return Command(_argv(name, ports, state, env), env, directory, run_as)
+
+
+#: What `serve` decides itself, whatever its caller's environment says: the service's identity.
+_CREDENTIAL_SETTINGS = frozenset(
+    {
+        "APPLIANCE_VAULT_ROLE_ID_FILE",
+        "APPLIANCE_VAULT_SECRET_ID_WRAP_FILE",
+        "APPLIANCE_WORKER_USER",
+        "APPLIANCE_REDIS_USERNAME",
+        "APPLIANCE_REDIS_PASSWORD_FILE",
+        "APPLIANCE_REDIS_CERT",
+        "APPLIANCE_REDIS_KEY",
+        "APPLIANCE_REDIS_LEASE_ROLE",
+    }
+)
+
+
+def _own_service_files(
+    state: Path,
+    name: str,
+    ports: Ports,
+    pki: _stack.Pki,
+    users: Mapping[str, _stack.RunAs],
+    directory: Path,
+) -> None:
+    """A service's login directory, client key and (a static Redis user's) password to its user."""
+    users[name].own(directory, pki.client(name)[1])
+    if "APPLIANCE_REDIS_PASSWORD_FILE" in service_env(state, name, ports, pki):
+        users[name].own(_stack.password_file(state, name))
 
 
 def _service_users(state: Path) -> Mapping[str, _stack.RunAs] | None:
@@ -361,11 +419,20 @@ def write_keypair(directory: Path, keyid: str) -> tuple[Path, Path]:
     return private, public
 
 
-def up(
-    state: Path, requested_ports: dict[str, int] | None = None, wait_ready: float = 60.0
-) -> dict[str, Any]:
-    """Start (or complete) the stack and return its status."""
-    _require_binaries()
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared state directory: its ports, PKI, and the services' users (None: the caller's)."""
+
+    ports: Ports
+    pki: _stack.Pki
+    users: Mapping[str, _stack.RunAs] | None
+
+
+def prepare(state: Path, requested_ports: dict[str, int] | None = None) -> Prepared:
+    """`appliance prepare`: everything the services read at start that needs no running service
+    (ports, PKI, Redis's passwords and ACL file, the relay's port, OpenBao's configuration, the
+    audit directory and metrics token, each service's files to its user). Idempotent; no network.
+    """
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     users = _service_users(state)
     ports = load_ports(state, requested_ports)
@@ -373,15 +440,128 @@ def up(
     pki = _stack.ensure_pki(state / "tls")
     _hand_over_keys(state, pki, users)
     leased = _stack.load_leased_roles()
-    redis_was_running = _stack.read_pid_file(state / "redis" / "redis.pid") is not None
-    redis_user = users["redis"] if users else None
-    _stack.start_redis(state, ports.redis, pki, leased=leased, run_as=redis_user)
-    relay_port = _stack.start_relay(state, ports.redis, pki, run_as=redis_user)
+    _stack.prepare_redis(
+        state, ports.redis, leased=leased, run_as=users["redis"] if users else None
+    )
+    _stack.relay_port(state)
     # Files older stacks left: the dev-mode OpenBao's root token (that server is gone) and the
     # static passwords of roles whose users now come from OpenBao.
     (state / "secrets" / "bao-root.token").unlink(missing_ok=True)
     for role in leased:
         _stack.password_file(state, role).unlink(missing_ok=True)
+    _stack.prepare_openbao(state, ports.bao, run_as=users["openbao"] if users else None)
+    (state / "audit").mkdir(exist_ok=True, mode=0o700)
+    if not metrics_token_file(state).is_file():
+        _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
+    _share_audit_and_metrics(state, users)
+    if users is not None:
+        for name in SERVICES:
+            _own_service_files(state, name, ports, pki, users, _service_dir(state, name))
+    return Prepared(ports, pki, users)
+
+
+def _prepared(state: Path) -> Prepared:
+    """The ports, PKI and users of a state that `prepare` made (StackError if it did not)."""
+    if not _config_file(state).is_file():
+        raise _stack.StackError(f"no prepared stack in {state}: run `appliance prepare` first")
+    return Prepared(load_ports(state), _stack.Pki(state / "tls"), _recorded_users(state))
+
+
+def _recorded_users(state: Path) -> Mapping[str, _stack.RunAs] | None:
+    """The services' users when `prepare` (or `up`) gave them their files and this process is
+    root; else None."""
+    if not _service_users_status(state).get("enabled"):
+        return None
+    return _stack.service_users()
+
+
+def init(state: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """`appliance init`: with Redis, its relay and OpenBao running (`appliance serve`), open
+    OpenBao (initialise once, unseal), bootstrap it, enrol the API and Flower unless their own
+    credentials are still good, keep a live worker enrolment credential, revoke the root token.
+    Idempotent. Returns what it did."""
+    prepared = _prepared(state)
+    ports, pki, users = prepared.ports, prepared.pki, prepared.users
+    _stack.wait_for_port(HOST, ports.redis, timeout=timeout)
+    relay_port = _stack.relay_port(state)
+    _stack.wait_for_port(HOST, relay_port, timeout=timeout)
+    bao = _stack.open_openbao(state, timeout=timeout)
+    try:
+        _bootstrap(state, bao, pki, relay_port, users)
+        enrolled = [
+            name
+            for name in ("api", "flower")
+            if _enrol_unless_enrolled(state, name, bao, ports, pki, users)
+        ]
+        new_enrolment = _stack.ensure_enrolment_credential(
+            bao.client(), _stack.enrolment_file(state), users["worker"] if users else None
+        )
+    finally:
+        bao.revoke_root()
+    return {
+        "initialised_now": bao.initialized_now,
+        "enrolled": enrolled,
+        "worker_enrolment": "new" if new_enrolment else "kept",
+    }
+
+
+def _enrol_unless_enrolled(
+    state: Path,
+    name: str,
+    bao: _stack.BaoHandle,
+    ports: Ports,
+    pki: _stack.Pki,
+    users: Mapping[str, _stack.RunAs] | None,
+) -> bool:
+    """Enrol one single-instance service afresh unless its directory holds a live credential
+    (an unused wrapped secret_id, or the successor its last login left); True when enrolled.
+    Enrolling destroys the role's earlier secret_ids first."""
+    directory = _service_dir(state, name)
+    if bao.holds_live_credential(name, directory):
+        return False
+    bao.retire_secret_ids(name)
+    bao.write_service_credentials(name, directory)
+    if users is not None:
+        _own_service_files(state, name, ports, pki, users, directory)
+    return True
+
+
+def _bootstrap(
+    state: Path,
+    bao: _stack.BaoHandle,
+    pki: _stack.Pki,
+    relay_port: int,
+    users: Mapping[str, _stack.RunAs] | None,
+) -> None:
+    """OpenBao's engines, keys, policies and roles, the leased Redis users, the audit keys, the
+    local client, and the audit directory shared (with the root token of `bao`)."""
+    _stack.bootstrap(bao)
+    _configure_redis_leases(state, bao, pki, relay_port, _stack.load_leased_roles())
+    (state / "audit").mkdir(exist_ok=True, mode=0o700)
+    export_audit_keys(state, bao.addr, bao.operator_token())
+    if not metrics_token_file(state).is_file():
+        _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
+    # Flower's login lives in OpenBao now (`appliance flower-credentials`); drop the file of
+    # older stacks so that no stale password is left lying around.
+    (state / "secrets" / "flower.pass").unlink(missing_ok=True)
+    _ensure_local_client(state, bao)
+    _share_audit_and_metrics(state, users)
+
+
+def up(
+    state: Path, requested_ports: dict[str, int] | None = None, wait_ready: float = 60.0
+) -> dict[str, Any]:
+    """Start (or complete) the stack and return its status: `prepare`, Redis, its relay and
+    OpenBao started here, the bootstrap of `init`, then each service that is not running,
+    enrolled afresh."""
+    _require_binaries()
+    prepared = prepare(state, requested_ports)
+    ports, pki, users = prepared.ports, prepared.pki, prepared.users
+    leased = _stack.load_leased_roles()
+    redis_was_running = _stack.read_pid_file(state / "redis" / "redis.pid") is not None
+    redis_user = users["redis"] if users else None
+    _stack.start_redis(state, ports.redis, pki, leased=leased, run_as=redis_user)
+    relay_port = _stack.start_relay(state, ports.redis, pki, run_as=redis_user)
     bao = _stack.start_openbao(state, ports.bao, run_as=users["openbao"] if users else None)
     try:
         if bao.initialized_now or not redis_was_running:
@@ -389,17 +569,7 @@ def up(
             # leased users: services must log in afresh.
             for name in reversed(SERVICES):
                 _stack.stop_by_pid_file(_pid_file(state, name))
-        _stack.bootstrap(bao)
-        _configure_redis_leases(state, bao, pki, relay_port, leased)
-        (state / "audit").mkdir(exist_ok=True, mode=0o700)
-        export_audit_keys(state, bao.addr, bao.operator_token())
-        if not metrics_token_file(state).is_file():
-            _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
-        # Flower's login lives in OpenBao now (`appliance flower-credentials`); drop the file of
-        # older stacks so that no stale password is left lying around.
-        (state / "secrets" / "flower.pass").unlink(missing_ok=True)
-        _ensure_local_client(state, bao)
-        _share_audit_and_metrics(state, users)
+        _bootstrap(state, bao, pki, relay_port, users)
         for name in SERVICES:
             _start_service(state, name, ports, pki, bao, users)
     finally:
@@ -408,6 +578,68 @@ def up(
         bao.revoke_root()
     _wait_ready(state, ports, wait_ready)
     return status(state)
+
+
+#: What `appliance serve` runs: the stack's services, each in the foreground.
+SERVABLE = ("redis", "relay", "openbao", *SERVICES)
+
+
+def serve_command(
+    state: Path, name: str, overrides: Mapping[str, str] | None = None, replica: str | None = None
+) -> Command:
+    """How `appliance serve NAME` runs service NAME of a prepared (and, for the API, the worker
+    and Flower, initialised) state: the command `up` would start, for `exec_service`. The worker
+    enrols itself first when it has no secret_id of its own (`_worker_replica_dir`)."""
+    if name not in SERVABLE:
+        raise _stack.StackError(f"no service {name!r}; the services are {', '.join(SERVABLE)}")
+    prepared = _prepared(state)
+    ports, pki, users = prepared.ports, prepared.pki, prepared.users
+    if name == "redis":
+        run_as = users["redis"] if users else None
+        argv = _stack.redis_argv(state, ports.redis, pki)
+        return Command(argv, dict(_stack.REDIS_ENV), _stack.redis_dir(state), run_as)
+    if name == "relay":
+        argv = _stack.relay_argv(state, ports.redis, pki)
+        run_as = users["redis"] if users else None
+        return Command(argv, _stack.relay_env(), state / "redis", run_as)
+    if name == "openbao":
+        run_as = users["openbao"] if users else None
+        argv, env = _stack.openbao_argv(state), _stack.openbao_env(state)
+        return Command(argv, env, _stack.data_dir(state).parent, run_as)
+    directory = _service_dir(state, name)
+    if name == "worker":
+        directory = _worker_replica_dir(state, users, replica or socket.gethostname())
+    return _service_command(state, name, ports, pki, users, directory, overrides)
+
+
+def _worker_replica_dir(
+    state: Path, users: Mapping[str, _stack.RunAs] | None, replica: str
+) -> Path:
+    """A worker replica's own login directory (`run/worker/replicas/<replica>`, by default the
+    host name: a container's id): its own successor secret_id when it has one, else one it mints
+    with the enrolment credential."""
+    if not _REPLICA_NAME.fullmatch(replica):
+        raise _stack.StackError(
+            f"{replica[:80]!r} cannot name a worker replica: letters, digits, '.' and '-', "
+            "at most 63, starting with a letter or digit"
+        )
+    directory = _service_dir(state, "worker") / "replicas" / replica
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    role_id_file, wrap_file = _stack.credential_files(directory, "worker")
+    successor = successor_file(wrap_file)
+    if not successor.is_file():
+        VaultSession.enrol(
+            f"http://{HOST}:{load_ports(state).bao}",
+            _stack.enrolment_file(state),
+            role_id_file,
+            successor,
+        )
+    if users is not None:
+        users["worker"].own(directory.parent, directory)
+    return directory
+
+
+_REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
 
 
 def _configure_redis_leases(

@@ -154,6 +154,38 @@ class VaultSession:
         return secret_id
 
     @classmethod
+    def enrol(
+        cls, addr: str, enrolment_file: Path, role_id_file: Path, secret_id_file: Path
+    ) -> str:
+        """Enrol a replica with an enrolment credential (issue 14: `appliance serve worker`).
+
+        Logs in with the credential in `enrolment_file` (JSON: `role_id`, `secret_id`, `enrols`,
+        `enrols_role_id`; read, never changed: it may sit on a read-only mount), mints one
+        secret_id of the enrolled role with this host and pid as metadata, keeps it in
+        `secret_id_file` (0600) with the role's role_id in `role_id_file`, and revokes the
+        enrolment token. Returns the enrolled role. `EnrolmentLost` when OpenBao refuses the
+        credential (destroyed by the operator, used up or expired): run `appliance init`.
+        """
+        try:
+            credential = json.loads(enrolment_file.read_text())
+            role_id, secret_id = str(credential["role_id"]), str(credential["secret_id"])
+            role, role_role_id = str(credential["enrols"]), str(credential["enrols_role_id"])
+        except FileNotFoundError:
+            raise EnrolmentLost(f"no enrolment credential in {enrolment_file}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EnrolmentLost(
+                f"the enrolment credential in {enrolment_file} is malformed"
+            ) from exc
+        session = cls(addr)
+        session._client.token = session._approle_login(role_id, secret_id)["client_token"]
+        try:
+            session._rotate(role, secret_id_file)
+        finally:
+            session.close()
+        _write_private_atomically(role_id_file, role_role_id.encode() + b"\n")
+        return role
+
+    @classmethod
     def from_token_file(cls, addr: str, token_file: Path) -> VaultSession:
         """An operator's session from a token file (CLI only)."""
         return cls(addr, token_file.read_text().strip())

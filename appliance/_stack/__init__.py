@@ -7,6 +7,7 @@ through its pid file.
 
 from __future__ import annotations
 
+from .enrolment import ENROL_ROLE, enrolment_file, ensure_enrolment_credential
 from .openbao import (
     BaoHandle,
     Bootstrap,
@@ -16,7 +17,11 @@ from .openbao import (
     credential_files,
     data_dir,
     generate_root_token,
+    open_openbao,
+    openbao_argv,
+    openbao_env,
     operator_token_file,
+    prepare_openbao,
     start_openbao,
     stop_openbao,
     unseal_keys_file,
@@ -24,6 +29,7 @@ from .openbao import (
 from .pki import CLIENT_ROLES, Pki, ensure_pki, write_private
 from .procs import (
     StackError,
+    exec_service,
     free_port,
     pid_alive,
     read_pid_file,
@@ -31,13 +37,17 @@ from .procs import (
     stop_by_pid_file,
     wait_for_port,
 )
-from .redis_relay import start_relay, stop_relay
+from .redis_relay import relay_argv, relay_env, relay_port, start_relay, stop_relay
 from .redis_server import (
+    REDIS_ENV,
     RedisHandle,
     lease_rules,
     load_acl_policy,
     load_leased_roles,
     password_file,
+    prepare_redis,
+    redis_argv,
+    redis_dir,
     render_acl,
     start_redis,
     stop_redis,
@@ -46,6 +56,8 @@ from .users import RunAs, check_reachable, service_users, shared_gid
 
 __all__ = [
     "CLIENT_ROLES",
+    "ENROL_ROLE",
+    "REDIS_ENV",
     "BaoHandle",
     "Bootstrap",
     "Pki",
@@ -57,6 +69,19 @@ __all__ = [
     "check_reachable",
     "configure_redis_leases",
     "credential_files",
+    "enrolment_file",
+    "ensure_enrolment_credential",
+    "exec_service",
+    "open_openbao",
+    "openbao_argv",
+    "openbao_env",
+    "prepare_openbao",
+    "prepare_redis",
+    "redis_argv",
+    "redis_dir",
+    "relay_argv",
+    "relay_env",
+    "relay_port",
     "ensure_pki",
     "free_port",
     "lease_rules",

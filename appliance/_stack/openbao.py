@@ -41,6 +41,7 @@ from typing import Any
 import hvac
 
 from ..vault import FLOWER_CREDENTIAL_PATH
+from .enrolment import ensure_enrolment_role
 from .pki import write_private
 from .policy_files import policies_dir
 from .procs import (
@@ -165,6 +166,34 @@ class BaoHandle:
         write_private(wrap_file, wrap_token.encode() + b"\n")
         return role_id_file, wrap_file
 
+    def holds_live_credential(self, role: str, directory: Path) -> bool:
+        """Whether `directory` holds a credential OpenBao would still take for `role`: a wrapping
+        token nobody has unwrapped yet, or the successor secret_id the service's last login left
+        (looked up, not used: `appliance init` leaves a running service alone)."""
+        _check_service_role(role)
+        client = self.client()
+        role_id_file, wrap_file = credential_files(directory, role)
+        if not role_id_file.is_file():
+            return False
+        wrapping = _read_stripped(wrap_file)
+        if wrapping is not None:
+            try:
+                client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping})
+                return True
+            except hvac.exceptions.VaultError:
+                pass  # Unwrapped already, or expired: look at the successor.
+        secret_id = _read_stripped(wrap_file.with_name(wrap_file.name.removesuffix(".wrap")))
+        if secret_id is None:
+            return False
+        try:
+            found = client.adapter.post(
+                f"/v1/auth/{APPROLE_MOUNT}/role/{role}/secret-id/lookup",
+                json={"secret_id": secret_id},
+            )
+        except hvac.exceptions.VaultError:
+            return False
+        return isinstance(found, dict) and bool(found.get("data"))
+
     def retire_secret_ids(self, role: str) -> int:
         """Destroy every secret_id of `role` (before enrolling its one instance afresh), so that
         a successor left by an earlier run cannot log in beside the new enrolment. How many."""
@@ -219,6 +248,13 @@ class Bootstrap:
         return _wrapped_secret_id(self.handle.client(), role)
 
 
+def _read_stripped(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def credential_files(directory: Path, role: str) -> tuple[Path, Path]:
     """A service's login files in its own directory: its role_id, and the wrapping token of the
     secret_id the bootstrap minted for it (its own successor secret_id is kept beside them)."""
@@ -261,30 +297,60 @@ def start_openbao(
     running = _running_handle(state_dir)
     if running is not None:
         return running
-    binary = _bao_binary()
-    workdir = bao_dir(state_dir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    workdir.chmod(0o700)
-    data_dir(state_dir).mkdir(mode=0o700, exist_ok=True)
+    workdir = prepare_openbao(state_dir, port, run_as=run_as)
     addr = f"http://{HOST}:{port}"
-    (workdir / "config.hcl").write_text(_config_hcl(state_dir, port))
-    if run_as is not None:
-        run_as.own(workdir)
     pid = start_detached(
-        _argv(binary, workdir),
+        openbao_argv(state_dir),
         log_file=workdir / "bao.log",
         pid_file=workdir / "bao.pid",
-        env=_child_env(workdir),
+        env=openbao_env(state_dir),
         cwd=workdir,
         run_as=run_as,
     )
-    (workdir / "endpoint.json").write_text(json.dumps({"addr": addr}))
     try:
         wait_for_port(HOST, port, pid=pid, timeout=timeout)
         return _open(state_dir, addr, pid, timeout)
     except (StackError, hvac.exceptions.VaultError) as exc:
         stop_openbao(state_dir)
         raise StackError(f"{exc}; see {workdir / 'bao.log'}") from exc
+
+
+def prepare_openbao(state_dir: Path, port: int, *, run_as: RunAs | None = None) -> Path:
+    """Write what OpenBao reads at start: its directories, its configuration (listening on
+    `127.0.0.1:port`) and its address for the stack. Idempotent; returns its directory."""
+    workdir = bao_dir(state_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)
+    data_dir(state_dir).mkdir(mode=0o700, exist_ok=True)
+    (workdir / "config.hcl").write_text(_config_hcl(state_dir, port))
+    (workdir / "endpoint.json").write_text(json.dumps({"addr": f"http://{HOST}:{port}"}))
+    if run_as is not None:
+        run_as.own(workdir)
+    return workdir
+
+
+def openbao_argv(state_dir: Path) -> list[str]:
+    """The command line of this state's OpenBao server (the configuration of `prepare_openbao`)."""
+    return _argv(_bao_binary(), bao_dir(state_dir))
+
+
+def openbao_env(state_dir: Path) -> dict[str, str]:
+    """OpenBao's whole environment."""
+    return _child_env(bao_dir(state_dir))
+
+
+def open_openbao(state_dir: Path, *, timeout: float = 60.0) -> BaoHandle:
+    """This state's OpenBao, started by someone else (`appliance serve openbao`): wait until it
+    answers, initialise it once, unseal it, and return a handle with a fresh root token (its
+    `pid` is 0: this process does not know it)."""
+    try:
+        addr = str(json.loads((bao_dir(state_dir) / "endpoint.json").read_text())["addr"])
+    except FileNotFoundError:
+        raise StackError(f"no OpenBao prepared in {state_dir}: run `appliance prepare`") from None
+    try:
+        return _open(state_dir, addr, 0, timeout)
+    except hvac.exceptions.VaultError as exc:
+        raise StackError(f"OpenBao at {addr} could not be opened: {exc}") from exc
 
 
 def stop_openbao(state_dir: Path) -> bool:
@@ -373,6 +439,7 @@ def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> B
     _ensure_transit_keys(client)
     _load_policies(client, policies_dir)
     _ensure_approles(client)
+    ensure_enrolment_role(client)
     _ensure_flower_credential(client)
     _ensure_operator_token(handle)
     role_ids = {role: _read_role_id(client, role) for role in SERVICE_ROLES}

@@ -240,6 +240,24 @@ def relay_port(state_dir: Path) -> int:
     return port
 
 
+def relay_argv(state_dir: Path, redis_port: int, pki: Pki) -> list[str]:
+    """The relay's command line: on its kept port, in front of Redis on `redis_port`."""
+    port = relay_port(state_dir)
+    return [
+        sys.executable,
+        "-m",
+        "appliance._stack.redis_relay",
+        str(port),
+        str(redis_port),
+        str(pki.dir),
+    ]
+
+
+def relay_env() -> dict[str, str]:
+    """The relay's whole environment."""
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
 def start_relay(state_dir: Path, redis_port: int, pki: Pki, run_as: RunAs | None = None) -> int:
     """Start this state's relay (idempotent) and return the port it listens on."""
     port = relay_port(state_dir)
@@ -248,17 +266,10 @@ def start_relay(state_dir: Path, redis_port: int, pki: Pki, run_as: RunAs | None
     if read_pid_file(pid_file) is not None:
         return port
     pid = start_detached(
-        [
-            sys.executable,
-            "-m",
-            "appliance._stack.redis_relay",
-            str(port),
-            str(redis_port),
-            str(pki.dir),
-        ],
+        relay_argv(state_dir, redis_port, pki),
         log_file=workdir / "relay.log",
         pid_file=pid_file,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env=relay_env(),
         cwd=workdir,
         run_as=run_as,
     )

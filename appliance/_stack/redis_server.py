@@ -15,6 +15,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import redis
@@ -129,23 +130,15 @@ def start_redis(
     if running is not None:
         _limit_memory(running, limit)
         return running
-    binary = _redis_binary()
-    workdir = redis_dir(state_dir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    workdir.chmod(0o700)
-    acl = render_acl(state_dir, load_acl_policy(acl_policy), leased)
-    write_private(workdir / "users.acl", acl.encode())
-    if run_as is not None:
-        run_as.own(workdir)
+    workdir = prepare_redis(state_dir, port, acl_policy=acl_policy, leased=leased, run_as=run_as)
     pid = start_detached(
-        _argv(binary, workdir, port, pki, limit),
+        redis_argv(state_dir, port, pki),
         log_file=workdir / "redis.log",
         pid_file=workdir / "redis.pid",
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        env=REDIS_ENV,
         cwd=workdir,
         run_as=run_as,
     )
-    (workdir / "endpoint.json").write_text(json.dumps({"host": HOST, "port": port}))
     handle = RedisHandle(HOST, port, pid, state_dir, pki)
     try:
         wait_for_port(HOST, port, pid=pid)
@@ -154,6 +147,38 @@ def start_redis(
         stop_redis(state_dir)
         raise StackError(f"{exc}; see {workdir / 'redis.log'}") from exc
     return handle
+
+
+#: Redis's whole environment.
+REDIS_ENV = MappingProxyType({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+
+
+def prepare_redis(
+    state_dir: Path,
+    port: int,
+    *,
+    acl_policy: Path = DEFAULT_ACL_POLICY,
+    leased: tuple[str, ...] = (),
+    run_as: RunAs | None = None,
+) -> Path:
+    """Write what Redis reads at start: its working directory, the ACL file (the roles'
+    passwords made on first use and kept) and where it listens. Idempotent; returns the
+    working directory."""
+    workdir = redis_dir(state_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o700)
+    acl = render_acl(state_dir, load_acl_policy(acl_policy), leased)
+    write_private(workdir / "users.acl", acl.encode())
+    (workdir / "endpoint.json").write_text(json.dumps({"host": HOST, "port": port}))
+    if run_as is not None:
+        run_as.own(workdir)
+    return workdir
+
+
+def redis_argv(state_dir: Path, port: int, pki: Pki) -> list[str]:
+    """The command line of this state's Redis (TLS only on `port`, the ACL file of
+    `prepare_redis`), with the memory limit of `maxmemory`."""
+    return _argv(_redis_binary(), redis_dir(state_dir), port, pki, maxmemory())
 
 
 def stop_redis(state_dir: Path) -> bool:

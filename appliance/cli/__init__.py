@@ -1,7 +1,8 @@
 """The `appliance` command (docs/CONTRACT.md §3). Usage errors exit 2 with a message; nothing
 runs.
 
-One module per group of commands: `_stack_commands` (the local stack), `_clients` (the
+One module per group of commands: `_stack_commands` (the local stack), `_deploy` (the stack
+as separate services: prepare, init, serve), `_clients` (the
 registry), `_identities` (the services' secret_ids), `_keys` (transit keys), `_jobs` (signed
 requests to the API); the audit commands come from `appliance.audit`.
 """
@@ -14,7 +15,7 @@ import click
 
 from .. import stack
 from ..audit import audit_cli
-from . import _clients, _identities, _jobs, _keys, _stack_commands
+from . import _clients, _deploy, _identities, _jobs, _keys, _stack_commands
 from ._jobs import SignedClient
 
 __all__ = ["SignedClient", "main"]
@@ -24,7 +25,8 @@ __all__ = ["SignedClient", "main"]
 @click.option(
     "--state",
     "state",
-    type=click.Path(file_okay=False),
+    # Search-only (0711) for the services' users: never listed, so not `readable`.
+    type=click.Path(file_okay=False, readable=False),
     default=lambda: os.environ.get("APPLIANCE_STATE", ".appliance"),
     show_default=".appliance or $APPLIANCE_STATE",
     help="the stack's state directory",
@@ -42,6 +44,9 @@ for _command in (
     _stack_commands.up,
     _stack_commands.status,
     _stack_commands.down,
+    _deploy.prepare,
+    _deploy.init,
+    _deploy.serve,
     _stack_commands.keygen,
     _stack_commands.flower_credentials,
     _clients.clients,

@@ -9,7 +9,7 @@ import click
 
 from .. import stack
 from ..errors import ApplianceError, NotFound
-from ..identities import SERVICE_ROLES, destroy_secret_id, list_secret_ids
+from ..identities import IDENTITY_ROLES, destroy_secret_id, list_secret_ids
 from ..vault import VaultSession
 from ._common import _fail, _require_stack, _state, _state_option
 
@@ -21,14 +21,15 @@ def identities() -> None:
 
 @identities.command("list")
 @_state_option
-@click.option("--role", "roles", multiple=True, type=click.Choice(SERVICE_ROLES))
+@click.option("--role", "roles", multiple=True, type=click.Choice(IDENTITY_ROLES))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON array")
 @click.pass_context
 def identities_list(ctx: click.Context, roles: tuple[str, ...], as_json: bool) -> None:
-    """List every live secret_id of the service roles: one per running service is normal."""
+    """List every live secret_id of the service roles: one per running service is normal, and
+    one of `enrol-worker` (the worker replicas' enrolment credential) after `appliance init`."""
     session = _operator_session(ctx)
     try:
-        found = list_secret_ids(session, roles or SERVICE_ROLES)
+        found = list_secret_ids(session, roles or IDENTITY_ROLES)
     except ApplianceError as exc:
         _fail(exc.detail, 1)
     if as_json:
@@ -36,14 +37,14 @@ def identities_list(ctx: click.Context, roles: tuple[str, ...], as_json: bool) -
         return
     for info in found:
         click.echo(
-            f"{info.role:<7} {info.accessor}  host {info.host or '?'} pid {info.pid or '?'}  "
+            f"{info.role:<12} {info.accessor}  host {info.host or '?'} pid {info.pid or '?'}  "
             f"expires {info.expires}  uses left {info.uses_left}"
         )
 
 
 @identities.command("destroy")
 @_state_option
-@click.argument("role", type=click.Choice(SERVICE_ROLES))
+@click.argument("role", type=click.Choice(IDENTITY_ROLES))
 @click.argument("accessors", nargs=-1)
 @click.option("--all", "every", is_flag=True, help="every secret_id of ROLE")
 @click.pass_context
