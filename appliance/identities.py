@@ -10,11 +10,12 @@ a service's token. SECURITY.md, "Service identities".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ._stack.enrolment import ENROL_ROLE
-from ._stack.openbao import APPROLE_MOUNT, SERVICE_ROLES
+from ._stack.openbao import APPROLE_MOUNT, SERVICE_ROLES, revoke_role_tokens
 from .errors import NotFound
 from .vault import VaultSession
 
@@ -24,11 +25,15 @@ __all__ = [
     "SecretIdInfo",
     "destroy_secret_id",
     "list_secret_ids",
+    "revoke_tokens",
 ]
 
 #: The roles whose secret_ids the operator sees and destroys: the services', and the worker
 #: enrolment credential's (destroying it stops new worker replicas, not running ones).
 IDENTITY_ROLES: tuple[str, ...] = (*SERVICE_ROLES, ENROL_ROLE)
+
+
+_ACCESSOR = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -72,13 +77,22 @@ def list_secret_ids(
     return found
 
 
-def destroy_secret_id(session: VaultSession, role: str, accessor: str) -> None:
-    """Destroy one secret_id of `role` by its accessor; NotFound when it does not exist.
+def revoke_tokens(session: VaultSession, role: str) -> int:
+    """Revoke every token a login of `role` issued; how many. The service stops working until it
+    is enrolled again (`appliance down`, then `appliance up`)."""
+    _check_role(role)
+    return session.call(lambda client: revoke_role_tokens(client, role))
 
-    Tokens already issued with it live on until their own TTL (at most an hour): stop the
-    service, or let it fail to log in again, which it does with `enrolment_lost`.
+
+def destroy_secret_id(session: VaultSession, role: str, accessor: str) -> None:
+    """Destroy one secret_id of `role` by its accessor; NotFound when it does not exist or is
+    not an accessor at all.
+
+    Tokens already issued with it live on: `revoke_tokens` ends them (`identities destroy --all`).
     """
     _check_role(role)
+    if not _ACCESSOR.fullmatch(accessor):
+        raise NotFound(f"{accessor!r} is not a secret_id accessor (a UUID)")
     _lookup(session, role, accessor)
     session.call(
         lambda client: client.adapter.post(

@@ -343,7 +343,14 @@ def _share_audit_and_metrics(state: Path, users: Mapping[str, _stack.RunAs] | No
     os.chown(directory, 0, gid)
     # setgid: every file made in it belongs to the group (the writers make them 0660).
     os.chmod(directory, 0o2770)  # noqa: S103 - the group of the API and the worker only
+    from .audit import AuditPaths
+
     for path in directory.iterdir():
+        if path == AuditPaths(audit_log(state)).public_keys:
+            # What `audit verify` trusts first: root's alone, readable by all.
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o644)
+            continue
         os.chown(path, -1, gid)
         group_bits = 0o040 if path.name.endswith(".key") else 0o060
         os.chmod(path, (path.stat().st_mode & 0o777) | group_bits)

@@ -87,6 +87,19 @@ path "auth/approle/role/+/secret-id-accessor/destroy" {
   capabilities = ["update"]
 }
 
+# A stolen service token can mint secret_ids of its role: `identities destroy ROLE --all` also
+# revokes every token of the role, found by accessor (lookups show metadata, never the token).
+# Revoking only makes services stop (which the operator can do anyway); it grants nothing.
+path "auth/token/accessors" {
+  capabilities = ["list", "sudo"]
+}
+path "auth/token/lookup-accessor" {
+  capabilities = ["update"]
+}
+path "auth/token/revoke-accessor" {
+  capabilities = ["update"]
+}
+
 # Generate a root token for `appliance up`'s bootstrap (revoked when it is done). OpenBao 2.6+
 # refuses the unauthenticated `sys/generate-root/*`: this authenticated flow needs this token AND a
 # quorum of unseal key shares, so neither the token alone nor the shares alone make a root token.

@@ -195,10 +195,13 @@ class BaoHandle:
         return isinstance(found, dict) and bool(found.get("data"))
 
     def retire_secret_ids(self, role: str) -> int:
-        """Destroy every secret_id of `role` (before enrolling its one instance afresh), so that
-        a successor left by an earlier run cannot log in beside the new enrolment. How many."""
+        """Revoke every token of `role` and destroy every secret_id of it (before enrolling its
+        one instance afresh), so that nothing left by an earlier run, or minted by a thief of its
+        token, logs in beside the new enrolment. How many secret_ids."""
         _check_service_role(role)
         client = self.client()
+        # Its tokens first: a live one could mint a secret_id behind the destruction below.
+        revoke_role_tokens(client, role)
         base = f"/v1/auth/{APPROLE_MOUNT}/role/{role}"
         try:
             accessors = client.adapter.list(f"{base}/secret-id")["data"]["keys"]
@@ -559,6 +562,32 @@ def _ensure_approles(client: hvac.Client) -> None:
         client.auth.approle.create_or_update_approle(
             role, token_policies=[role], mount_point=APPROLE_MOUNT, **_APPROLE_SETTINGS
         )
+
+
+def revoke_role_tokens(client: hvac.Client, role: str) -> int:
+    """Revoke every token an AppRole login of `role` issued (found by accessor: their metadata
+    names the role); how many. Destroying secret_ids alone leaves live tokens, which can mint
+    new secret_ids of their role (SECURITY.md, "Service identities and enrolment")."""
+    try:
+        accessors = client.adapter.list("/v1/auth/token/accessors")["data"]["keys"]
+    except hvac.exceptions.InvalidPath:
+        return 0
+    revoked = 0
+    for accessor in accessors:
+        try:
+            data = client.adapter.post(
+                "/v1/auth/token/lookup-accessor", json={"accessor": accessor}
+            )["data"]
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+            continue  # Expired or revoked meanwhile.
+        meta = data.get("meta") or {}
+        if (
+            data.get("path", "").startswith(f"auth/{APPROLE_MOUNT}/login")
+            and meta.get("role_name") == role
+        ):
+            client.adapter.post("/v1/auth/token/revoke-accessor", json={"accessor": accessor})
+            revoked += 1
+    return revoked
 
 
 def _read_role_id(client: hvac.Client, role: str) -> str:

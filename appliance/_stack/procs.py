@@ -73,13 +73,14 @@ def start_detached(
 
     `env` is the child's whole environment: nothing of ours is inherited unless passed explicitly.
     The log is created 0600: a service may print secrets at start-up (OpenBao's dev mode does).
-    With `run_as`, the process runs as that user (umask 077). Returns the pid.
+    With `run_as`, the process runs as that user, confined (`RunAs.confine`), umask 077.
+    Returns the pid.
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     with os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         proc = subprocess.Popen(
-            list(argv),
+            run_as.confine(list(argv)) if run_as is not None else list(argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -87,7 +88,7 @@ def start_detached(
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
-            **(run_as.popen_kwargs() if run_as is not None else {}),
+            umask=0o077 if run_as is not None else -1,
         )
     _CHILDREN[proc.pid] = proc
     _write_pid_file(pid_file, proc.pid)

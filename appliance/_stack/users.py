@@ -33,7 +33,6 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .procs import StackError
 
@@ -60,14 +59,24 @@ class RunAs:
     gid: int
     groups: tuple[int, ...] = ()
 
-    def popen_kwargs(self) -> dict[str, Any]:
-        """`subprocess.Popen` arguments that start a process as this user, with umask 077."""
-        return {
-            "user": self.uid,
-            "group": self.gid,
-            "extra_groups": list(self.groups),
-            "umask": 0o077,
-        }
+    def confine(self, argv: list[str]) -> list[str]:
+        """`argv` run as this user through util-linux's setpriv, started as root: every uid and
+        gid, only this user's groups, no capability in any set (bounding set included), and
+        no_new_privs, so that no setuid binary gives anything back."""
+        binary = shutil.which("setpriv") or "/usr/bin/setpriv"
+        groups = ",".join(str(g) for g in self.groups)
+        return [
+            binary,
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            f"--groups={groups}" if groups else "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+            *argv,
+        ]
 
     def own(self, *paths: Path, group: int | None = None) -> None:
         """Give each path (a file, or a directory with everything in it) to this user."""

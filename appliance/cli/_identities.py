@@ -9,7 +9,7 @@ import click
 
 from .. import stack
 from ..errors import ApplianceError, NotFound
-from ..identities import IDENTITY_ROLES, destroy_secret_id, list_secret_ids
+from ..identities import IDENTITY_ROLES, destroy_secret_id, list_secret_ids, revoke_tokens
 from ..vault import VaultSession
 from ._common import _fail, _require_stack, _state, _state_option
 
@@ -51,19 +51,28 @@ def identities_list(ctx: click.Context, roles: tuple[str, ...], as_json: bool) -
 def identities_destroy(
     ctx: click.Context, role: str, accessors: tuple[str, ...], every: bool
 ) -> None:
-    """Destroy secret_ids of ROLE by accessor (or `--all`): the service cannot log in with them
-    again; it needs a new enrolment (`appliance up`) once its token runs out (at most 1 h)."""
+    """Destroy secret_ids of ROLE by accessor, or with `--all` every secret_id and every token of
+    ROLE: nothing of that identity works any more, the running service included, until
+    `appliance down` and `appliance up` enrol it again."""
     if every == bool(accessors):
         _fail("name the accessors to destroy, or give --all (not both)")
     session = _operator_session(ctx)
     try:
-        targets = (
-            [info.accessor for info in list_secret_ids(session, (role,))]
-            if every
-            else list(accessors)
-        )
-        for accessor in targets:
-            destroy_secret_id(session, role, accessor)
+        # --all: the role's tokens first (a live token mints new secret_ids), then its
+        # secret_ids, then both again for what was minted in between.
+        rounds = 2 if every else 1
+        targets: list[str] = []
+        for _ in range(rounds):
+            if every:
+                revoke_tokens(session, role)
+            batch = (
+                [info.accessor for info in list_secret_ids(session, (role,))]
+                if every
+                else list(accessors)
+            )
+            for accessor in batch:
+                destroy_secret_id(session, role, accessor)
+            targets += batch
     except NotFound as exc:
         _fail(exc.detail)
     except ApplianceError as exc:

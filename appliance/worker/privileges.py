@@ -9,6 +9,7 @@ user, and no capability left in any set. `drop_to` checks all of it and raises o
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import os
 import pwd
@@ -17,7 +18,9 @@ from pathlib import Path
 from ..settings import ConfigurationError
 
 #: The capability sets of /proc/self/status that must all be empty once dropped.
-_CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb")
+_CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd")
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
 
 
 def must_drop(user: str | None) -> bool:
@@ -41,6 +44,7 @@ def drop_to(user: str) -> None:
     except KeyError:
         raise ConfigurationError(f"APPLIANCE_WORKER_USER {user!r} does not exist") from None
     groups = sorted({g.gr_gid for g in grp.getgrall() if user in g.gr_mem} | {entry.pw_gid})
+    _confine()
     # glibc applies each of these to every thread of the process, not only the calling one.
     os.setgroups(groups)
     os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
@@ -48,14 +52,29 @@ def drop_to(user: str) -> None:
     _check_dropped(entry.pw_uid, entry.pw_gid)
 
 
+def _confine() -> None:
+    """While still root: empty the capability bounding set and set no_new_privs, so that no
+    setuid binary or file capability can give anything back after the uid change. (Only this
+    process: the launcher, started before, keeps what the fork servers need.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for capability in range(last + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot drop capability {capability}")
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
+
+
 def _check_dropped(uid: int, gid: int) -> None:
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
         raise PermissionError("the worker did not fully drop its uid and gid")
-    status = Path("/proc/self/status").read_text().splitlines()
-    for line in status:
+    status = Path("/proc/self/status").read_text()
+    for line in status.splitlines():
         name, _, value = line.partition(":")
         if name in _CAPABILITY_SETS and int(value.strip(), 16) != 0:
             raise PermissionError(f"the worker still holds capabilities ({name} {value.strip()})")
+    if "NoNewPrivs:\t1" not in status:
+        raise PermissionError("the worker runs without no_new_privs")
     try:
         os.setuid(0)
     except PermissionError:

@@ -20,7 +20,7 @@ import pytest
 
 from appliance import stack
 from appliance._stack import BaoHandle, Bootstrap, read_pid_file, stop_by_pid_file
-from appliance.identities import list_secret_ids
+from appliance.identities import destroy_secret_id, list_secret_ids, revoke_tokens
 from appliance.vault import EnrolmentLost, VaultSession, successor_file
 
 from .conftest import Stack, submit
@@ -173,6 +173,32 @@ def test_an_intercepted_enrolment_is_noticed(
         VaultSession.from_approle(openbao.addr, role_id, wrap)
 
 
+def test_destroying_every_identity_ends_a_stolen_token_chain(
+    openbao: BaoHandle, bao_bootstrap: Bootstrap, tmp_path: Path
+) -> None:
+    """The red team's variant: a thief of a live worker token mints a secret_id and uses it at
+    once (nothing left for `identities list` to show), hop after hop. `destroy --all` must end
+    every link: the tokens, not only the secret_ids."""
+    role_id_file, wrap = _enrol(openbao, "worker", tmp_path)
+    VaultSession.from_approle(openbao.addr, role_id_file, wrap).close()
+    role_id = role_id_file.read_text().strip()
+    thief = hvac.Client(url=openbao.addr)
+    thief.auth.approle.login(role_id=role_id, secret_id=successor_file(wrap).read_text().strip())
+    mint = "/v1/auth/approle/role/worker/secret-id"
+    hop = hvac.Client(url=openbao.addr)
+    hop.auth.approle.login(role_id=role_id, secret_id=thief.adapter.post(mint)["data"]["secret_id"])
+    spare = hop.adapter.post(mint)["data"]["secret_id"]  # one kept for later
+    operator = VaultSession(openbao.addr, openbao.operator_token())
+    assert revoke_tokens(operator, "worker") >= 2
+    for info in list_secret_ids(operator, ["worker"]):
+        destroy_secret_id(operator, "worker", info.accessor)
+    for client in (thief, hop):
+        with pytest.raises(hvac.exceptions.Forbidden):
+            client.adapter.post(mint)
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        hvac.Client(url=openbao.addr).auth.approle.login(role_id=role_id, secret_id=spare)
+
+
 @pytest.mark.parametrize("other", ["api", "flower"])
 def test_a_service_mints_only_its_own_plain_successor(
     openbao: BaoHandle, bao_bootstrap: Bootstrap, tmp_path: Path, other: str
@@ -272,6 +298,8 @@ def test_operator_lists_and_destroys_service_secret_ids(
         ("identities", "destroy", "flower", "abc", "--all"),
         ("identities", "destroy", "nosuchrole", "--all"),
         ("identities", "destroy", "api", "00000000-0000-0000-0000-000000000000"),
+        ("identities", "destroy", "api", ""),
+        ("identities", "destroy", "api", "../../sys/seal"),
         ("identities", "list", "--role", "operator"),
     ],
 )

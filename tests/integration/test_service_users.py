@@ -64,8 +64,11 @@ def test_the_stack_runs_its_services_as_users_of_their_own(appliance_stack: Stac
         # Real, effective, saved and filesystem uid: all the service's own, none root.
         assert status["Uid"].split() == [str(expected)] * 4, (name, status["Uid"])
         assert expected != 0
-        for caps in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        # No capability in any set, the bounding set included, and no way back through a
+        # setuid binary (the red team found a full bounding set and no_new_privs off).
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd"):
             assert int(status[caps], 16) == 0, (name, caps, status[caps])
+        assert status["NoNewPrivs"] == "1", name
         uids[name] = expected
     assert len({uids[n] for n in ("redis", "openbao", "api", "worker", "flower")}) == 5
 
@@ -183,6 +186,9 @@ def test_the_api_and_the_worker_share_the_audit_log(appliance_stack: Stack) -> N
     directory = Path(appliance_stack.status["audit_log"]).parent
     mode = directory.stat().st_mode
     assert mode & 0o7777 == 0o2770
+    # What `audit verify` trusts first is root's alone (the red team found it group-writable).
+    keys = directory / "audit-pubkeys.json"
+    assert keys.stat().st_uid == 0 and keys.stat().st_mode & 0o022 == 0
     before = len(appliance_stack.audit_entries())
     client = appliance_stack.client()
     resp = submit(client, "def f():\n    return 1\n", "f")

@@ -81,21 +81,24 @@ def test_drop_to_leaves_nothing_of_root() -> None:
         started.wait()
         drop_to("nobody")
         t.join()
-        caps = {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status")
-                if l.startswith("Cap")}
+        lines = open("/proc/self/status").read().splitlines()
+        caps = {l.split(":")[0]: l.split()[1] for l in lines if l.startswith("Cap")}
+        nnp = [l.split()[1] for l in lines if l.startswith("NoNewPrivs")][0]
         try:
             os.setuid(0)
             regained = True
         except PermissionError:
             regained = False
         print(json.dumps({"me": os.getresuid(), "thread": box["uid"], "caps": caps,
-                          "groups": os.getgroups(), "regained": regained}))
+                          "groups": os.getgroups(), "regained": regained,
+                          "no_new_privs": nnp}))
         """
     )
     nobody = 65534
     assert seen["me"] == [nobody] * 3
     assert seen["thread"] == [nobody] * 3
-    assert all(int(v, 16) == 0 for k, v in seen["caps"].items() if k != "CapBnd")  # type: ignore[union-attr]
+    assert all(int(v, 16) == 0 for v in seen["caps"].values())  # type: ignore[union-attr]
+    assert seen["no_new_privs"] == "1"
     assert seen["regained"] is False
     assert 0 not in seen["groups"]  # type: ignore[operator]
 
