@@ -17,10 +17,10 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 import redis
@@ -33,7 +33,7 @@ from ._stack.redis_server import operator_access
 from .errors import NotFound
 from .registry import Client, Registry
 from .store import RedisGeneration
-from .vault import VaultSession, successor_file
+from .vault import EnrolmentLost, VaultSession, successor_file
 
 if TYPE_CHECKING:
     from .audit import VaultAnchorStore
@@ -240,10 +240,13 @@ def _service_command(
     users: Mapping[str, _stack.RunAs] | None,
     directory: Path,
     overrides: Mapping[str, str] | None = None,
+    *,
+    own_files: bool = True,
 ) -> Command:
     """The API's, the worker's or Flower's command, logging in with the files in `directory`;
     `overrides` (APPLIANCE_* settings of `appliance serve`'s caller) win over the defaults,
-    except the service's credentials."""
+    except the service's credentials. With `own_files`, its files are given to its user first
+    (`serve` leaves that to `prepare` and `init`: its mounts may be read-only)."""
     role_id_file, wrap_file = _stack.credential_files(directory, name)
     extra = {
         "APPLIANCE_VAULT_ROLE_ID_FILE": str(role_id_file),
@@ -256,7 +259,8 @@ def _service_command(
     extra.update({k: v for k, v in (overrides or {}).items() if k not in _CREDENTIAL_SETTINGS})
     run_as = None
     if users is not None:
-        _own_service_files(state, name, ports, pki, users, directory)
+        if own_files:
+            _own_service_files(state, name, ports, pki, users, directory)
         # The worker starts as root, starts its sandbox launcher, then becomes its user.
         if name == "worker":
             extra["APPLIANCE_WORKER_USER"] = users[name].name
@@ -613,37 +617,78 @@ def serve_command(
         run_as = users["openbao"] if users else None
         argv, env = _stack.openbao_argv(state), _stack.openbao_env(state)
         return Command(argv, env, _stack.data_dir(state).parent, run_as)
-    directory = _service_dir(state, name)
+    directory = state / "run" / name
     if name == "worker":
         directory = _worker_replica_dir(state, users, replica or socket.gethostname())
-    return _service_command(state, name, ports, pki, users, directory, overrides)
+    return _service_command(state, name, ports, pki, users, directory, overrides, own_files=False)
 
 
 def _worker_replica_dir(
     state: Path, users: Mapping[str, _stack.RunAs] | None, replica: str
 ) -> Path:
     """A worker replica's own login directory (`run/worker/replicas/<replica>`, by default the
-    host name: a container's id): its own successor secret_id when it has one, else one it mints
-    with the enrolment credential."""
+    host name: a container's id), holding its own successor secret_id, or one it mints now with
+    the enrolment credential (as the worker's user: root in a worker container has no
+    capability to read or write the worker's files, and needs none)."""
     if not _REPLICA_NAME.fullmatch(replica):
         raise _stack.StackError(
             f"{replica[:80]!r} cannot name a worker replica: letters, digits, '.' and '-', "
             "at most 63, starting with a letter or digit"
         )
-    directory = _service_dir(state, "worker") / "replicas" / replica
+    directory = state / "run" / "worker" / "replicas" / replica
+    addr = f"http://{HOST}:{load_ports(state).bao}"
+    enrolment = _stack.enrolment_file(state)
+    _as_user(users["worker"] if users else None, lambda: _enrol_replica(addr, enrolment, directory))
+    return directory
+
+
+def _enrol_replica(addr: str, enrolment: Path, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     role_id_file, wrap_file = _stack.credential_files(directory, "worker")
     successor = successor_file(wrap_file)
     if not successor.is_file():
-        VaultSession.enrol(
-            f"http://{HOST}:{load_ports(state).bao}",
-            _stack.enrolment_file(state),
-            role_id_file,
-            successor,
-        )
-    if users is not None:
-        users["worker"].own(directory.parent, directory)
-    return directory
+        VaultSession.enrol(addr, enrolment, role_id_file, successor)
+
+
+def _as_user(run_as: _stack.RunAs | None, step: Callable[[], None]) -> None:
+    """Run `step` as `run_as` in a child process when this one is root (else here), and raise
+    what it raised: `EnrolmentLost` again, anything else as StackError."""
+    if run_as is None or os.geteuid() != 0:
+        step()
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        _run_child_step(run_as, step, write)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        report = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0 and not report:
+        return
+    kind, _, detail = report.partition(":")
+    if kind == "enrolment_lost":
+        raise EnrolmentLost(detail)
+    raise _stack.StackError(f"as {run_as.name}: {detail or 'the step failed'}")
+
+
+def _run_child_step(run_as: _stack.RunAs, step: Callable[[], None], report: int) -> NoReturn:
+    code = 0
+    try:
+        os.setgroups(list(run_as.groups))
+        os.setgid(run_as.gid)
+        os.setuid(run_as.uid)
+        os.umask(0o077)
+        step()
+    except EnrolmentLost as exc:
+        os.write(report, f"enrolment_lost:{exc.detail}".encode())
+        code = 1
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        os.write(report, f"error:{type(exc).__name__}: {exc}".encode())
+        code = 1
+    finally:
+        os._exit(code)
 
 
 _REPLICA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
