@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # The stack's Redis memory limit in MiB (`maxmemory`, writes refused beyond it); 0: a quarter
     # of the host's memory, at least 256 MiB and at most 4 GiB (SECURITY.md, "Redis memory").
     redis_maxmemory_mb: int = Field(default=0, ge=0)
+    # Whether the stack's Redis keeps an append-only file in its directory (`appliance serve
+    # redis` on a volume, issue 14): accepted jobs, results and nonces survive its restart. Off:
+    # a restart of Redis loses them, as the single-host stack always did.
+    redis_appendonly: bool = False
 
     # OpenBao (Vault API). The service logs in with its own AppRole: role_id in a file, and a
     # single-use secret_id: the bootstrap's, response-wrapped, in the wrap file, or else the

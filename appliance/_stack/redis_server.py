@@ -177,8 +177,10 @@ def prepare_redis(
 
 def redis_argv(state_dir: Path, port: int, pki: Pki) -> list[str]:
     """The command line of this state's Redis (TLS only on `port`, the ACL file of
-    `prepare_redis`), with the memory limit of `maxmemory`."""
-    return _argv(_redis_binary(), redis_dir(state_dir), port, pki, maxmemory())
+    `prepare_redis`), with the memory limit of `maxmemory`, and an append-only file in its
+    directory when `APPLIANCE_REDIS_APPENDONLY` says so."""
+    appendonly = Settings().redis_appendonly
+    return _argv(_redis_binary(), redis_dir(state_dir), port, pki, maxmemory(), appendonly)
 
 
 def stop_redis(state_dir: Path) -> bool:
@@ -324,7 +326,9 @@ def _limit_memory(handle: RedisHandle, limit: int) -> None:
         ) from exc
 
 
-def _argv(binary: str, workdir: Path, port: int, pki: Pki, limit: int) -> list[str]:
+def _argv(
+    binary: str, workdir: Path, port: int, pki: Pki, limit: int, appendonly: bool = False
+) -> list[str]:
     return [
         binary,
         "--port", "0",
@@ -336,7 +340,9 @@ def _argv(binary: str, workdir: Path, port: int, pki: Pki, limit: int) -> list[s
         "--bind", HOST,
         "--protected-mode", "yes",
         "--save", "",
-        "--appendonly", "no",
+        # APPLIANCE_REDIS_APPENDONLY: an append-only file in `--dir`, fsynced every second.
+        "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "everysec",
         # Past the limit Redis refuses writes (the API answers 503 storage_full, the worker
         # retries); it never evicts: a lost claim, nonce or result would be a replay or a loss.
         "--maxmemory", str(limit),
