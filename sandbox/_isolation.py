@@ -106,9 +106,10 @@ def fork_child() -> int:
 
 
 def namespace_ids() -> dict[str, int]:
-    """This process's PID, UTS and IPC namespaces, by inode (the parent's, for a child to check)."""
+    """This process's PID, UTS, IPC and network namespaces, by inode (the parent's, for a child
+    to check)."""
     ids = {}
-    for name in ("pid", "uts", "ipc"):
+    for name in ("pid", "uts", "ipc", "net"):
         try:
             ids[name] = os.stat(f"/proc/self/ns/{name}").st_ino
         except OSError:
@@ -309,18 +310,22 @@ def _netns(setup: ChildSetup) -> None:
     if os.geteuid() == 0:
         if setup.netns_fd is None:
             _unshare(CLONE_NEWNET)
-            return
-        _setns(NETNS_FD, CLONE_NEWNET)
-        return
-    # Unprivileged host: a user namespace gives the rights to make the others.
-    uid, gid = os.getuid(), os.getgid()
-    _unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {gid} 1")
+        else:
+            _setns(NETNS_FD, CLONE_NEWNET)
+    else:
+        # Unprivileged host: a user namespace gives the rights to make the others.
+        uid, gid = os.getuid(), os.getgid()
+        _unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
+    # Checked from inside, while /proc is still there: from outside, reading a non-dumpable
+    # child's namespace needs CAP_SYS_PTRACE, which a worker container need not have.
+    if not _in_new_namespace(setup, "net"):
+        raise LayerFailed("netns", "not in a network namespace of its own")
 
 
 def _memory_cgroup(setup: ChildSetup) -> None:

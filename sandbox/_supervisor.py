@@ -632,11 +632,7 @@ def _proc_checks(pid: int, layers: dict[str, str], cgroup: str | None) -> dict[s
     its memory cgroup."""
     out: dict[str, str] = {}
     try:
-        for layer, kind in (("pidns", "pid"), ("utsns", "uts"), ("ipcns", "ipc")):
-            if layers.get(layer) == "" and (
-                os.readlink("/proc/self/ns/" + kind) == os.readlink(f"/proc/{pid}/ns/{kind}")
-            ):
-                out[layer] = f"shares the host's {kind} namespace"
+        out.update(_namespace_checks(pid, layers))
         if layers.get("memory_cgroup") == "":
             memberships = Path(f"/proc/{pid}/cgroup").read_text()
             name = os.path.basename(cgroup or "") or "?"
@@ -648,12 +644,29 @@ def _proc_checks(pid: int, layers: dict[str, str], cgroup: str | None) -> dict[s
             out["no_new_privs"] = "" if fields.get("NoNewPrivs", "").strip() == "1" else "not set"
         if layers.get("seccomp") == "":
             out["seccomp"] = "" if fields.get("Seccomp", "").strip() == "2" else "no filter"
-        if layers.get("netns") == "":
-            mine = os.readlink("/proc/self/ns/net")
-            theirs = os.readlink(f"/proc/{pid}/ns/net")
-            out["netns"] = "" if mine != theirs else "shares the host's network namespace"
     except OSError as exc:
         out.setdefault("netns", f"cannot inspect child: {exc}")
+    return out
+
+
+_NAMESPACES = (("pidns", "pid"), ("utsns", "uts"), ("ipcns", "ipc"), ("netns", "net"))
+
+
+def _namespace_checks(pid: int, layers: dict[str, str]) -> dict[str, str]:
+    """A second look, from outside, at the namespaces the child checked itself (`_isolation`:
+    each layer compares its namespace with the parent's). Reading a non-dumpable child's
+    namespace of another uid needs CAP_SYS_PTRACE: without it (a worker container with five
+    capabilities) the child's own check stands."""
+    out: dict[str, str] = {}
+    for layer, kind in _NAMESPACES:
+        if layers.get(layer) != "":
+            continue
+        try:
+            theirs = os.readlink(f"/proc/{pid}/ns/{kind}")
+        except PermissionError:
+            continue
+        if os.readlink(f"/proc/self/ns/{kind}") == theirs:
+            out[layer] = f"shares the host's {'network' if kind == 'net' else kind} namespace"
     return out
 
 
