@@ -99,16 +99,15 @@ def exec_service(
     argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, run_as: RunAs | None = None
 ) -> None:
     """Replace this process with `argv` (`appliance serve`): same pid, so the signals of the
-    supervisor (tini, systemd) reach the service itself. As root with `run_as`, become that user
-    first (its groups, gid, uid, umask 077); never returns."""
+    supervisor (tini, systemd) reach the service itself. As root with `run_as`, the service is
+    confined as `start_detached` confines it (`RunAs.confine`: that user, its groups only, no
+    capability, no_new_privs), umask 077; never returns."""
     os.chdir(cwd)
+    command = list(argv)
     if run_as is not None and os.geteuid() == 0:
-        # Groups and gid first: once the uid is not root, they can no longer be changed.
-        os.setgroups(list(run_as.groups))
-        os.setgid(run_as.gid)
-        os.setuid(run_as.uid)
+        command = run_as.confine(command)
         os.umask(0o077)
-    os.execve(argv[0], list(argv), dict(env))  # noqa: S606 - a fixed service command line
+    os.execve(command[0], command, dict(env))  # noqa: S606 - a fixed service command line
 
 
 def read_pid_file(pid_file: Path) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,18 +44,26 @@ def test_the_service_replaces_the_process_with_exactly_its_environment(tmp_path:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv is missing")
 def test_as_root_the_service_runs_as_its_user_with_its_groups_only(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     run_as = RunAs("nobody", nobody.pw_uid, nobody.pw_gid, (nobody.pw_gid,))
     code, out = _run_in_child(
-        ["/bin/sh", "-c", "id -u; id -g; id -G; umask; grep ^Uid: /proc/self/status"],
+        [
+            "/bin/sh",
+            "-c",
+            "id -u; id -g; id -G; umask; grep -E '^(Uid|CapBnd|NoNewPrivs):' /proc/self/status",
+        ],
         tmp_path,
         run_as,
     )
     assert code == 0, out
-    uid, gid, groups, umask, status = out.strip().split("\n")
+    uid, gid, groups, umask, status, bounding, no_new_privs = out.strip().split("\n")
     assert (int(uid), int(gid)) == (nobody.pw_uid, nobody.pw_gid)
     assert groups.split() == [str(nobody.pw_gid)]
     assert umask == "0077"
     # Real, effective, saved and filesystem uid: no way back to root.
     assert status.split()[1:] == [str(nobody.pw_uid)] * 4
+    # No capability left to regain, even through a setuid binary.
+    assert int(bounding.split()[1], 16) == 0
+    assert no_new_privs.split()[1] == "1"
