@@ -1,7 +1,10 @@
 """Service identities as the operator sees them: the secret_ids of each service's AppRole.
 
-Only the bootstrap (a root token inside `appliance up`) enrols a service, with a wrapped,
-single-use, expiring secret_id; at each login the service mints its own successor. The operator
+Only the bootstrap (a root token inside `appliance up` or `appliance init`) enrols a service,
+with a wrapped, single-use, expiring secret_id; at each login the service mints its own
+successor. Worker replicas enrol themselves once with the enrolment credential `init` keeps for
+the worker (role `enrol-worker`, listed and destroyed here too: destroying it stops new
+replicas, not running ones). The operator
 may see them (accessor, where the service ran, when it expires, uses left) and destroy them,
 never read a role_id or mint one (`policies/operator.hcl`): it cannot become a service. A role
 normally holds one live secret_id per running instance; more is a sign that someone minted with
