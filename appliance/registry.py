@@ -20,12 +20,20 @@ entry only for a key id in that listing: a claimed key id that is not registered
 and no entry, however many distinct ones arrive. The entries themselves are an LRU of at most
 `max_entries` registered clients, each expiring after `cache_seconds`; since only registered key
 ids get an entry, a flood of made-up ones cannot evict a real client's.
+
+An entry is parsed with exact types (`parse_entry`), because the operator may edit it in OpenBao
+by hand (red team of issue 12, item 6: `"enabled": "false"`, a string, left a client enabled, and
+a string where a number belongs gave a 500). An entry that does not parse is unusable: the API
+refuses its key id as it refuses an unknown one (401 `invalid_signature`), and the reason goes to
+the audit log (`reason="invalid_registry_entry"`) and the API's log, never to the client.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
+import math
 import re
 import threading
 import time
@@ -37,7 +45,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import BadRequest, DependencyUnavailable, NotFound
+from .errors import BadRequest, DependencyUnavailable, NotFound, Unauthorized
 from .observability import REGISTRY_CACHED, REGISTRY_READS
 from .secret_names import check_secret_glob, glob_allows
 from .vault import VaultSession, list_kv, read_kv_if_present
@@ -47,6 +55,36 @@ from .vault import VaultSession, list_kv, read_kv_if_present
 DEFAULT_STORAGE_BYTES = 64 * 1024 * 1024
 KEYID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PATH = "appliance/clients/{}"
+_LOG = logging.getLogger("appliance.registry")
+
+#: Bounds of a stored entry: list lengths, a glob's length, and each number's range.
+MAX_GLOBS = 256
+MAX_GLOB_LENGTH = 256
+_INT_BOUNDS = {
+    "rate_per_minute": (1, 10**9),
+    "daily_quota": (0, 10**12),
+    "storage_bytes": (0, 2**50),
+}
+#: The client's caps on a job's limits (`sandbox.Limits`): positive, finite numbers.
+_LIMIT_NAMES = frozenset({"cpu_seconds", "wall_seconds", "memory_mb", "output_bytes"})
+_MAX_LIMIT = 2**53
+_FIELDS = frozenset(
+    {"keyid", "public_key_pem", "allowed_functions", "allowed_secrets", "allowed_imports"}
+    | {"limits", "enabled", *_INT_BOUNDS}
+)
+
+
+class InvalidRegistryEntry(Unauthorized):
+    """Raised when a stored registry entry does not parse with exact types: its key id is
+    refused as an unknown one is; the detail names the field, never its value."""
+
+    def __init__(self, keyid: str, detail: str) -> None:
+        super().__init__(
+            f"registry entry {keyid}: {detail}",
+            code="invalid_signature",
+            reason="invalid_registry_entry",
+            claimed_keyid=keyid,
+        )
 
 
 @dataclass(frozen=True)
@@ -98,19 +136,89 @@ class Client:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Client:
-        """Rebuild from the stored form."""
-        return cls(
-            keyid=data["keyid"],
-            public_key_pem=data["public_key_pem"],
-            allowed_functions=tuple(data.get("allowed_functions", ())),
-            allowed_secrets=tuple(data.get("allowed_secrets", ())),
-            allowed_imports=tuple(data.get("allowed_imports", ())),
-            limits=dict(data.get("limits", {})),
-            rate_per_minute=int(data.get("rate_per_minute", 120)),
-            daily_quota=int(data.get("daily_quota", 0)),
-            storage_bytes=int(data.get("storage_bytes", DEFAULT_STORAGE_BYTES)),
-            enabled=bool(data.get("enabled", True)),
-        )
+        """Rebuild from the stored form (`parse_entry` under its own key id)."""
+        keyid = data.get("keyid") if isinstance(data, dict) else None
+        return parse_entry(keyid if isinstance(keyid, str) else "?", data)
+
+
+def parse_entry(keyid: str, untrusted_entry: object) -> Client:
+    """The client stored under `keyid`, parsed with exact types; raise InvalidRegistryEntry.
+
+    A bool must be a JSON bool, a number a JSON integer within its bounds (a limit cap: a
+    positive finite number), a list a JSON list of strings; no field may be unknown (a typo
+    such as `"enable": false` must not leave the default in force) and the entry's own key id
+    must be the one it is stored under.
+    """
+    try:
+        return _parse(keyid, untrusted_entry)
+    except (BadRequest, TypeError, ValueError) as exc:
+        raise InvalidRegistryEntry(keyid, str(exc)) from None
+
+
+def _parse(keyid: str, raw: object) -> Client:
+    if not isinstance(raw, dict):
+        raise TypeError("not a JSON object")
+    unknown = sorted(set(raw) - _FIELDS, key=str)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(map(_name, unknown))}")
+    if raw.get("keyid") != keyid or not KEYID_PATTERN.fullmatch(keyid):
+        raise ValueError("keyid is not the key id it is stored under")
+    pem = raw.get("public_key_pem")
+    if not isinstance(pem, str):
+        raise TypeError("public_key_pem must be a string")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise TypeError("enabled must be a JSON bool")
+    numbers = {name: _int(raw, name, default) for name, default in _INT_DEFAULTS.items()}
+    client = Client(
+        keyid,
+        pem,
+        _strings(raw, "allowed_functions"),
+        tuple(check_secret_glob(glob) for glob in _strings(raw, "allowed_secrets")),
+        _strings(raw, "allowed_imports"),
+        _limits(raw.get("limits", {})),
+        enabled=enabled,
+        **numbers,
+    )
+    try:
+        client.public_key()
+    except (BadRequest, ValueError, TypeError):
+        raise ValueError("public_key_pem is not an Ed25519 public key in PEM") from None
+    return client
+
+
+_INT_DEFAULTS = {"rate_per_minute": 120, "daily_quota": 0, "storage_bytes": DEFAULT_STORAGE_BYTES}
+
+
+def _name(field_name: object) -> str:
+    return field_name if isinstance(field_name, str) and len(field_name) <= 64 else "(odd name)"
+
+
+def _int(raw: dict[str, Any], name: str, default: int) -> int:
+    value = raw.get(name, default)
+    low, high = _INT_BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a JSON integer in [{low}, {high}]")
+    return value
+
+
+def _strings(raw: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = raw.get(name, [])
+    if not isinstance(value, list) or len(value) > MAX_GLOBS:
+        raise TypeError(f"{name} must be a JSON list of at most {MAX_GLOBS} strings")
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_GLOB_LENGTH for v in value):
+        raise TypeError(f"{name} must hold strings of 1 to {MAX_GLOB_LENGTH} characters")
+    return tuple(value)
+
+
+def _limits(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict) or not set(value) <= _LIMIT_NAMES:
+        raise ValueError(f"limits must be a JSON object of {', '.join(sorted(_LIMIT_NAMES))}")
+    for name, cap in value.items():
+        number = isinstance(cap, int | float) and not isinstance(cap, bool)
+        if not number or not math.isfinite(cap) or not 0 < cap <= _MAX_LIMIT:
+            raise ValueError(f"limits.{name} must be a positive number of at most 2**53")
+    return dict(value)
 
 
 def validate_keyid(keyid: str) -> str:
@@ -134,7 +242,7 @@ class Generation(Protocol):
 class _Cached:
     read_at: float
     generation: str | None
-    client: Client | None
+    client: Client | InvalidRegistryEntry | None
 
 
 @dataclass(frozen=True)
@@ -173,15 +281,19 @@ class Registry:
         self._listing_lock = threading.Lock()
 
     def get(self, keyid: str) -> Client | None:
-        """The enabled client with this key id, or None (unknown, malformed or disabled)."""
+        """The enabled client with this key id, or None (unknown, malformed or disabled).
+
+        Raises InvalidRegistryEntry when the key id's stored entry does not parse."""
         if not KEYID_PATTERN.fullmatch(keyid):
             return None
         client = self._lookup(keyid)
+        if isinstance(client, InvalidRegistryEntry):
+            raise client
         return client if client is not None and client.enabled else None
 
-    def _lookup(self, keyid: str) -> Client | None:
+    def _lookup(self, keyid: str) -> Client | InvalidRegistryEntry | None:
         if self.generation is None:
-            return self._read(keyid)
+            return self._read_or_invalid(keyid)
         # The generation is read before OpenBao: an entry is never filed under a generation
         # newer than what it was read after, so a write that lands in between is seen next time.
         generation = self.generation.current()
@@ -194,9 +306,18 @@ class Registry:
             if hit is not None and fresh and hit.generation == generation:
                 self._cache.move_to_end(keyid)
                 return hit.client
-        client = self._read(keyid)
+        # An entry that does not parse is cached as such: it is logged once per read, not once
+        # per request naming it.
+        client = self._read_or_invalid(keyid)
         self._remember(keyid, _Cached(now, generation, client))
         return client
+
+    def _read_or_invalid(self, keyid: str) -> Client | InvalidRegistryEntry | None:
+        try:
+            return self._read(keyid)
+        except InvalidRegistryEntry as exc:
+            _LOG.warning("registry entry refused: %s", exc.detail)
+            return exc
 
     def _registered(self, generation: str | None, now: float) -> frozenset[str]:
         """The registered key ids, listed again when the generation changed or the TTL passed."""
@@ -225,7 +346,7 @@ class Registry:
     def _read(self, keyid: str) -> Client | None:
         REGISTRY_READS.labels("entry").inc()
         data = read_kv_if_present(self.session, _PATH.format(keyid), self.mount)
-        return Client.from_dict(data) if data else None
+        return parse_entry(keyid, data) if data is not None else None
 
     def keyids(self) -> list[str]:
         """Every registered key id, sorted."""

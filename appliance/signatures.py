@@ -67,7 +67,8 @@ class PublicKeys(Protocol):
     """Resolves a key id to an enabled client's Ed25519 public key, or None."""
 
     def public_key(self, keyid: str) -> Ed25519PublicKey | None:
-        """The key, or None when the key id is unknown or disabled."""
+        """The key, or None when the key id is unknown or disabled; may raise Unauthorized
+        (with an audit-only `reason`) when the key id's entry exists but cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,16 @@ class _Keys(HTTPSignatureKeyResolver):
         self.keys = keys
         self.unknown = False
         self.known = False
+        self.unknown_reason = "unknown_key"
 
     def resolve_public_key(self, key_id: str) -> Ed25519PublicKey:
-        key = self.keys.public_key(key_id)
+        try:
+            key = self.keys.public_key(key_id)
+        except Unauthorized as exc:
+            # The key id's entry exists but cannot be used (a registry entry that does not
+            # parse): refused as an unknown key id is, with the finer reason for the audit log.
+            self.unknown_reason = exc.reason or self.unknown_reason
+            key = None
         if key is None:
             self.unknown = True
             return _NOBODYS_KEY
@@ -277,7 +285,7 @@ def _refusal(detail: str, resolver: _Keys) -> Unauthorized:
     """A signature that does not verify: the same for the client whatever its key id; the audit
     log alone learns whether the key id was unknown or disabled, or an enabled client's."""
     if resolver.unknown:
-        return Unauthorized(detail, code="invalid_signature", reason="unknown_key")
+        return Unauthorized(detail, code="invalid_signature", reason=resolver.unknown_reason)
     if resolver.known:
         return Unauthorized(detail, code="invalid_signature", reason="wrong_key")
     return Unauthorized(detail, code="invalid_signature")

@@ -15,7 +15,8 @@ their sample being a `submission.rejected` entry. Every failure is still recorde
   flush, and `close()` (the API's shutdown) writes every open one.
 
 A source is the remote address; a failure that names the key id of an enabled client whose key
-did not verify it (`reason="wrong_key"`) is counted apart, under that key id, so a flood of
+did not verify it (`reason="wrong_key"`), or whose registry entry does not parse
+(`"invalid_registry_entry"`), is counted apart, under that key id, so a flood of
 junk from one address cannot hide an attempt on a real client among its counts. Failures whose
 signature verified (a replayed nonce) are never aggregated: they are not unauthenticated, and
 whoever sends them holds a key. At most `max_sources` sources are tracked per window; failures
@@ -48,6 +49,11 @@ MAX_SOURCES = 1024
 OVERFLOW = "other"
 
 
+#: Reasons that name a registered key id (its key did not verify, or its entry does not parse):
+#: counted apart under that key id. Only registered key ids can have them, so they stay bounded.
+_REGISTERED_KEY = frozenset({"wrong_key", "invalid_registry_entry"})
+
+
 @dataclass(frozen=True)
 class Failure:
     """One unauthenticated request refused, as the audit log may hold it (nothing of its body)."""
@@ -62,7 +68,7 @@ class Failure:
 
     def bucket(self) -> tuple[str, str | None]:
         """What it is counted under: its source, and the real client's key id it named."""
-        return self.source, self.claimed_keyid if self.reason == "wrong_key" else None
+        return self.source, self.claimed_keyid if self.reason in _REGISTERED_KEY else None
 
 
 @dataclass

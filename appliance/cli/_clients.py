@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .. import stack
 from ..errors import ApplianceError
+from ..registry import InvalidRegistryEntry, Registry
 from ._common import _fail, _require_stack, _state, _state_option
 
 
@@ -127,32 +129,42 @@ def _set_enabled(ctx: click.Context, keyid: str, enabled: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON array")
 @click.pass_context
 def clients_list(ctx: click.Context, as_json: bool) -> None:
-    """List the registered clients, enabled or not, with their policies."""
+    """List the registered clients, enabled or not, with their policies; an entry that does not
+    parse (edited by hand) is listed as invalid, with why: the API refuses its key id."""
     _require_stack(ctx)
     registry = stack.operator_registry(_state(ctx))
     try:
-        rows = [
-            {
-                "key_id": c.keyid,
-                "enabled": c.enabled,
-                "allowed_functions": list(c.allowed_functions),
-                "allowed_secrets": list(c.allowed_secrets),
-                "allowed_imports": list(c.allowed_imports),
-                "rate_per_minute": c.rate_per_minute,
-                "daily_quota": c.daily_quota,
-                "storage_bytes": c.storage_bytes,
-                "public_key_sha256": c.public_key_sha256(),
-            }
-            for c in map(registry.read, registry.keyids())
-        ]
+        rows = [_row(registry, keyid) for keyid in registry.keyids()]
     except ApplianceError as exc:
         _fail(exc.detail, 1)
     if as_json:
         click.echo(json.dumps(rows))
         return
     for row in rows:
+        if "invalid" in row:
+            click.echo(f"{row['key_id']:<24} {'INVALID':<9} {row['invalid']}")
+            continue
         click.echo(
             f"{row['key_id']:<24} {'enabled' if row['enabled'] else 'DISABLED':<9} "
             f"functions {row['allowed_functions'] or 'none'} "
-            f"secrets {row['allowed_secrets'] or 'none'}"
+            f"secrets {row['allowed_secrets'] or 'none'} "
+            f"key {row['public_key_sha256'][:16]}"
         )
+
+
+def _row(registry: Registry, keyid: str) -> dict[str, Any]:
+    try:
+        c = registry.read(keyid)
+    except InvalidRegistryEntry as exc:
+        return {"key_id": keyid, "enabled": False, "invalid": exc.detail}
+    return {
+        "key_id": c.keyid,
+        "enabled": c.enabled,
+        "allowed_functions": list(c.allowed_functions),
+        "allowed_secrets": list(c.allowed_secrets),
+        "allowed_imports": list(c.allowed_imports),
+        "rate_per_minute": c.rate_per_minute,
+        "daily_quota": c.daily_quota,
+        "storage_bytes": c.storage_bytes,
+        "public_key_sha256": c.public_key_sha256(),
+    }

@@ -9,6 +9,8 @@ from typing import Any, cast
 
 import hvac.exceptions
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from appliance.errors import DependencyUnavailable, NotFound
 from appliance.registry import Client, Registry
@@ -71,7 +73,14 @@ class MemoryGeneration:
         self.value = f"g{self.renewals}"
 
 
-ALICE = Client("alice", "pem", ("*",))
+def _pem() -> str:
+    """A real Ed25519 public key: a stored entry whose key does not load is refused."""
+    public = Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+PEM = _pem()
+ALICE = Client("alice", PEM, ("*",))
 
 
 def _two_processes(cache_seconds: float = 3600) -> tuple[Registry, Registry, FakeKV]:
@@ -166,7 +175,7 @@ def test_set_enabled_on_an_unknown_client_is_not_found() -> None:
 def test_keyids_lists_disabled_clients_too() -> None:
     operator, _, _ = _two_processes()
     operator.put(ALICE)
-    operator.put(Client("bob", "pem", enabled=False))
+    operator.put(Client("bob", PEM, enabled=False))
     assert operator.keyids() == ["alice", "bob"]
     assert operator.read("bob").enabled is False
 
@@ -197,7 +206,7 @@ def test_the_cache_is_a_bounded_lru_and_a_miss_on_a_real_key_still_works() -> No
     operator = Registry(_session(kv), generation=generation)
     api = Registry(_session(kv), cache_seconds=3600, generation=generation, max_entries=2)
     for name in ("alice", "bob", "carol"):
-        operator.put(Client(name, "pem", ("*",)))
+        operator.put(Client(name, PEM, ("*",)))
     for name in ("alice", "bob", "alice", "carol"):
         assert api.get(name) is not None
     assert list(api._cache) == ["alice", "carol"]  # bob was the least recently used
