@@ -6,7 +6,8 @@
 # run, with its own limit) would be inactive. `remount,bind,rw` (a plain `remount,rw` fails with
 # "mount point is busy") needs CAP_SYS_ADMIN, which the worker has; with `cgroup: private` in
 # docker-compose.yml the mount shows the container's own subtree only, never the host's root.
-# Every other service starts as it is (they have no capability to do it anyway).
+# Every other service starts as it is (they have no capability to do it anyway). A worker also
+# gets a replica name of its own (below) unless the command names one.
 set -eu
 
 is_worker() {
@@ -34,7 +35,22 @@ writable_memory_cgroup() {
   exit 1
 }
 
-if [ "$(id -u)" = 0 ] && is_worker "$@"; then
-  writable_memory_cgroup
+has_replica() {
+  for arg in "$@"; do
+    case $arg in --replica|--replica=*) return 0 ;; esac
+  done
+  return 1
+}
+
+if is_worker "$@"; then
+  if [ "$(id -u)" = 0 ]; then
+    writable_memory_cgroup
+  fi
+  # Every container of the pod has the pod's host name, so replicas are not told apart by it:
+  # each container start is a replica of its own name (its login directory, its secret_id's
+  # metadata). Its tmpfs is new at each start too, so it enrols afresh either way.
+  if ! has_replica "$@"; then
+    set -- "$@" --replica "worker-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+  fi
 fi
 exec "$@"

@@ -196,9 +196,16 @@ APPLIANCE_HEARTBEAT_SECONDS=1
 EOF
 }
 
-# Each replica logs in as its own worker identity: OpenBao holds one worker secret_id per replica.
+# Each replica logs in as its own worker identity: OpenBao holds one worker secret_id per replica
+# (the successor its login minted), and the enrolment credential is still there.
 check_identities() {
-  compose --profile ops run --rm -T ops appliance identities list 2>&1 | tee "$WORK/identities.txt" >&2 || true
+  compose --profile ops run --rm -T ops appliance identities list >"$WORK/identities.txt"
+  sed 's/^/  /' "$WORK/identities.txt" >&2
+  local replicas workers
+  replicas=$(compose ps -q worker | wc -l)
+  workers=$(grep -c '^worker ' "$WORK/identities.txt" || true)
+  (( workers == replicas )) || die "$replicas worker replicas, but $workers worker secret_ids"
+  grep -q '^enrol-worker ' "$WORK/identities.txt" || die "no enrolment credential for new replicas"
 }
 
 # CPU ticks (user + system) of the sandbox processes (uid 65534) of one worker container.
