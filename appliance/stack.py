@@ -618,9 +618,18 @@ def serve_command(
         argv, env = _stack.openbao_argv(state), _stack.openbao_env(state)
         return Command(argv, env, _stack.data_dir(state).parent, run_as)
     directory = state / "run" / name
-    if name == "worker":
-        directory = _worker_replica_dir(state, users, replica or socket.gethostname())
-    return _service_command(state, name, ports, pki, users, directory, overrides, own_files=False)
+    if name != "worker":
+        return _service_command(
+            state, name, ports, pki, users, directory, overrides, own_files=False
+        )
+    directory = _worker_replica_dir(state, users, replica or socket.gethostname())
+    command = _service_command(
+        state, name, ports, pki, users, directory, overrides, own_files=False
+    )
+    # The worker starts as root, which in a worker container may not enter the worker's own
+    # directories (no CAP_DAC_OVERRIDE): it starts in the state directory (searchable) and
+    # reads its files only once it is the worker's user.
+    return Command(command.argv, command.env, state, command.run_as)
 
 
 def _worker_replica_dir(

@@ -20,6 +20,7 @@ from ..settings import ConfigurationError
 #: The capability sets of /proc/self/status that must all be empty once dropped.
 _CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd")
 _PR_CAPBSET_DROP = 24
+_CAP_SETPCAP = 8
 _PR_SET_NO_NEW_PRIVS = 38
 
 
@@ -44,34 +45,51 @@ def drop_to(user: str) -> None:
     except KeyError:
         raise ConfigurationError(f"APPLIANCE_WORKER_USER {user!r} does not exist") from None
     groups = sorted({g.gr_gid for g in grp.getgrall() if user in g.gr_mem} | {entry.pw_gid})
-    _confine()
+    emptied = _confine()
     # glibc applies each of these to every thread of the process, not only the calling one.
     os.setgroups(groups)
     os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
     os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
-    _check_dropped(entry.pw_uid, entry.pw_gid)
+    _check_dropped(entry.pw_uid, entry.pw_gid, bounding_emptied=emptied)
 
 
-def _confine() -> None:
+def _confine() -> bool:
     """While still root: empty the capability bounding set and set no_new_privs, so that no
     setuid binary or file capability can give anything back after the uid change. (Only this
-    process: the launcher, started before, keeps what the fork servers need.)"""
+    process: the launcher, started before, keeps what the fork servers need.)
+
+    Emptying the bounding set needs CAP_SETPCAP, which a worker container does not have (it
+    runs with five capabilities, issue 14): there the bounding set is the container's, and
+    no_new_privs alone already keeps execve from granting any of it. Returns whether the
+    bounding set was emptied."""
     libc = ctypes.CDLL(None, use_errno=True)
-    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    for capability in range(last + 1):
-        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), f"cannot drop capability {capability}")
+    emptied = _holds(_CAP_SETPCAP)
+    if emptied:
+        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+        for capability in range(last + 1):
+            if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot drop capability {capability}")
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
+    return emptied
 
 
-def _check_dropped(uid: int, gid: int) -> None:
+def _holds(capability: int) -> bool:
+    """Whether this process has `capability` in its effective set."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> capability & 1)
+    return False
+
+
+def _check_dropped(uid: int, gid: int, *, bounding_emptied: bool = True) -> None:
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
         raise PermissionError("the worker did not fully drop its uid and gid")
     status = Path("/proc/self/status").read_text()
+    checked = _CAPABILITY_SETS if bounding_emptied else _CAPABILITY_SETS[:-1]
     for line in status.splitlines():
         name, _, value = line.partition(":")
-        if name in _CAPABILITY_SETS and int(value.strip(), 16) != 0:
+        if name in checked and int(value.strip(), 16) != 0:
             raise PermissionError(f"the worker still holds capabilities ({name} {value.strip()})")
     if "NoNewPrivs:\t1" not in status:
         raise PermissionError("the worker runs without no_new_privs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,11 +48,13 @@ class Served:
             timeout=timeout,
         )
 
-    def serve(self, name: str, *args: str, key: str | None = None) -> subprocess.Popen[bytes]:
+    def serve(
+        self, name: str, *args: str, key: str | None = None, prefix: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
         log = self.state.parent / f"serve-{key or name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance.cli", "--state", str(self.state)]
+                [*prefix, sys.executable, "-m", "appliance.cli", "--state", str(self.state)]
                 + ["serve", name, *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -243,6 +246,30 @@ def test_worker_replicas_enrol_with_distinct_secret_ids(served: Served) -> None:
     finally:
         root.auth.token.revoke_self()
     assert served.procs["worker-2"].poll() is None, served.log("worker-2")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv is missing")
+def test_a_replica_with_a_worker_containers_five_capabilities_enrols_and_logs_in(
+    served: Served,
+) -> None:
+    # As in the compose file: root with SYS_ADMIN, SETUID, SETGID, SYS_CHROOT and KILL only (no
+    # DAC_OVERRIDE to read the worker's files, no SETPCAP, no SYS_PTRACE).
+    caps = "-all,+sys_admin,+setuid,+setgid,+sys_chroot,+kill"
+    served.serve(
+        "worker",
+        "--replica",
+        "replica-caps",
+        key="worker-caps",
+        prefix=("setpriv", f"--bounding-set={caps}"),
+    )
+    successor = served.state / "run/worker/replicas/replica-caps/vault-worker.secret-id"
+    enrolled = _wait_for(lambda: successor.is_file() and successor.read_text(), what="enrolled")
+    # The worker's own login (after its sandbox launcher and its drop) spends the enrolment's
+    # secret_id and leaves its successor.
+    _wait_for(lambda: successor.read_text() != enrolled, what="the replica's first login")
+    time.sleep(1)
+    assert served.procs["worker-caps"].poll() is None, served.log("worker-caps")
+    served.stop("worker-caps")
 
 
 def test_the_enrolment_credential_mints_plain_worker_secret_ids_only(served: Served) -> None:

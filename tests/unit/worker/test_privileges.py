@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -108,3 +109,36 @@ def test_an_unknown_user_is_a_configuration_error() -> None:
         pytest.skip("needs root (CI runs as root)")
     with pytest.raises(ConfigurationError):
         drop_to("no-such-user-appliance-test")
+
+
+#: A worker container's bounding set (issue 14): cap_drop ALL, then these five back.
+CONTAINER_CAPS = "-all,+sys_admin,+setuid,+setgid,+sys_chroot,+kill"
+
+
+@root_only
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv is missing")
+def test_drop_to_in_a_worker_container_without_cap_setpcap() -> None:
+    # Without CAP_SETPCAP the bounding set cannot be emptied: the drop still leaves no
+    # capability to use or regain (no_new_privs: an execve grants none of the bounding set).
+    done = subprocess.run(  # noqa: S603 - the test's own program
+        ["setpriv", f"--bounding-set={CONTAINER_CAPS}", sys.executable, "-c"]
+        + [
+            "import json, os\n"
+            "from appliance.worker.privileges import drop_to\n"
+            "drop_to('nobody')\n"
+            "lines = open('/proc/self/status').read().splitlines()\n"
+            "print(json.dumps({l.split(':')[0]: l.split()[1] for l in lines"
+            " if l.startswith(('Cap', 'NoNewPrivs'))} | {'uid': os.getresuid()}))\n"
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["uid"] == [65534] * 3
+    assert all(int(seen[s], 16) == 0 for s in ("CapInh", "CapPrm", "CapEff", "CapAmb"))
+    assert seen["NoNewPrivs"] == "1"
+    # What the container left, and no more.
+    assert int(seen["CapBnd"], 16) == sum(1 << c for c in (5, 6, 7, 18, 21))
