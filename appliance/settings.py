@@ -6,6 +6,7 @@ never passed inline, only paths to files readable by the service alone.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
     api_body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     api_limit_concurrency: int = Field(default=512, ge=1, le=65536)
     api_max_connections: int = Field(default=2048, ge=1, le=65536)
+    # The proxies whose X-Forwarded-For names a request's source (red team of issue 12, item 3),
+    # comma-separated addresses or networks. Empty (the default): no proxy is trusted and the
+    # source is the socket's peer, so no caller chooses the source that is audited and that
+    # unauthenticated failures are counted under.
+    api_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
 
     audit_log: Path | None = None
 
@@ -129,6 +135,19 @@ class Settings(BaseSettings):
             if not _AUTHORITY.fullmatch(authority):
                 raise ValueError(f"not a host[:port] authority: {authority[:80]!r}")
         return authorities
+
+    @field_validator("api_trusted_proxies", mode="before")
+    @classmethod
+    def _trusted_proxies(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        proxies = tuple(str(item).strip() for item in items if str(item).strip())
+        for proxy in proxies:
+            # `*` (uvicorn's "trust everyone") is no address: every caller would choose its source.
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or network: {proxy[:80]!r}") from None
+        return proxies
 
     def service_files(self) -> ServiceFiles:
         """The files a long-running service (API, worker, Flower) needs to log in and audit.

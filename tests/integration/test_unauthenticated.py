@@ -194,3 +194,38 @@ def test_bodies_refused_before_their_signature_is_checked_cost_bounded_entries(
     windows = int(took // 10.0) + 2
     mine = [e for e in added if "body_too_large" in (e.get("code"), *e.get("codes", {}))]
     assert len(mine) <= 2 * windows  # a sample and a count per window, not an entry per request
+
+
+def test_a_forwarded_for_header_does_not_choose_the_audited_source(
+    appliance_stack: Stack,
+) -> None:
+    """Red team of issue 12, item 3: uvicorn trusted X-Forwarded-For from 127.0.0.1, so every
+    local caller named its own source: 300 failures, each from another made-up address, added
+    303 audit entries (one window per source) and wrote `remote_addr` at will."""
+    api_url = appliance_stack.status["api_url"]
+    before_entries, flood, key = (
+        len(appliance_stack.audit_entries()),
+        300,
+        Ed25519PrivateKey.generate(),
+    )
+    started = time.monotonic()
+    with httpx.Client() as http:
+        for i in range(flood):
+            req = _signed_get(api_url, f"spoofer-{i}-{secrets.token_hex(4)}", key)
+            req.headers["x-forwarded-for"] = f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"
+            assert http.send(req).status_code == 401
+    took = time.monotonic() - started
+    deadline = time.monotonic() + 10.0 + 30
+    while True:
+        entries = _mine(appliance_stack, before_entries)
+        spoofer = [e for e in entries if "spoofer-" in str(e.get("claimed_keyid", ""))]
+        recorded = len(spoofer) + sum(e["count"] for e in entries if e["type"] == "auth.failures")
+        if recorded >= flood or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    print(
+        f"\n{flood} failures with spoofed X-Forwarded-For in {took:.1f} s: {len(entries)} entries"
+    )
+    assert recorded >= flood
+    assert len(entries) <= 2 * (int(took // 10.0) + 2)  # O(1) per window, not one per address
+    assert {e["remote_addr"] for e in entries} == {"127.0.0.1"}
