@@ -127,8 +127,10 @@ def _job_aad(task_id: str, result_key: str, client: str) -> bytes:
     return f"job|{task_id}|{result_key}|{client}".encode()
 
 
-def _result_aad(result_key: str, client: str) -> bytes:
-    return f"result|{result_key}|{client}".encode()
+def _result_aad(result_key: str, client: str, owner_key: str) -> bytes:
+    # The client's key as it was when the job was accepted (red team of issue 12, item 2): a key
+    # put in its place later, by whoever writes the registry, cannot open the result.
+    return f"result|{result_key}|{client}|{owner_key}".encode()
 
 
 def seal_job(transit: KeyService, spec: JobSpec, task_id: str, result_key: str, client: str) -> str:
@@ -146,29 +148,40 @@ def open_job(transit: KeyService, message: JobMessage) -> JobSpec:
     return JobSpec.from_json(json.loads(open_envelope(key, envelope, aad)))
 
 
-def seal_result(transit: KeyService, body: ResultBody, result_key: str, client: str) -> str:
-    """Seal a result body for Redis."""
+def seal_result(
+    transit: KeyService, body: ResultBody, result_key: str, client: str, owner_key: str = ""
+) -> str:
+    """Seal a result body for Redis, for `client` holding the key whose SHA-256 is `owner_key`
+    (`JobSpec.owner_key_sha256`; empty for a job that could not be opened: nobody reads it)."""
     key, wrapped = transit.data_key(RESULTS_KEY, client)
     plaintext = json.dumps(body.to_json()).encode()
-    return seal(key, wrapped, plaintext, _result_aad(result_key, client)).to_json()
+    return seal(key, wrapped, plaintext, _result_aad(result_key, client, owner_key)).to_json()
 
 
-def seal_results(transit: KeyService, bodies: dict[str, ResultBody], client: str) -> dict[str, str]:
+def seal_results(
+    transit: KeyService, bodies: dict[str, ResultBody], client: str, owner_key: str = ""
+) -> dict[str, str]:
     """Seal several result bodies of one client under one data key (one OpenBao call)."""
     key, wrapped = transit.data_key(RESULTS_KEY, client)
     return {
         result_key: seal(
-            key, wrapped, json.dumps(body.to_json()).encode(), _result_aad(result_key, client)
+            key,
+            wrapped,
+            json.dumps(body.to_json()).encode(),
+            _result_aad(result_key, client, owner_key),
         ).to_json()
         for result_key, body in bodies.items()
     }
 
 
-def open_result(transit: KeyService, sealed: str, result_key: str, client: str) -> ResultBody:
-    """Open a stored result for its own client; raise SealBroken otherwise."""
+def open_result(
+    transit: KeyService, sealed: str, result_key: str, client: str, owner_key: str = ""
+) -> ResultBody:
+    """Open a stored result for its own client, holding the key it was accepted under; raise
+    SealBroken otherwise."""
     envelope = Envelope.from_json(sealed)
     key = transit.unwrap_key(RESULTS_KEY, envelope.wrapped_key, client)
-    plaintext = open_envelope(key, envelope, _result_aad(result_key, client))
+    plaintext = open_envelope(key, envelope, _result_aad(result_key, client, owner_key))
     return ResultBody.from_json(json.loads(plaintext))
 
 

@@ -76,6 +76,9 @@ class JobSpec:
     #: The client's secret globs, sealed in so the worker checks the names again.
     secret_globs: list[str] = field(default_factory=list)
     workflow: WorkflowPlace | None = None
+    #: The SHA-256 of the client's public key when the job was accepted: the result is sealed
+    #: to it, so a key that replaces it later cannot read the result (`jobs.seal_result`).
+    owner_key_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         raw: dict[str, Any] = {
@@ -90,6 +93,8 @@ class JobSpec:
         }
         if self.workflow is not None:
             raw["workflow"] = self.workflow.to_json()
+        if self.owner_key_sha256:
+            raw["owner_key_sha256"] = self.owner_key_sha256
         return raw
 
     @classmethod
@@ -105,6 +110,7 @@ class JobSpec:
             secrets=list(raw.get("secrets", [])),
             secret_globs=list(raw.get("secret_globs", [])),
             workflow=WorkflowPlace.from_json(workflow) if workflow else None,
+            owner_key_sha256=str(raw.get("owner_key_sha256", "")),
         )
 
     def at(self, place: WorkflowPlace) -> JobSpec:

@@ -97,6 +97,8 @@ class Outcomes:
     store: ResultStore
     audit: AuditSink
     request_id: str | None = None
+    #: The client's key (SHA-256) when the workflow was accepted: its results are sealed to it.
+    owner_key: str = ""
 
 
 def advance(
@@ -119,7 +121,7 @@ def advance(
     except MessageRejected:
         refuse_rest(out, message, workflow, body, "missing" if stored is None else "altered")
         return
-    sealed = seal_result(out.transit, body, message.result_key, message.client)
+    sealed = seal_result(out.transit, body, message.result_key, message.client, out.owner_key)
     nxt = attach_carry(out.transit, nxt, body.result)
     out.store.put_and_stage(
         message.result_key, message.client, sealed, workflow.id, step, json.dumps(nxt.to_wire())
@@ -217,7 +219,7 @@ def _close(
     bodies = {s.result_key: rest for s in workflow.later}
     if body is not None:
         bodies[message.result_key] = body
-    sealed = seal_results(out.transit, bodies, message.client)
+    sealed = seal_results(out.transit, bodies, message.client, out.owner_key)
     out.store.put_many(sealed, message.client, workflow.id)
     for i, later in enumerate(workflow.later, start=workflow.step + 1):
         out.audit.record(

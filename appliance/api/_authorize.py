@@ -42,6 +42,7 @@ def authorize(policy: sandbox.Policy, client: Client, task: TaskIn) -> JobSpec:
         secrets=list(task.secrets),
         # The worker checks the names against these again before it reads a secret.
         secret_globs=list(client.allowed_secrets) if task.secrets else [],
+        owner_key_sha256=client.public_key_sha256(),
     )
 
 

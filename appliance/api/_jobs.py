@@ -184,7 +184,10 @@ class Results:
             # "queued", "running", or "revoked" until a worker drains the revoked message.
             return 202, {"key": key, "status": stored.state}
         try:
-            body = open_result(self.transit, stored.sealed, key, client.keyid)
+            # Sealed to the key the client had when the job was accepted: a key put in its
+            # place since (`clients rotate-key`, or a write to the registry) does not open it.
+            owner_key = client.public_key_sha256()
+            body = open_result(self.transit, stored.sealed, key, client.keyid, owner_key)
         except SealBroken as exc:
             raise NotFound("the result cannot be opened", code="result_unavailable") from exc
         expires_at = self.clock() + stored.ttl_ms / 1000

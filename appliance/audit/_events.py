@@ -39,6 +39,9 @@ class EventType(StrEnum):
     RESULT_READ = "result.read"
     TASK_REVOKED = "task.revoked"
     KEY_ROTATED = "key.rotated"
+    # A write to the client registry by the operator's CLI (add, key rotation, enable, disable),
+    # with the key fingerprints and globs before and after: never a secret value.
+    CLIENT_CHANGED = "client.changed"
     CREDENTIAL_ROTATED = "credential.rotated"
     # Written by the audit log itself, never by callers.
     CHECKPOINT = "checkpoint"
@@ -65,6 +68,9 @@ _ROUTE = re.compile(r"[A-Za-z0-9_./{}-]{1,100}")
 # Machine-readable words: status, code, reason.
 _SLUG = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# A function or secret glob of the registry (`team-a/**`, `report_*`).
+_GLOB = re.compile(r"[A-Za-z0-9_.:@/+=\[\]!*?-]{1,256}")
+_MAX_GLOBS = 256
 _SIGNATURE = re.compile(r"vault:v[1-9][0-9]{0,8}:[A-Za-z0-9+/]{1,200}={0,2}")
 _MAX_USAGE_KEYS = 16
 
@@ -104,6 +110,21 @@ def _hex64(name: str, value: Any) -> str:
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
         raise AuditFieldError(f"{name} must be 64 lower-case hex digits")
     return value
+
+
+def _globs(name: str, value: Any) -> list[str]:
+    """A registry's list of globs: each as given, or `sha256:<hex>` of it when it is odd."""
+    if not isinstance(value, list | tuple) or len(value) > _MAX_GLOBS:
+        raise AuditFieldError(f"{name} must be a list of at most {_MAX_GLOBS} globs")
+    globs = []
+    for glob in value:
+        if not isinstance(glob, str):
+            raise AuditFieldError(f"{name} must hold strings")
+        text = glob.encode("utf-8", "surrogatepass")
+        globs.append(
+            glob if _GLOB.fullmatch(glob) else "sha256:" + hashlib.sha256(text).hexdigest()
+        )
+    return globs
 
 
 def _int_between(low: int, high: int) -> Callable[[str, Any], int]:
@@ -184,6 +205,14 @@ FIELDS: Mapping[str, Callable[[str, Any], Any]] = {
     "lost_to_seq": _int_between(1, 2**62),
     "anchor": _int_between(1, 2**62),
     "anchored_head": _hex64,
+    # Registry changes (`client.changed`): what changed, and the key and globs before and after.
+    "change": _slug,
+    "key_sha256": _hex64,
+    "previous_key_sha256": _hex64,
+    "function_globs": _globs,
+    "previous_function_globs": _globs,
+    "secret_globs": _globs,
+    "previous_secret_globs": _globs,
 }
 
 #: Names of the plaintext-taking keywords: consumed, never stored.
@@ -258,6 +287,11 @@ RULES: Mapping[EventType, _Rule] = {
     ),
     EventType.TASK_REVOKED: _rule("client result_key status", f"task_id {_REQUEST}"),
     EventType.KEY_ROTATED: _rule("key_name", "key_version actor code"),
+    EventType.CLIENT_CHANGED: _rule(
+        "client change actor",
+        "status key_sha256 previous_key_sha256 function_globs previous_function_globs "
+        "secret_globs previous_secret_globs",
+    ),
     EventType.CREDENTIAL_ROTATED: _rule("credential", "actor code key_version"),
     EventType.CHECKPOINT: _rule(
         "from_seq to_seq head_hash merkle_root signed_at signature key_version"

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import stack
+from .._stack import operator_token_file
 from ..errors import ApplianceError
-from ..registry import InvalidRegistryEntry, Registry
+from ..registry import Client, InvalidRegistryEntry, Registry
 from ._common import _fail, _require_stack, _state, _state_option
+
+if TYPE_CHECKING:
+    from ..audit import AuditSink
 
 
 @click.group()
@@ -47,6 +53,11 @@ def clients() -> None:
     show_default=True,
     help="bytes of sealed results the client may keep stored before submissions get 429",
 )
+@click.option(
+    "--replace-key",
+    is_flag=True,
+    help="replace the public key of a client registered with another (as `rotate-key` does)",
+)
 @click.pass_context
 def clients_add(
     ctx: click.Context,
@@ -58,11 +69,13 @@ def clients_add(
     rate_per_minute: int,
     daily_quota: int,
     storage_bytes: int,
+    replace_key: bool,
 ) -> None:
-    """Register (or replace) a client with its public key and what it may do.
+    """Register a client with its public key and what it may do, or replace the policy of a
+    registered one. Its key is replaced only with --replace-key (or `rotate-key`).
 
     Secret globs match segment by segment: `*` never crosses a `/`; a whole segment `**`
-    matches one or more segments (`team-a/**`)."""
+    matches one or more segments (`team-a/**`). Every change is written to the audit log."""
     import dataclasses
 
     from ..registry import make_client
@@ -78,13 +91,61 @@ def clients_add(
     except (ApplianceError, ValueError) as exc:
         _fail(f"cannot register {keyid}: {exc}")
     _require_stack(ctx)
-    try:
-        stack.operator_registry(_state(ctx)).put(client)
-    except ApplianceError as exc:
-        _fail(exc.detail, 1)
+    registry = stack.operator_registry(_state(ctx))
+    previous = _previous(registry, keyid)
+    if previous is not None and _key_of(previous) != client.public_key_sha256() and not replace_key:
+        # Red team of issue 12, item 2: `add` silently put the operator's key in a client's
+        # entry, and the client's next results were the operator's to read.
+        _fail(
+            f"{keyid} is registered with another public key ({_key_of(previous)[:16]}); "
+            f"`appliance clients rotate-key {keyid} --public-key FILE` replaces it"
+        )
+    change = "added" if previous is None else "replaced"
+    if previous is not None and _key_of(previous) != client.public_key_sha256():
+        change = "replaced_key"
+    _write(ctx, registry, change, previous, client)
     click.echo(
         f"registered {keyid}: functions {list(functions) or 'none'}, "
-        f"secrets {list(secrets) or 'none'}"
+        f"secrets {list(secrets) or 'none'}, key {client.public_key_sha256()[:16]}"
+    )
+
+
+@clients.command("rotate-key")
+@_state_option
+@click.argument("keyid")
+@click.option("--public-key", type=click.Path(dir_okay=False, exists=True), required=True)
+@click.pass_context
+def clients_rotate_key(ctx: click.Context, keyid: str, public_key: str) -> None:
+    """Replace a registered client's public key, keeping its policy. Results of jobs accepted
+    under the old key stay sealed to it: the new key does not read them."""
+    import dataclasses
+
+    from ..errors import NotFound
+    from ..registry import validate_keyid
+
+    try:
+        validate_keyid(keyid)
+        pem = Path(public_key).read_text()
+    except (ApplianceError, ValueError) as exc:
+        _fail(f"cannot rotate the key of {keyid}: {exc}")
+    _require_stack(ctx)
+    registry = stack.operator_registry(_state(ctx))
+    try:
+        previous = registry.read(keyid)
+    except NotFound as exc:
+        _fail(exc.detail)
+    except ApplianceError as exc:
+        _fail(exc.detail, 1)
+    client = dataclasses.replace(previous, public_key_pem=pem)
+    try:
+        client.public_key()
+    except (ApplianceError, ValueError) as exc:
+        _fail(f"cannot rotate the key of {keyid}: {exc}")
+    _write(ctx, registry, "rotated_key", previous, client)
+    click.echo(
+        f"rotated the key of {keyid}: {previous.public_key_sha256()[:16]} -> "
+        f"{client.public_key_sha256()[:16]}; results of jobs accepted before stay sealed to "
+        "the old key"
     )
 
 
@@ -107,6 +168,8 @@ def clients_enable(ctx: click.Context, keyid: str) -> None:
 
 
 def _set_enabled(ctx: click.Context, keyid: str, enabled: bool) -> None:
+    import dataclasses
+
     from ..errors import NotFound
     from ..registry import validate_keyid
 
@@ -115,13 +178,91 @@ def _set_enabled(ctx: click.Context, keyid: str, enabled: bool) -> None:
     except ApplianceError as exc:
         _fail(exc.detail)
     _require_stack(ctx)
+    registry = stack.operator_registry(_state(ctx))
     try:
-        stack.operator_registry(_state(ctx)).set_enabled(keyid, enabled)
+        previous = registry.read(keyid)
     except NotFound as exc:
         _fail(exc.detail)
     except ApplianceError as exc:
         _fail(exc.detail, 1)
+    client = dataclasses.replace(previous, enabled=enabled)
+    _write(ctx, registry, "enabled" if enabled else "disabled", previous, client)
     click.echo(f"{'enabled' if enabled else 'disabled'} {keyid}")
+
+
+def _previous(registry: Registry, keyid: str) -> Client | InvalidRegistryEntry | None:
+    """The entry `keyid` has now: a client, one that does not parse, or None."""
+    from ..errors import NotFound
+
+    try:
+        return registry.read(keyid)
+    except NotFound:
+        return None
+    except InvalidRegistryEntry as exc:
+        return exc
+    except ApplianceError as exc:
+        _fail(exc.detail, 1)
+
+
+def _key_of(entry: Client | InvalidRegistryEntry) -> str:
+    """The entry's key fingerprint (an entry that does not parse has none we can trust)."""
+    return entry.public_key_sha256() if isinstance(entry, Client) else "unreadable entry"
+
+
+def _write(
+    ctx: click.Context,
+    registry: Registry,
+    change: str,
+    previous: Client | InvalidRegistryEntry | None,
+    client: Client,
+) -> None:
+    """Audit the change, then write it: a registry write the audit log could not record is not
+    made. The entry holds what the change was (fingerprints and globs before and after, never a
+    secret value); a write that then fails is recorded again with `status: failed`."""
+    from ..audit import AuditError, EventType
+
+    before = previous if isinstance(previous, Client) else None
+    fields = {
+        "client": client.keyid,
+        "change": change,
+        "actor": "operator",
+        "key_sha256": client.public_key_sha256(),
+        "function_globs": list(client.allowed_functions),
+        "secret_globs": list(client.allowed_secrets),
+        "previous_key_sha256": before.public_key_sha256() if before else None,
+        "previous_function_globs": list(before.allowed_functions) if before else None,
+        "previous_secret_globs": list(before.allowed_secrets) if before else None,
+    }
+    with _operator_audit(ctx) as audit:
+        try:
+            audit.record(EventType.CLIENT_CHANGED, status="requested", **fields)
+        except AuditError as exc:
+            _fail(f"the change to {client.keyid} was not made: it cannot be audited ({exc})", 1)
+        try:
+            registry.put(client)
+        except ApplianceError as exc:
+            with contextlib.suppress(AuditError):
+                audit.record(EventType.CLIENT_CHANGED, status="failed", **fields)
+            _fail(exc.detail, 1)
+
+
+@contextlib.contextmanager
+def _operator_audit(ctx: click.Context) -> Iterator[AuditSink]:
+    """The stack's audit log, written by the operator (its checkpoints signed by transit)."""
+    from ..audit import AuditLog, TransitSigner
+    from ..vault import Transit, VaultSession
+
+    st = _require_stack(ctx)
+    token_file = operator_token_file(_state(ctx))
+    transit = Transit(VaultSession.from_token_file(st["vault_addr"], token_file))
+    try:
+        audit = AuditLog.open(st["audit_log"], TransitSigner(transit), source="operator")
+    except (ApplianceError, OSError) as exc:
+        _fail(f"the audit log cannot be opened, so no registry change is made: {exc}", 1)
+    try:
+        yield audit
+    finally:
+        audit.close()
 
 
 @clients.command("list")

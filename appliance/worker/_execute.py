@@ -193,7 +193,7 @@ def _claim_and_run(
         raise InFlight(message.task_id)
     if rt.store.has_result(message.result_key):
         # It died between storing the result and enqueuing the next step.
-        workflows.send_staged(_outcomes(rt, request_id), rt.publish, message, _place(spec))
+        workflows.send_staged(_outcomes(rt, request_id, spec), rt.publish, message, _place(spec))
         rt.store.finish_claim(message.nonce, ttl)
         return "recovered"
     if not retry and claim.attempts >= rt.settings.max_attempts:
@@ -281,8 +281,13 @@ def _place(spec: JobSpec | None) -> WorkflowPlace | None:
     return spec.workflow if spec is not None else None
 
 
-def _outcomes(rt: Runtime, request_id: str | None) -> workflows.Outcomes:
-    return workflows.Outcomes(rt.transit, rt.store, rt.audit, request_id)
+def _outcomes(rt: Runtime, request_id: str | None, spec: JobSpec | None) -> workflows.Outcomes:
+    return workflows.Outcomes(rt.transit, rt.store, rt.audit, request_id, _owner_key(spec))
+
+
+def _owner_key(spec: JobSpec | None) -> str:
+    """The key the client had when the job was accepted (none when the job did not open)."""
+    return spec.owner_key_sha256 if spec is not None else ""
 
 
 def _step_fields(spec: JobSpec | None) -> dict[str, Any]:
@@ -305,13 +310,13 @@ def _finish(
         rt.store.put(
             message.result_key,
             message.client,
-            seal_result(rt.transit, body, message.result_key, message.client),
+            seal_result(rt.transit, body, message.result_key, message.client, _owner_key(spec)),
         )
     elif body.succeeded and workflow.has_next:
-        workflows.advance(_outcomes(rt, request_id), rt.publish, message, workflow, body)
+        workflows.advance(_outcomes(rt, request_id, spec), rt.publish, message, workflow, body)
     else:
         function = spec.function if spec is not None else "?"
-        workflows.end(_outcomes(rt, request_id), message, function, workflow, body)
+        workflows.end(_outcomes(rt, request_id, spec), message, function, workflow, body)
     rt.store.finish_claim(message.nonce, ttl)
     status = body.code
     finished: dict[str, Any] = {"client": message.client, "result_key": message.result_key}

@@ -27,7 +27,10 @@ def _queued(api: Harness) -> str:
 
 
 def _done(api: Harness, key: str) -> None:
-    api.store.put(key, "alice", seal_result(api.keys, BODY, key, "alice"))  # type: ignore[arg-type]
+    """Store the result as the worker does: sealed to alice's key when the job was accepted."""
+    owner_key = api.registry.clients["alice"].public_key_sha256()
+    sealed = seal_result(api.keys, BODY, key, "alice", owner_key)  # type: ignore[arg-type]
+    api.store.put(key, "alice", sealed)
 
 
 def test_a_pending_result_answers_202(api: Harness) -> None:
@@ -78,6 +81,16 @@ def test_a_result_that_does_not_open_is_unavailable(api: Harness) -> None:
     key = _queued(api)
     api.store.put(key, "alice", seal_result(api.keys, BODY, key, "bob"))  # type: ignore[arg-type]
     resp = api.request("GET", f"/v1/results/{key}")
+    assert (resp.status_code, resp.json()["code"]) == (404, "result_unavailable")
+
+
+def test_a_result_does_not_open_for_a_key_that_replaced_the_clients(api: Harness) -> None:
+    # Red team of issue 12, item 2: whoever writes the registry put its own key in alice's entry
+    # after her job was accepted; the result stays sealed to the key she had then.
+    key = _queued(api)
+    _done(api, key)
+    thief = api.add_client("alice", allowed_functions=("*",))
+    resp = api.request("GET", f"/v1/results/{key}", key=thief)
     assert (resp.status_code, resp.json()["code"]) == (404, "result_unavailable")
 
 
