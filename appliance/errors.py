@@ -156,6 +156,8 @@ CODES: dict[str, str] = {
     "invalid_signature)",
     "wrong_key": "a signature that the key of the enabled client it names does not verify (the "
     "audit log's reason; clients are told invalid_signature)",
+    "invalid_registry_entry": "the key id's registry entry does not parse (edited by hand); "
+    "refused as an unknown key id (the audit log's reason; clients are told invalid_signature)",
     "wrong_authority": "the signed authority is not one this server answers for",
     # Authorization of a task.
     "invalid_function": "the function is not a plain name",

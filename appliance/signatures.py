@@ -94,7 +94,8 @@ class _Keys(HTTPSignatureKeyResolver):
         self.keys = keys
         self.unknown = False
         self.known = False
-        self.unknown_reason = "unknown_key"
+        #: Why a key id that is registered cannot be used (its entry does not parse), if so.
+        self.unknown_reason: str | None = None
 
     def resolve_public_key(self, key_id: str) -> Ed25519PublicKey:
         try:
@@ -102,7 +103,7 @@ class _Keys(HTTPSignatureKeyResolver):
         except Unauthorized as exc:
             # The key id's entry exists but cannot be used (a registry entry that does not
             # parse): refused as an unknown key id is, with the finer reason for the audit log.
-            self.unknown_reason = exc.reason or self.unknown_reason
+            self.unknown_reason = exc.reason
             key = None
         if key is None:
             self.unknown = True
@@ -284,8 +285,10 @@ def _verify_signature(
 def _refusal(detail: str, resolver: _Keys) -> Unauthorized:
     """A signature that does not verify: the same for the client whatever its key id; the audit
     log alone learns whether the key id was unknown or disabled, or an enabled client's."""
-    if resolver.unknown:
+    if resolver.unknown and resolver.unknown_reason:
         return Unauthorized(detail, code="invalid_signature", reason=resolver.unknown_reason)
+    if resolver.unknown:
+        return Unauthorized(detail, code="invalid_signature", reason="unknown_key")
     if resolver.known:
         return Unauthorized(detail, code="invalid_signature", reason="wrong_key")
     return Unauthorized(detail, code="invalid_signature")
