@@ -99,6 +99,16 @@ class StorageQuotaExceeded(RateLimited):
     code, title = "storage_quota", "Storage quota exceeded"
 
 
+class RecordLost(ApplianceError):
+    """Raised when a record read from Redis is not one the appliance writes (junk put there by
+    hand or by someone with Redis rights): it is lost, not retried.
+
+    Carries no detail for clients; which record and why goes to the log and the audit log.
+    """
+
+    status, code, title = 410, "record_lost", "Gone"
+
+
 class DependencyUnavailable(ApplianceError):
     """Raised when Redis, OpenBao or the broker cannot be reached; the request is not accepted."""
 
@@ -134,6 +144,7 @@ CODES: dict[str, str] = {
     "storage_full": "Redis refused a write: it is at its memory limit",
     "enrolment_lost": "OpenBao refused the service's own secret_id: it needs `appliance up`",
     "seal_broken": "a sealed envelope does not open",
+    "record_lost": "a record in Redis that is not one the appliance writes (altered in Redis)",
     # Request parsing (api).
     "bad_content_length": "Content-Length is not a number",
     "malformed_json": "the body is not a JSON object",
@@ -146,6 +157,8 @@ CODES: dict[str, str] = {
     "invalid_idempotency_key": "an Idempotency-Key that is not 1 to 64 URL-safe characters",
     "idempotency_conflict": "an Idempotency-Key already used for another request",
     "idempotency_in_progress": "the first request with that Idempotency-Key has not finished",
+    "idempotency_record_invalid": "the stored record of that Idempotency-Key does not parse, or "
+    "its MAC does not verify (altered in Redis); the request is not accepted",
     # Signatures (RFC 9421 profile).
     "missing_signature": "the request is not signed",
     "invalid_signature": "the signature or its input does not verify, or its key id is unknown",
@@ -173,6 +186,8 @@ CODES: dict[str, str] = {
     "result_not_found": "an unknown or expired result",
     "not_your_result": "a result of another client",
     "result_unavailable": "a stored result that does not open",
+    "result_lost": "the stored record of a result or of its pending job is not one the "
+    "appliance writes (altered in Redis)",
     "already_running": "a running job cannot be revoked",
     # The worker.
     "message_rejected": "a task message malformed, forged, expired or replayed",

@@ -19,18 +19,29 @@ and a SHA-256 of the body. The record holds only that MAC, never the body nor a 
 it that a reader of Redis could test a guess against. The API may make MACs but not verify
 them, so fingerprints are compared as made: a retry that spans a rotation of the task-signing
 key is answered `idempotency_conflict` (nothing runs twice; the client uses a new key).
+
+The acceptance answered again is authenticated the same way (red team of issue 12, item 4: with
+the API's Redis rights, rewriting `acceptance.result_key` made a retry answer another job's
+result key). When it records an acceptance, the API MACs the client, the Idempotency-Key, the
+fingerprint and the acceptance (another domain prefix); answering it again, it makes that MAC
+anew and compares the two in constant time. A record that does not parse, or whose MAC differs,
+is refused with `409 idempotency_record_invalid` (audited as the refusal of the client's
+request; the reason is logged): nothing is queued, and the client learns its key is spoilt.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
+import json
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadRequest, Conflict, DependencyUnavailable
+from ..errors import BadRequest, Conflict, DependencyUnavailable, RecordLost
 from ..jobs import SIGNING_KEY
 from ..keyservice import KeyService
 from ..store import IdempotencyRecord, IdempotencyStore, Reservation
@@ -39,6 +50,10 @@ from ..store import IdempotencyRecord, IdempotencyStore, Reservation
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: The MAC's domain: task messages are signed as JSON objects, which never start with this.
 _DOMAIN = b"appliance.idempotency.v1\x00"
+#: The acceptance MAC's domain: neither a task message nor a fingerprint starts with it.
+_ACCEPTANCE_DOMAIN = b"appliance.idempotency.acceptance.v1\x00"
+
+log = logging.getLogger("appliance.api")
 
 Acceptance = dict[str, Any]
 
@@ -80,7 +95,10 @@ class Idempotency:
             return accept()
         message = _fingerprinted(client, retry)
         reservation = Reservation(client, retry.key, self.transit.hmac(SIGNING_KEY, message))
-        prior = self.records.reserve(reservation, self.ttl_seconds)
+        try:
+            prior = self.records.reserve(reservation, self.ttl_seconds)
+        except RecordLost as exc:
+            raise _invalid("it does not parse") from exc
         if prior is not None:
             return self._answer_again(prior, reservation)
         try:
@@ -93,7 +111,8 @@ class Idempotency:
             raise
         # Published: a failure to record it leaves the reservation pending (a retry is told
         # `idempotency_in_progress`), never free for a second run.
-        self.records.accept(reservation, acceptance, self.ttl_seconds)
+        mac = self._acceptance_mac(reservation, acceptance)
+        self.records.accept(reservation, acceptance, self.ttl_seconds, mac)
         return acceptance
 
     def _answer_again(self, prior: IdempotencyRecord, ours: Reservation) -> Acceptance:
@@ -107,7 +126,25 @@ class Idempotency:
                 "the first request with this Idempotency-Key has not finished",
                 code="idempotency_in_progress",
             )
+        expected = self._acceptance_mac(ours, prior.acceptance)
+        if not hmac.compare_digest(expected.encode(), prior.acceptance_mac.encode()):
+            raise _invalid("its acceptance MAC does not verify")
         return dict(prior.acceptance)
+
+    def _acceptance_mac(self, reservation: Reservation, acceptance: Mapping[str, Any]) -> str:
+        """The MAC binding an acceptance to the client, key and request it answers."""
+        bound = [reservation.client, reservation.key, reservation.fingerprint, acceptance]
+        canonical = json.dumps(bound, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return self.transit.hmac(SIGNING_KEY, _ACCEPTANCE_DOMAIN + canonical.encode())
+
+
+def _invalid(why: str) -> Conflict:
+    """The refusal of a request whose stored idempotency record was altered in Redis."""
+    log.warning("refused an idempotency record: %s", why)
+    return Conflict(
+        "the stored record of this Idempotency-Key is not valid; nothing was queued",
+        code="idempotency_record_invalid",
+    )
 
 
 def _fingerprinted(client: str, retry: Retryable) -> bytes:

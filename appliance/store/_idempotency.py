@@ -6,7 +6,8 @@ record per (client, Idempotency-Key) says what became of the first request with 
 
     idempotency:<keyid>:<sha256 of the key> ->
         {"v": 1, "state": "pending" | "accepted", "fingerprint": "vault:vN:…",
-         "token": <random>, "acceptance": {"task_id", "result_key", …} | null}
+         "token": <random>, "acceptance": {"task_id", "result_key", …} | null,
+         "acceptance_mac": "vault:vN:…" (accepted records only)}
 
 - `reserve()` claims the record atomically (SET NX) as `pending`, or returns the record already
   there: an acceptance to answer again, a `pending` one (the first request is still in flight,
@@ -15,6 +16,10 @@ record per (client, Idempotency-Key) says what became of the first request with 
   starts its TTL again. `abandon()` deletes our pending record (compared by its random token)
   when nothing was published, so that a retry runs the job; a record of another request with
   the same key is never deleted.
+- Authenticated acceptance: the API's Redis user may write these keys, so the acceptance it
+  answers again is only as good as its MAC, made by the caller (the API, `api/_idempotency`)
+  over the client, the key, the fingerprint and the acceptance, and checked there. A record
+  that does not parse as one we write is `RecordLost` (`idempotency_record_invalid`).
 - Nothing plaintext: the fingerprint is a keyed MAC of the request made by the caller (OpenBao
   transit), so a reader of Redis cannot test a guess of a body against it; the acceptance holds
   identifiers and result keys, which Redis already holds as key names; the key is hashed.
@@ -36,12 +41,14 @@ from typing import Any, Protocol, cast
 
 import redis
 
-from . import _keys
+from . import _keys, _records
 from ._errors import redis_unavailable
 
 FORMAT_VERSION = 1
 PENDING = "pending"
 ACCEPTED = "accepted"
+#: The code of a record that does not parse (the API answers it as a 409).
+INVALID = "idempotency_record_invalid"
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,8 @@ class IdempotencyRecord:
     state: str
     fingerprint: str
     acceptance: Mapping[str, Any] | None = None
+    #: The caller's MAC of the acceptance, unverified here ("" when pending or absent).
+    acceptance_mac: str = ""
 
 
 class IdempotencyStore(Protocol):
@@ -79,9 +88,13 @@ class IdempotencyStore(Protocol):
         ...
 
     def accept(
-        self, reservation: Reservation, acceptance: Mapping[str, Any], ttl_seconds: int
+        self,
+        reservation: Reservation,
+        acceptance: Mapping[str, Any],
+        ttl_seconds: int,
+        acceptance_mac: str = "",
     ) -> None:
-        """Record the acceptance of the reserved request, for `ttl_seconds` from now."""
+        """Record the acceptance of the reserved request and its MAC, for `ttl_seconds`."""
         ...
 
     def abandon(self, reservation: Reservation) -> None:
@@ -89,20 +102,42 @@ class IdempotencyStore(Protocol):
         ...
 
 
-def _encode(state: str, fingerprint: str, token: str, acceptance: Mapping[str, Any] | None) -> str:
-    record = {
+def _encode(
+    state: str,
+    fingerprint: str,
+    token: str,
+    acceptance: Mapping[str, Any] | None,
+    acceptance_mac: str = "",
+) -> str:
+    record: dict[str, Any] = {
         "v": FORMAT_VERSION,
         "state": state,
         "fingerprint": fingerprint,
         "token": token,
         "acceptance": dict(acceptance) if acceptance is not None else None,
     }
+    if acceptance is not None:
+        record["acceptance_mac"] = acceptance_mac
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
 def _decode(raw: str | bytes) -> IdempotencyRecord:
-    record = json.loads(raw)
-    return IdempotencyRecord(record["state"], record["fingerprint"], record["acceptance"])
+    """The record as we write it; RecordLost (`idempotency_record_invalid`) otherwise."""
+    kind = "idempotency"
+    record = _records.load(raw, kind, INVALID)
+    if record.get("v") != FORMAT_VERSION or type(record.get("v")) is not int:
+        raise _records.lost(kind, "an unknown format version", INVALID)
+    state = _records.text(record, "state", kind, INVALID, one_of=(PENDING, ACCEPTED))
+    fingerprint = _records.text(record, "fingerprint", kind, INVALID)
+    acceptance = record.get("acceptance")
+    if state == PENDING:
+        if acceptance is not None:
+            raise _records.lost(kind, "a pending record with an acceptance", INVALID)
+        return IdempotencyRecord(state, fingerprint)
+    if type(acceptance) is not dict:
+        raise _records.lost(kind, "an accepted record without an acceptance", INVALID)
+    mac = _records.text(record, "acceptance_mac", kind, INVALID, default="")
+    return IdempotencyRecord(state, fingerprint, acceptance, mac)
 
 
 class RedisIdempotency:
@@ -112,7 +147,7 @@ class RedisIdempotency:
         self.redis = client
 
     def reserve(self, reservation: Reservation, ttl_seconds: int) -> IdempotencyRecord | None:
-        with redis_unavailable():
+        with redis_unavailable(code=INVALID):
             # SET NX GET: one round trip claims the key or returns what holds it (Redis >= 7).
             prior = self.redis.set(
                 reservation.name, reservation.pending(), nx=True, get=True, ex=ttl_seconds
@@ -120,9 +155,15 @@ class RedisIdempotency:
         return None if prior is None else _decode(cast(bytes, prior))
 
     def accept(
-        self, reservation: Reservation, acceptance: Mapping[str, Any], ttl_seconds: int
+        self,
+        reservation: Reservation,
+        acceptance: Mapping[str, Any],
+        ttl_seconds: int,
+        acceptance_mac: str = "",
     ) -> None:
-        value = _encode(ACCEPTED, reservation.fingerprint, reservation.token, acceptance)
+        value = _encode(
+            ACCEPTED, reservation.fingerprint, reservation.token, acceptance, acceptance_mac
+        )
         with redis_unavailable():
             self.redis.set(reservation.name, value, ex=ttl_seconds)
 
@@ -164,9 +205,15 @@ class UnsafeMemoryIdempotency:
         return None
 
     def accept(
-        self, reservation: Reservation, acceptance: Mapping[str, Any], ttl_seconds: int
+        self,
+        reservation: Reservation,
+        acceptance: Mapping[str, Any],
+        ttl_seconds: int,
+        acceptance_mac: str = "",
     ) -> None:
-        value = _encode(ACCEPTED, reservation.fingerprint, reservation.token, acceptance)
+        value = _encode(
+            ACCEPTED, reservation.fingerprint, reservation.token, acceptance, acceptance_mac
+        )
         with self._lock:
             self._records[reservation.name] = (value, self.clock() + ttl_seconds)
 

@@ -16,7 +16,15 @@ from typing import Any
 
 from . import _keys
 from ._budget import StoredBytes
-from ._results import PENDING_TTL_SECONDS, Claim, Stored, revoke_record
+from ._results import (
+    PENDING_TTL_SECONDS,
+    Claim,
+    Pending,
+    Stored,
+    revoke_record,
+    revoked,
+    stored_record,
+)
 
 
 class UnsafeMemoryResultStore:
@@ -71,8 +79,7 @@ class UnsafeMemoryResultStore:
 
     def start(self, key: str, client: str, task_id: str) -> bool:
         with self._lock:
-            raw = self._get(_keys.pending(key))
-            if raw is not None and json.loads(raw)["state"] == "revoked":
+            if revoked(self._get(_keys.pending(key))):
                 return False
             self.mark(key, client, "running", task_id)
         return True
@@ -108,7 +115,7 @@ class UnsafeMemoryResultStore:
     def state(self, key: str) -> str | None:
         with self._lock:
             raw = self._get(_keys.pending(key))
-        return None if raw is None else str(json.loads(raw)["state"])
+        return None if raw is None else Pending.parse(raw).state
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -132,15 +139,9 @@ class UnsafeMemoryResultStore:
     def get(self, key: str) -> Stored | None:
         with self._lock:
             raw = self._get(self.prefix + key)
-            if raw is not None:
-                body: dict[str, Any] = json.loads(raw)
-                left = self._expires[self.prefix + key] - self.clock()
-                return Stored(body["client"], "done", body["sealed"], max(0, int(left * 1000)))
+            left = self._expires[self.prefix + key] - self.clock() if raw is not None else 0.0
             pending = self._get(_keys.pending(key))
-        if pending is not None:
-            record: dict[str, Any] = json.loads(pending)
-            return Stored(record["client"], record["state"])
-        return None
+        return stored_record(raw, int(left * 1000), pending)
 
     # ---- claims and heartbeats ----------------------------------------------------------------
 

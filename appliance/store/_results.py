@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis
 
-from . import _keys
+from ..errors import RecordLost
+from . import _keys, _records
 from ._budget import StoredBytes
 from ._errors import redis_unavailable
 
 PENDING_TTL_SECONDS = 24 * 3600
+#: The states of a pending record, and of a claim, as the appliance writes them.
+PENDING_STATES = ("queued", "running", "revoked")
+CLAIM_STATES = ("running", "done")
 
 
 class ResultStore(Protocol):
@@ -72,12 +76,15 @@ class Claim:
 
     @classmethod
     def parse(cls, raw: bytes | str | None) -> Claim | None:
-        """From the stored JSON; None when absent."""
+        """From the stored JSON; None when absent; RecordLost when it is not a claim the
+        appliance writes."""
         if raw is None:
             return None
-        record: dict[str, Any] = json.loads(raw)
+        record = _records.load(raw, "claim")
         return cls(
-            str(record["state"]), str(record.get("owner", "")), int(record.get("attempts", 0))
+            _records.text(record, "state", "claim", one_of=CLAIM_STATES),
+            _records.text(record, "owner", "claim", default=""),
+            _records.count(record, "attempts", "claim"),
         )
 
 
@@ -117,14 +124,13 @@ class RedisResultStore:
         with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(name)  # type: ignore[no-untyped-call]
-                raw = pipe.get(name)
-                if raw is not None and json.loads(raw)["state"] == "revoked":
+                if revoked(_string_or_none(pipe, name)):
                     return False
                 pipe.multi()
                 pipe.set(name, record, ex=PENDING_TTL_SECONDS)
                 pipe.execute()
             except redis.WatchError:
-                return self.state(key) != "revoked" and self.start(key, client, task_id)
+                return self.start(key, client, task_id)
         return True
 
     def put(self, key: str, client: str, sealed: str) -> None:
@@ -258,7 +264,7 @@ class RedisResultStore:
         "queued" means this call revoked it; "revoked", that another revocation already had.
         """
         name = self._pending(key)
-        with redis_unavailable(), self.redis.pipeline(transaction=True) as pipe:
+        with redis_unavailable(code="result_lost"), self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(name)  # type: ignore[no-untyped-call]
@@ -276,9 +282,9 @@ class RedisResultStore:
 
     def state(self, key: str) -> str | None:
         """The pending state of `key` ("queued", "running", "revoked"), or None."""
-        with redis_unavailable():
+        with redis_unavailable(code="result_lost"):
             raw = self.redis.get(self._pending(key))
-        return None if raw is None else str(json.loads(raw)["state"])
+        return None if raw is None else Pending.parse(raw).state
 
     def delete(self, key: str) -> None:
         """Forget a stored result before its TTL."""
@@ -295,7 +301,7 @@ class RedisResultStore:
         expired or was deleted are dropped here: a result's bytes count while its key exists."""
         name = _keys.storage(client)
         with redis_unavailable():
-            sizes = {_text(k): int(v) for k, v in self.redis.hgetall(name).items()}
+            sizes = _sizes(self.redis.hgetall(name))
             pipe = self.redis.pipeline(transaction=False)
             for key in sizes:
                 pipe.pttl(self.prefix + key)
@@ -307,19 +313,13 @@ class RedisResultStore:
 
     def get(self, key: str) -> Stored | None:
         """The record for `key`, or None when unknown or expired."""
-        with redis_unavailable():
+        with redis_unavailable(code="result_lost"):
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.prefix + key)
             pipe.pttl(self.prefix + key)
             pipe.get(self._pending(key))
             raw, ttl_ms, pending = pipe.execute()
-        if raw is not None:
-            body: dict[str, Any] = json.loads(raw)
-            return Stored(body["client"], "done", body["sealed"], max(0, int(ttl_ms)))
-        if pending is not None:
-            record: dict[str, Any] = json.loads(pending)
-            return Stored(record["client"], record["state"])
-        return None
+        return stored_record(raw, int(ttl_ms), pending)
 
 
 def revoke_record(raw: bytes | str | None, client: str) -> tuple[str | None, str | None]:
@@ -330,14 +330,92 @@ def revoke_record(raw: bytes | str | None, client: str) -> tuple[str | None, str
     """
     if raw is None:
         return None, None
-    record: dict[str, Any] = json.loads(raw)
-    if record["client"] != client:
+    record = Pending.parse(raw)
+    if record.client != client:
         return None, None
-    if record["state"] != "queued":
-        return str(record["state"]), None
-    record["state"] = "revoked"
-    return "queued", json.dumps(record)
+    if record.state != "queued":
+        return record.state, None
+    return "queued", json.dumps({"client": client, "state": "revoked", "task_id": record.task_id})
+
+
+#: The code of a result or pending record that does not parse: the client is told its result
+#: is lost (410), never a 500.
+_RESULT_LOST = "result_lost"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A pending record as the appliance writes it: whose job, in which state, which task."""
+
+    client: str
+    state: str
+    task_id: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Pending:
+        """From the stored JSON; RecordLost (`result_lost`) when it is not one we write."""
+        record = _records.load(raw, "pending", _RESULT_LOST)
+        return cls(
+            _records.text(record, "client", "pending", _RESULT_LOST),
+            _records.text(record, "state", "pending", _RESULT_LOST, one_of=PENDING_STATES),
+            _records.text(record, "task_id", "pending", _RESULT_LOST, default=""),
+        )
+
+
+def stored_record(
+    raw: bytes | str | None, ttl_ms: int, pending: bytes | str | None
+) -> Stored | None:
+    """What `get()` answers for a result record, its time left and a pending record, for both
+    stores; RecordLost (`result_lost`) when the one that counts is not one we write."""
+    if raw is not None:
+        body = _records.load(raw, "result", _RESULT_LOST)
+        client = _records.text(body, "client", "result", _RESULT_LOST)
+        sealed = _records.text(body, "sealed", "result", _RESULT_LOST)
+        return Stored(client, "done", sealed, max(0, ttl_ms))
+    if pending is not None:
+        record = Pending.parse(pending)
+        return Stored(record.client, record.state)
+    return None
+
+
+def revoked(raw: bytes | str | None) -> bool:
+    """Whether a pending record, read by the worker before it starts the job, says revoked.
+
+    A record that does not parse is no revocation: the worker overwrites it with its own
+    `running` record (whoever could write junk there could as well have written `queued`).
+    """
+    if raw is None:
+        return False
+    try:
+        return Pending.parse(raw).state == "revoked"
+    except RecordLost:
+        return False
+
+
+def _string_or_none(pipe: Any, name: str) -> bytes | None:
+    """GET `name`, a key of another type (junk put there) read as no record."""
+    try:
+        return cast(bytes | None, pipe.get(name))
+    except redis.exceptions.ResponseError as exc:
+        if "WRONGTYPE" in str(exc):  # Alone, or "Command # N (…) of pipeline caused error: …".
+            return None
+        raise
+
+
+def _sizes(raw: dict[Any, Any]) -> dict[str, int]:
+    """The stored bytes per result key of a `storage:<keyid>` hash. A size that is not a
+    non-negative integer is skipped (and logged): junk in the hash must not fail every
+    submission of the client; at worst it forgets that one result's bytes, as deleting the
+    field would."""
+    sizes: dict[str, int] = {}
+    for key, value in raw.items():
+        size = _text(value)
+        if size.isascii() and size.isdigit():
+            sizes[_text(key)] = int(size)
+        else:
+            _records.log.warning("skipped a stored size that is not a non-negative integer")
+    return sizes
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
