@@ -185,6 +185,27 @@ def open_result(
     return ResultBody.from_json(json.loads(plaintext))
 
 
+def open_client_result(
+    transit: KeyService, sealed: str, result_key: str, client: str, owner_key: str
+) -> ResultBody:
+    """Open a result for `client` holding the key whose SHA-256 is `owner_key`; raise SealBroken.
+
+    A job that never opened (forged, or OpenBao refused its data key) has no owner key: the
+    worker sealed its result without one, and it holds nothing of the job, only a failure the
+    worker wrote (`rejected`, `internal_error`). Such a result opens without the key, and only
+    when it is such a failure.
+    """
+    try:
+        return open_result(transit, sealed, result_key, client, owner_key)
+    except SealBroken:
+        if not owner_key:
+            raise
+    body = open_result(transit, sealed, result_key, client, "")
+    if body.status != "failed" or body.result is not None or body.stdout:
+        raise SealBroken("a result without an owner key is only ever a failure")
+    return body
+
+
 def _carry_aad(message: JobMessage) -> bytes:
     return f"carry|{message.task_id}|{message.result_key}|{message.client}".encode()
 

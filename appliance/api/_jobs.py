@@ -15,7 +15,13 @@ from typing import Any
 from .. import workflows
 from ..audit import AuditError, AuditSink, EventType
 from ..errors import Conflict, DependencyUnavailable, Forbidden, NotFound, SealBroken
-from ..jobs import MESSAGE_TTL_SECONDS, JobMessage, open_result, seal_job, sign_message
+from ..jobs import (
+    MESSAGE_TTL_SECONDS,
+    JobMessage,
+    open_client_result,
+    seal_job,
+    sign_message,
+)
 from ..keyservice import KeyService
 from ..queue import TASK_NAME
 from ..registry import Client
@@ -187,7 +193,7 @@ class Results:
             # Sealed to the key the client had when the job was accepted: a key put in its
             # place since (`clients rotate-key`, or a write to the registry) does not open it.
             owner_key = client.public_key_sha256()
-            body = open_result(self.transit, stored.sealed, key, client.keyid, owner_key)
+            body = open_client_result(self.transit, stored.sealed, key, client.keyid, owner_key)
         except SealBroken as exc:
             raise NotFound("the result cannot be opened", code="result_unavailable") from exc
         expires_at = self.clock() + stored.ttl_ms / 1000

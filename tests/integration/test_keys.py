@@ -33,11 +33,15 @@ def test_wrong_client_context_cannot_open(appliance_stack: Stack) -> None:
     key = _run(appliance_stack, 5)
     sealed = json.loads(appliance_stack.admin_redis().get(f"result:{key}"))["sealed"]
     transit = appliance_stack.root_transit()
-    assert open_result(transit, sealed, key, "local").result == 5
+    # Sealed to local's key as it was when the job was accepted (red team of issue 12, item 2).
+    owner = appliance_stack.registry().read("local").public_key_sha256()
+    assert open_result(transit, sealed, key, "local", owner).result == 5
     with pytest.raises(SealBroken):
-        open_result(transit, sealed, key, "someone-else")
+        open_result(transit, sealed, key, "someone-else", owner)
     with pytest.raises(SealBroken):
-        open_result(transit, sealed, key.replace("f_", "g_", 1), "local")
+        open_result(transit, sealed, key.replace("f_", "g_", 1), "local", owner)
+    with pytest.raises(SealBroken):
+        open_result(transit, sealed, key, "local", "0" * 64)
 
 
 def test_rotation_keeps_old_results_until_retired(appliance_stack: Stack) -> None:

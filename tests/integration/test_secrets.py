@@ -155,6 +155,8 @@ def test_the_worker_refuses_a_traversal_name_the_api_did_not_check(appliance_sta
             "imports": [],
             "secrets": [name],
             "secret_globs": globs,
+            # The client's key when "accepted": its result is sealed to it.
+            "owner_key_sha256": appliance_stack.registry().read("local").public_key_sha256(),
         }
         transit = appliance_stack.root_transit()
         task_id, key = str(uuid.uuid4()), new_result_key("use", int(time.time() * 1000))

@@ -94,6 +94,16 @@ def test_a_result_does_not_open_for_a_key_that_replaced_the_clients(api: Harness
     assert (resp.status_code, resp.json()["code"]) == (404, "result_unavailable")
 
 
+def test_only_a_failure_opens_without_an_owner_key(api: Harness) -> None:
+    # A job that never opened has no owner key; its result is a failure the worker wrote.
+    failed = ResultBody.failure("rejected", "the job could not be opened")
+    for body, status in ((failed, 200), (BODY, 404)):
+        key = _queued(api)
+        sealed = seal_result(api.keys, body, key, "alice", "")  # type: ignore[arg-type]
+        api.store.put(key, "alice", sealed)
+        assert api.request("GET", f"/v1/results/{key}").status_code == status
+
+
 def test_revoking_a_queued_job_then_again(api: Harness) -> None:
     key = _queued(api)
     first = api.request("DELETE", f"/v1/results/{key}")
