@@ -301,7 +301,7 @@ class RedisResultStore:
         expired or was deleted are dropped here: a result's bytes count while its key exists."""
         name = _keys.storage(client)
         with redis_unavailable():
-            sizes = _sizes(self.redis.hgetall(name))
+            sizes = _sizes(self._size_hash(name))
             pipe = self.redis.pipeline(transaction=False)
             for key in sizes:
                 pipe.pttl(self.prefix + key)
@@ -310,6 +310,19 @@ class RedisResultStore:
             if gone:
                 self.redis.hdel(name, *gone)
         return [StoredBytes(sizes[k], max(0, int(ms))) for k, ms in left.items() if ms != -2]
+
+    def _size_hash(self, name: str) -> dict[Any, Any]:
+        """The `storage:<keyid>` hash. A key of another type there (junk) is deleted and read
+        as empty: it must not refuse every submission of the client, and whoever could write
+        it could as well have deleted it."""
+        try:
+            return cast(dict[Any, Any], self.redis.hgetall(name))
+        except redis.exceptions.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+        _records.log.warning("deleted a stored-bytes record of another Redis type")
+        self.redis.delete(name)
+        return {}
 
     def get(self, key: str) -> Stored | None:
         """The record for `key`, or None when unknown or expired."""

@@ -169,7 +169,11 @@ def test_every_store_reader_on_real_redis_answers_junk_as_record_lost(
         store.claim(nonce, 60, "me:1")
     store.finish_claim(nonce, 60)  # overwrites the junk
     assert store.claim(nonce, 60, "me:1") == Claim("done")
-    r.hset(keys.storage("local"), key, junk or b"x")
-    assert all(isinstance(s.size, int) for s in store.storage_use("local"))
-    r.hdel(keys.storage("local"), key)
+    client = f"c{secrets.token_hex(8)}"
+    r.hset(keys.storage(client), key, junk or b"x")
+    assert all(isinstance(s.size, int) for s in store.storage_use(client))
+    r.delete(keys.storage(client))
+    _plant(r, keys.storage(client), junk)
+    assert store.storage_use(client) == []
+    r.delete(keys.storage(client))
     r.delete(keys.pending(key), keys.claim(nonce))
