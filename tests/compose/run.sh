@@ -160,6 +160,33 @@ sys.exit("\n".join(problems) if problems else 0)
 EOF
 }
 
+# No layer of the image holds the host's CA bundle (the build's pip_ca secret) or a file under
+# a secrets path, and the image has no state: keys and passwords are made at run time.
+check_image_clean() {
+  "$DOCKER" save "appliance:$APPLIANCE_IMAGE_TAG" | python3 -c '
+import hashlib, sys, tarfile
+bundle = open("/etc/ssl/certs/ca-certificates.crt", "rb").read()
+digest = hashlib.sha256(bundle).hexdigest()
+found, layers = [], 0
+with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as outer:
+    for member in outer:
+        if not member.name.endswith("layer.tar"):
+            continue
+        layers += 1
+        with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as layer:
+            for entry in layer:
+                name = entry.name.lstrip("./")
+                if name.startswith(("run/secrets/", "state/")) and entry.isfile():
+                    found.append(entry.name)
+                elif entry.isfile() and entry.size == len(bundle):
+                    if hashlib.sha256(layer.extractfile(entry).read()).hexdigest() == digest:
+                        found.append(entry.name)
+if found or not layers:
+    sys.exit(f"the CA bundle, a secret or state in the image ({layers} layers): {found}")
+print(f"  {layers} layers: no CA bundle, no /run/secrets or /state file", file=sys.stderr)
+'
+}
+
 # The host's view of the stack: the API's published port and the local client's key, copied
 # out of the clients volume (through the exited `init` container).
 host_client() {
@@ -338,6 +365,7 @@ main() {
   APPLIANCE_API_PORT=$(free_port)
   step "compose config --quiet" compose config --quiet
   step "build" compose build --progress plain
+  step "no secret in the image" check_image_clean
   step "tune (appliance.env)" tune
   step "up -d --wait" up_and_wait
   step "hardening" check_hardening
