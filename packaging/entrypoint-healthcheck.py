@@ -5,6 +5,7 @@ Stdlib only, loopback only (every service shares the pod's network namespace). P
 the state directory (`stack.json`, which `appliance prepare` writes; the relay's own
 `redis/relay.json`), falling back to the stack's defaults.
 
+  redis     answers PING over TLS (with Redis's own `vault` client certificate; NOAUTH counts)
   relay     accepts a TCP connection
   openbao   answers /v1/sys/health (sealed or not: `init` unseals it)
   api       answers 200 on /readyz (Redis, OpenBao and its key reachable)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -23,6 +25,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 DEFAULTS = {"redis": 16379, "bao": 18200, "api": 8000, "flower": 5555}
+USAGE = "redis|relay|openbao|api|flower"
 STATE = Path(os.environ.get("APPLIANCE_STATE", "/state"))
 
 
@@ -50,7 +53,23 @@ def http_status(port_number: int, path: str) -> int:
         return exc.code
 
 
+def redis_ping() -> str:
+    tls = STATE / "tls"
+    context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+    context.check_hostname = False  # the server certificate names the stack, not an address
+    context.load_cert_chain(str(tls / "client-vault.crt"), str(tls / "client-vault.key"))
+    with socket.create_connection((HOST, port("redis")), timeout=3) as raw:
+        with context.wrap_socket(raw) as conn:
+            conn.sendall(b"PING\r\n")
+            reply = conn.recv(64)
+    if not reply.startswith((b"+PONG", b"-NOAUTH")):
+        raise RuntimeError(f"PING answered {reply[:40]!r}")
+    return "serving TLS"
+
+
 def check(service: str) -> str:
+    if service == "redis":
+        return redis_ping()
     if service == "relay":
         tcp(relay_port())
         return "accepts connections"
@@ -67,12 +86,12 @@ def check(service: str) -> str:
     if service == "flower":
         http_status(port("flower"), "/healthcheck")
         return "serving"
-    raise SystemExit(f"usage: appliance-healthcheck relay|openbao|api|flower (not {service!r})")
+    raise SystemExit(f"usage: appliance-healthcheck {USAGE} (not {service!r})")
 
 
 def main() -> None:
     if len(sys.argv) != 2:
-        raise SystemExit("usage: appliance-healthcheck relay|openbao|api|flower")
+        raise SystemExit(f"usage: appliance-healthcheck {USAGE}")
     try:
         print(check(sys.argv[1]))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
