@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance import stack
+from appliance.jobs import open_result
 
 from .conftest import Stack, is_problem, submit
 
@@ -41,6 +42,45 @@ def test_add_refuses_to_replace_a_registered_clients_key(appliance_stack: Stack)
     assert done.returncode == 2, done
     assert "rotate-key" in done.stderr and not done.stdout
     assert appliance_stack.registry().read("victim-add").public_key_sha256() == before
+    # Said explicitly, the key is replaced (and audited as such).
+    done = appliance_stack.cli(
+        "clients", "add", "victim-add", "--public-key", thief_pub, "--replace-key"
+    )
+    assert done.returncode == 0, done.stderr
+    assert appliance_stack.registry().read("victim-add").public_key_sha256() != before
+    [entry] = [
+        e
+        for e in appliance_stack.audit_entries()
+        if e["type"] == "client.changed" and e["client"] == "victim-add"
+    ]
+    assert entry["change"] == "replaced_key" and entry["previous_key_sha256"] == before
+
+
+def test_a_job_accepted_just_before_a_key_swap_stays_sealed_to_the_old_key(
+    appliance_stack: Stack,
+) -> None:
+    victim_key = appliance_stack.add_client("victim-running", rate_per_minute=100_000)
+    client = appliance_stack.client("victim-running", victim_key)
+    # Some work, so that the swap below usually lands while the job is queued or running.
+    slow = "def f():\n    n = 0\n    for i in range(900):\n        for j in range(400):\n"
+    slow += "            n += j\n"
+    slow += f"    return {_CANARY!r}\n"
+    accepted = submit(client, slow, "f")
+    assert accepted.status_code == 202, accepted.text
+    key = accepted.json()["result_key"]
+    thief_private, thief_pub = _thief_key(appliance_stack, "opthief-running")
+    registry = appliance_stack.registry()
+    entry = registry.read("victim-running")
+    old_key = entry.public_key_sha256()
+    registry.put(dataclasses.replace(entry, public_key_pem=Path(thief_pub).read_text()))
+    thief = appliance_stack.client("victim-running", Path(thief_private))
+    read = appliance_stack.wait_result(thief, key)
+    assert is_problem(read, 404)["code"] == "result_unavailable", read.text
+    assert _CANARY not in read.text
+    # The job did run to its value: a key holding the root of transit could still open it.
+    stored = json.loads(appliance_stack.admin_redis().get(f"result:{key}"))["sealed"]
+    body = open_result(appliance_stack.root_transit(), stored, key, "victim-running", old_key)
+    assert body.result == _CANARY
 
 
 @pytest.mark.parametrize("swap", ["cli-rotate-key", "registry-write"])
