@@ -240,7 +240,7 @@ EOF
 # Each replica logs in as its own worker identity: OpenBao holds one worker secret_id per replica
 # (the successor its login minted), and the enrolment credential is still there.
 check_identities() {
-  compose --profile ops run --rm -T ops appliance identities list >"$WORK/identities.txt"
+  compose --profile ops run --rm --no-deps -T ops appliance identities list >"$WORK/identities.txt"
   sed 's/^/  /' "$WORK/identities.txt" >&2
   local replicas workers
   replicas=$(compose ps -q worker | wc -l)
@@ -345,7 +345,7 @@ down_and_up() {
   signed_job '[1, 2]' 3
   (( $(wc -l <"$WORK/after.audit") < $(compose exec -T api cat /state/audit/audit.jsonl | wc -l) )) \
     || die "the job after down/up was not audited"
-  compose --profile ops run --rm -T ops appliance audit verify
+  compose --profile ops run --rm --no-deps -T ops appliance audit verify
 }
 
 main() {
