@@ -127,9 +127,46 @@ def audit_log(state: Path) -> Path:
     return state / "audit" / "audit.jsonl"
 
 
-def _argv(name: str, ports: Ports, state: Path, env: Mapping[str, str]) -> list[str]:
+#: Whose files `prepare` exports (the services started before `init`: Redis and its relay share
+#: the `redis` tree) and whose `init` exports (after it made their enrolment files).
+EXPORTED_BY_PREPARE = ("redis",)
+EXPORTED_BY_INIT = SERVICES
+
+
+def service_files(state: Path, name: str) -> dict[str, tuple[Path, ...]]:
+    """What service `name` reads of `tls/` and `secrets/`, by directory: the CA certificate, its
+    own certificate and key, and its own secrets; never the CA key, another service's key, the
+    unseal shares, the operator token or the `admin` and `vault` passwords."""
+    pki = _stack.Pki(state / "tls")
+    if name == "redis":
+        # Redis and its relay serve with the server certificate; the relay (and the healthcheck)
+        # reach Redis as `vault`, whose password stays with OpenBao's database engine.
+        return {"tls": (pki.ca, pki.server_cert, pki.server_key, *pki.client("vault"))}
+    if name not in SERVICES:
+        raise _stack.StackError(f"no service {name!r} to export for")
+    own = [metrics_token_file(state)] if name in ("api", "worker") else []
+    if name == "worker":
+        own.append(_stack.enrolment_file(state))
+    if name not in _stack.load_leased_roles():
+        own.append(_stack.password_file(state, name))
+    return {"tls": (pki.ca, *pki.client(name)), "secrets": tuple(own)}
+
+
+def export_service_files(state: Path, names: tuple[str, ...], target: Path) -> None:
+    """Each service of `names` gets `target/<name>/tls` and `target/<name>/secrets` holding
+    only its own files (`service_files`), for a container engine to mount at `<state>/tls` and
+    `<state>/secrets` in that service's container instead of the whole directories."""
+    for name in names:
+        _stack.export_files(service_files(state, name), target / name)
+
+
+def _argv(
+    name: str, ports: Ports, state: Path, env: Mapping[str, str], replica: str | None = None
+) -> list[str]:
     py = sys.executable
     if name == "worker":
+        # Celery's node name: each replica its own (Flower and `inspect` tell them apart).
+        node = f"{replica or f'worker-{ports.api}'}@%h"
         return [
             py,
             "-m",
@@ -145,7 +182,7 @@ def _argv(name: str, ports: Ports, state: Path, env: Mapping[str, str]) -> list[
             "-Q",
             "appliance",
             "-n",
-            f"worker-{ports.api}@%h",
+            node,
             "-E",
             "--without-mingle",
             "--without-gossip",
@@ -242,6 +279,7 @@ def _service_command(
     overrides: Mapping[str, str] | None = None,
     *,
     own_files: bool = True,
+    replica: str | None = None,
 ) -> Command:
     """The API's, the worker's or Flower's command, logging in with the files in `directory`;
     `overrides` (APPLIANCE_* settings of `appliance serve`'s caller) win over the defaults,
@@ -267,7 +305,7 @@ def _service_command(
         else:
             run_as = users[name]
     env = service_env(state, name, ports, pki, extra)
-    return Command(_argv(name, ports, state, env), env, directory, run_as)
+    return Command(_argv(name, ports, state, env, replica), env, directory, run_as)
 
 
 #: What `serve` decides itself, whatever its caller's environment says: the service's identity.
@@ -628,7 +666,7 @@ def serve_command(
         )
     directory = _worker_replica_dir(state, users, replica or socket.gethostname())
     command = _service_command(
-        state, name, ports, pki, users, directory, overrides, own_files=False
+        state, name, ports, pki, users, directory, overrides, own_files=False, replica=replica
     )
     # The worker starts as root, which in a worker container may not enter the worker's own
     # directories (no CAP_DAC_OVERRIDE): it starts in the state directory (searchable) and

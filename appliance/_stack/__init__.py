@@ -8,6 +8,7 @@ through its pid file.
 from __future__ import annotations
 
 from .enrolment import ENROL_ROLE, enrolment_file, ensure_enrolment_credential
+from .export import export_files
 from .openbao import (
     BaoHandle,
     Bootstrap,
@@ -72,6 +73,7 @@ __all__ = [
     "enrolment_file",
     "ensure_enrolment_credential",
     "exec_service",
+    "export_files",
     "open_openbao",
     "openbao_argv",
     "openbao_env",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -18,6 +20,8 @@ from .. import stack
 from .._stack import StackError, exec_service
 from ..vault import EnrolmentLost
 from ._common import _fail, _state, _state_option
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _port_options(fn: Any) -> Any:
@@ -36,11 +40,25 @@ def _port_options(fn: Any) -> Any:
     return fn
 
 
+def _export_option(services: tuple[str, ...]) -> Callable[[F], F]:
+    return click.option(
+        "--export",
+        "export",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=(
+            f"also write DIR/SERVICE/tls and DIR/SERVICE/secrets for {', '.join(services)}: only "
+            "that service's own files, for a container engine to mount in its container alone"
+        ),
+    )
+
+
 @click.command()
 @_state_option
 @_port_options
+@_export_option(stack.EXPORTED_BY_PREPARE)
 @click.pass_context
-def prepare(ctx: click.Context, /, **ports: int | None) -> None:
+def prepare(ctx: click.Context, /, export: Path | None, **ports: int | None) -> None:
     """Write the stack's files (PKI, Redis ACL, OpenBao configuration); idempotent, no network.
 
     The ports are recorded on the first run and kept after that.
@@ -50,6 +68,8 @@ def prepare(ctx: click.Context, /, **ports: int | None) -> None:
         _fail("a port is a number from 0 to 65535")
     try:
         prepared = stack.prepare(_state(ctx), requested)
+        if export is not None:
+            stack.export_service_files(_state(ctx), stack.EXPORTED_BY_PREPARE, export)
     except StackError as exc:
         _fail(str(exc), 1)
     click.echo(json.dumps({"state_dir": str(_state(ctx)), "ports": vars(prepared.ports)}))
@@ -58,8 +78,9 @@ def prepare(ctx: click.Context, /, **ports: int | None) -> None:
 @click.command()
 @_state_option
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True)
+@_export_option(stack.EXPORTED_BY_INIT)
 @click.pass_context
-def init(ctx: click.Context, timeout: float) -> None:
+def init(ctx: click.Context, timeout: float, export: Path | None) -> None:
     """Bootstrap a prepared stack whose Redis, relay and OpenBao run; idempotent.
 
     Initialises or unseals OpenBao, configures it from the packaged policies, enrols the API and
@@ -70,6 +91,8 @@ def init(ctx: click.Context, timeout: float) -> None:
         _fail(f"no prepared stack in {_state(ctx)}: run `appliance prepare` first")
     try:
         done = stack.init(_state(ctx), timeout)
+        if export is not None:
+            stack.export_service_files(_state(ctx), stack.EXPORTED_BY_INIT, export)
     except StackError as exc:
         _fail(str(exc), 1)
     click.echo(json.dumps(done))

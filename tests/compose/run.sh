@@ -10,8 +10,10 @@
 #     hardening of every container as docker-compose.yml says, the API on 127.0.0.1 only;
 #  3. a signed job from the host through the published port returns the right result;
 #  4. `sandbox doctor --json` in the worker: every layer active and required;
-#  5. `--scale worker=2`: each replica logs in as its own worker identity; the replica running a
-#     job is killed (SIGKILL) mid-job, and the job still completes exactly once;
+#  5. `--scale worker=2`: each replica logs in as its own worker identity; no container's
+#     volumes (listed in full) hold an unseal share, the operator token, the CA key or another
+#     service's key; the replica running a job is killed (SIGKILL) mid-job, and the job still
+#     completes exactly once;
 #  6. `restart openbao` then `up`: OpenBao is unsealed again and the stack serves;
 #  7. `down` then `up`: the client key, the registry and the audit log are kept, and
 #     `appliance audit verify` passes on the audit volume;
@@ -228,6 +230,90 @@ EOF
   done
 }
 
+# Each service's credentials are its own. What a container can see under /state is what its
+# volumes hold: every file mode can be overcome (root in the worker can become any service's
+# user, and root reads root's files with no capability), so the volumes each running container
+# mounts are listed in full (by one helper container that mounts them all, as root with
+# DAC_READ_SEARCH), and no unseal share, operator token, CA key, admin or vault Redis password,
+# operator client key, nor any other service's key, password, enrolment or login file may be
+# among them. The control: the operator's `ops` container, which mounts tls and secrets, must
+# be flagged by the same check.
+OWN_FILES_CHECK=$(cat <<'EOF'
+import json, re, sys
+listings = json.load(open(sys.argv[1]))
+ROOT_ONLY = {"bao-unseal.json", "bao-operator.token", "ca.key", "client-admin.key",
+             "redis-admin.pass", "redis-vault.pass", "local.key"}
+OWN = {"redis": {"server.key", "client-vault.key"}, "relay": {"server.key", "client-vault.key"},
+       # The audit log's digest key: the API's and the worker's (their group's), on `audit`.
+       "api": {"client-api.key", "metrics.token", "audit.digest.key"},
+       "worker": {"client-worker.key", "metrics.token", "enrol-worker.json", "audit.digest.key"},
+       "flower": {"client-flower.key", "redis-flower.pass"}}
+SECRET = re.compile(r"(\.key|\.pass|\.token|^enrol-.*\.json)$")
+problems = []
+for svc, paths in sorted(listings.items()):
+    role = svc.split("#")[0]
+    seen = set()
+    for path in paths:
+        name = path.rsplit("/", 1)[-1]
+        login = re.fullmatch(r"vault-([a-z-]+)\.(role-id|secret-id.*)", name)
+        if name in ROOT_ONLY or (SECRET.search(name) and name not in OWN.get(role, set())) \
+                or (login and login.group(1) != role):
+            seen.add(path)
+    if seen:
+        problems.append(f"{svc} sees {sorted(seen)}")
+    print(f"  {svc:20} {len(paths):3} paths under /state, {len(seen)} not its own", file=sys.stderr)
+sys.exit("\n".join(problems) if problems else 0)
+EOF
+)
+
+# The paths each container sees through its volumes: `docker inspect` output and `find /v` of
+# the helper (volume NAME at /v/NAME) in, {"service#id": [path, ...]} out.
+VOLUME_LISTINGS=$(cat <<'EOF'
+import json, sys
+containers = json.load(open(sys.argv[1]))
+found = open(sys.argv[2]).read().split()
+listings = {}
+for c in containers:
+    svc = c["Config"]["Labels"]["com.docker.compose.service"]
+    paths = listings.setdefault(f"{svc}#{c['Id'][:12]}", [])
+    for m in c["Mounts"]:
+        if m["Type"] != "volume":
+            sys.exit(f"{svc}: a {m['Type']} mount at {m['Destination']}")
+        prefix = f"/v/{m['Name']}"
+        paths += [m["Destination"] + p[len(prefix):] for p in found
+                  if p == prefix or p.startswith(prefix + "/")]
+print(json.dumps(listings))
+EOF
+)
+
+check_own_credentials() {
+  local volumes=() name
+  # shellcheck disable=SC2046 # one id a word
+  "$DOCKER" inspect $(compose ps -q) >"$WORK/mounts.json"
+  mapfile -t volumes < <(python3 -c '
+import json, sys
+print("\n".join(sorted({m["Name"] for c in json.load(open(sys.argv[1])) for m in c["Mounts"]
+                        if m["Type"] == "volume"})))' "$WORK/mounts.json")
+  local args=()
+  for name in "${volumes[@]}"; do args+=(-v "$name:/v/$name:ro"); done
+  "$DOCKER" run --rm --network none --read-only --cap-drop ALL --cap-add DAC_READ_SEARCH \
+    --security-opt no-new-privileges:true -u 0 "${args[@]}" \
+    "appliance:${APPLIANCE_IMAGE_TAG:-latest}" find /v >"$WORK/volumes.txt"
+  python3 -c "$VOLUME_LISTINGS" "$WORK/mounts.json" "$WORK/volumes.txt" >"$WORK/listings.json"
+  python3 -c "$OWN_FILES_CHECK" "$WORK/listings.json" || {
+    python3 -m json.tool "$WORK/listings.json" >&2
+    die "a service sees what is not its own"
+  }
+  # The control: the check flags the operator's container, which mounts tls and secrets.
+  compose --profile ops run --rm --no-deps -T ops find /state \
+    | python3 -c 'import json, sys; print(json.dumps({"ops": sys.stdin.read().split()}))' \
+    >"$WORK/ops.json"
+  if python3 -c "$OWN_FILES_CHECK" "$WORK/ops.json" 2>/dev/null; then
+    die "the check did not flag the ops container, which sees every secret"
+  fi
+  say "control: the check flags the ops container (it mounts tls and secrets)"
+}
+
 # The tuning of the kill test, in the state volume's appliance.env (read by every service):
 # a lost job is delivered again after 10 s instead of 300 s.
 tune() {
@@ -374,6 +460,7 @@ main() {
   step "sandbox doctor in the worker" doctor_in_worker
   step "scale worker=2" up_and_wait --scale worker=2
   step "identities" check_identities
+  step "each service sees its own credentials" check_own_credentials
   step "kill a worker mid-job" kill_mid_job
   step "restart openbao, up" restart_openbao
   step "down, up, audit verify" down_and_up
