@@ -93,6 +93,7 @@ cleanup() {
     wait "$CHILD" 2>/dev/null || true
   fi
   if [[ -n $WORK ]]; then
+    kill_chrooted "$WORK/"
     awk -v r="$WORK/" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
       umount "$m" 2>/dev/null || umount -l "$m" || true
     done
@@ -110,6 +111,33 @@ run() {
   wait "$CHILD" || status=$?
   CHILD=
   return "$status"
+}
+
+# apt runs dpkg in a process group of its own: TERM to the chroot's shell leaves it running on the
+# disk, which then cannot be unmounted nor its loop device detached. Kill every process whose root
+# is under $1 (while the mounts are still there: after a lazy umount its root reads as "/").
+kill_chrooted() {
+  local prefix=$1 p root pids=() _
+  for p in /proc/[0-9]*; do
+    root=$(readlink "$p/root" 2>/dev/null) || continue
+    [[ $root/ == "$prefix"* ]] && pids+=("${p#/proc/}")
+  done
+  ((${#pids[@]} == 0)) && return 0
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    any_running "${pids[@]}" || return 0
+    sleep 0.1
+  done
+}
+
+# Whether any of the PIDs is still running (zombies do not count: they hold no files).
+any_running() {
+  local p state
+  for p in "$@"; do
+    state=$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null) || continue
+    [[ -n $state && $state != Z ]] && return 0
+  done
+  return 1
 }
 
 in_root() {
