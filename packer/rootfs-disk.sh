@@ -17,7 +17,7 @@
 # Cache: ${XDG_CACHE_HOME:-$HOME/.cache}/appliance/: vm-rootfs-<rkey>.tar (debootstrap; <rkey>
 # hashes rootfs-packages.txt and the debootstrap code) and vm-disk-<key>.{qcow2,build-key} (<key>
 # hashes this script, both lists and the architecture). VM_DISK_REBUILD=1 ignores the cached disk.
-# Needs root; installs debootstrap, fdisk (sfdisk) and qemu-utils if missing. BASE_MIRROR overrides
+# Needs root; installs debootstrap, fdisk (sfdisk), qemu-utils and openssh-client if missing. BASE_MIRROR overrides
 # the Debian mirror read from the host's apt sources. Loop devices and mounts are released on every
 # exit path.
 set -euo pipefail
@@ -72,6 +72,7 @@ install_tools() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v sfdisk >/dev/null || missing+=(fdisk)
   command -v qemu-img >/dev/null || missing+=(qemu-utils)
+  command -v ssh-keygen >/dev/null || missing+=(openssh-client)
   ((${#missing[@]} == 0)) && return 0
   [[ $(id -u) == 0 ]] || die "missing ${missing[*]} and only root can install them"
   timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
