@@ -120,7 +120,6 @@ def clients_rotate_key(ctx: click.Context, keyid: str, public_key: str) -> None:
     under the old key stay sealed to it: the new key does not read them."""
     import dataclasses
 
-    from ..errors import NotFound
     from ..registry import validate_keyid
 
     try:
@@ -128,14 +127,7 @@ def clients_rotate_key(ctx: click.Context, keyid: str, public_key: str) -> None:
         pem = Path(public_key).read_text()
     except (ApplianceError, ValueError) as exc:
         _fail(f"cannot rotate the key of {keyid}: {exc}")
-    _require_stack(ctx)
-    registry = stack.operator_registry(_state(ctx))
-    try:
-        previous = registry.read(keyid)
-    except NotFound as exc:
-        _fail(exc.detail)
-    except ApplianceError as exc:
-        _fail(exc.detail, 1)
+    registry, previous = _registered(ctx, keyid)
     client = dataclasses.replace(previous, public_key_pem=pem)
     try:
         client.public_key()
@@ -170,24 +162,31 @@ def clients_enable(ctx: click.Context, keyid: str) -> None:
 def _set_enabled(ctx: click.Context, keyid: str, enabled: bool) -> None:
     import dataclasses
 
-    from ..errors import NotFound
     from ..registry import validate_keyid
 
     try:
         validate_keyid(keyid)
     except ApplianceError as exc:
         _fail(exc.detail)
+    registry, previous = _registered(ctx, keyid)
+    client = dataclasses.replace(previous, enabled=enabled)
+    _write(ctx, registry, "enabled" if enabled else "disabled", previous, client)
+    click.echo(f"{'enabled' if enabled else 'disabled'} {keyid}")
+
+
+def _registered(ctx: click.Context, keyid: str) -> tuple[Registry, Client]:
+    """The operator's registry and `keyid`'s entry in it; exit 2 when there is none, 1 when
+    OpenBao cannot be read."""
+    from ..errors import NotFound
+
     _require_stack(ctx)
     registry = stack.operator_registry(_state(ctx))
     try:
-        previous = registry.read(keyid)
+        return registry, registry.read(keyid)
     except NotFound as exc:
         _fail(exc.detail)
     except ApplianceError as exc:
         _fail(exc.detail, 1)
-    client = dataclasses.replace(previous, enabled=enabled)
-    _write(ctx, registry, "enabled" if enabled else "disabled", previous, client)
-    click.echo(f"{'enabled' if enabled else 'disabled'} {keyid}")
 
 
 def _previous(registry: Registry, keyid: str) -> Client | InvalidRegistryEntry | None:

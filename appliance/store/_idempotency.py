@@ -68,6 +68,9 @@ class Reservation:
     def pending(self) -> str:
         return _encode(PENDING, self.fingerprint, self.token, None)
 
+    def accepted(self, acceptance: Mapping[str, Any], acceptance_mac: str) -> str:
+        return _encode(ACCEPTED, self.fingerprint, self.token, acceptance, acceptance_mac)
+
 
 @dataclass(frozen=True)
 class IdempotencyRecord:
@@ -161,9 +164,7 @@ class RedisIdempotency:
         ttl_seconds: int,
         acceptance_mac: str = "",
     ) -> None:
-        value = _encode(
-            ACCEPTED, reservation.fingerprint, reservation.token, acceptance, acceptance_mac
-        )
+        value = reservation.accepted(acceptance, acceptance_mac)
         with redis_unavailable():
             self.redis.set(reservation.name, value, ex=ttl_seconds)
 
@@ -211,9 +212,7 @@ class UnsafeMemoryIdempotency:
         ttl_seconds: int,
         acceptance_mac: str = "",
     ) -> None:
-        value = _encode(
-            ACCEPTED, reservation.fingerprint, reservation.token, acceptance, acceptance_mac
-        )
+        value = reservation.accepted(acceptance, acceptance_mac)
         with self._lock:
             self._records[reservation.name] = (value, self.clock() + ttl_seconds)
 
