@@ -39,6 +39,25 @@ class ServiceFiles:
 _AUTHORITY = re.compile(r"(?:[a-z0-9](?:[a-z0-9.-]{0,252})|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
+#: A DNS name (RFC 1123 labels, no wildcard): a generated certificate names hosts exactly.
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+
+
+def normalise_tls_name(raw_name: str) -> str:
+    """A name for the API's generated certificate: an IP address (compressed) or a DNS name
+    (lower case); ValueError for anything else."""
+    text = raw_name.strip().lower()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not _DNS_NAME.fullmatch(text):
+        raise ValueError(f"not a DNS name or an IP address: {raw_name[:80]!r}")
+    return text
+
+
 class Settings(BaseSettings):
     """Configuration of one appliance process (API, worker, Flower or CLI)."""
 
@@ -106,6 +125,12 @@ class Settings(BaseSettings):
     # source is the socket's peer, so no caller chooses the source that is audited and that
     # unauthenticated failures are counted under.
     api_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
+    # The API over TLS (issue 15): read by `appliance prepare` (and `up`), which records it in
+    # stack.json and issues `tls/api.crt` from the stack's CA for loopback, the host's name and
+    # the extra names (comma-separated DNS names or IP addresses) under which clients reach it.
+    # Unset, a prepared stack keeps what it recorded; a new stack serves plain HTTP on loopback.
+    api_tls: bool = False
+    api_tls_names: Annotated[tuple[str, ...], NoDecode] = ()
 
     audit_log: Path | None = None
 
@@ -148,6 +173,13 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"not an address or network: {proxy[:80]!r}") from None
         return proxies
+
+    @field_validator("api_tls_names", mode="before")
+    @classmethod
+    def _tls_names(cls, value: Any) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        names = (normalise_tls_name(str(item)) for item in items if str(item).strip())
+        return tuple(dict.fromkeys(names))
 
     def service_files(self) -> ServiceFiles:
         """The files a long-running service (API, worker, Flower) needs to log in and audit.

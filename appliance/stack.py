@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -28,10 +29,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import _stack
+from ._stack.api_tls import ApiCertFiles, ensure_generated
 from ._stack.procs import port_open
 from ._stack.redis_server import operator_access
 from .errors import NotFound
 from .registry import Client, InvalidRegistryEntry, Registry
+from .settings import SETTINGS_FILE, Settings
 from .store import RedisGeneration
 from .vault import EnrolmentLost, VaultSession, successor_file
 
@@ -68,6 +71,54 @@ def load_ports(state: Path, requested: dict[str, int] | None = None) -> Ports:
     for name, port in (requested or {}).items():
         chosen[name] = _stack.free_port() if port == 0 else port
     return Ports(**chosen)
+
+
+@dataclass(frozen=True)
+class ApiTls:
+    """Whether the API serves HTTPS (stack.json's `api_tls`), and the extra names its generated
+    certificate covers besides loopback and the host's name."""
+
+    enabled: bool = False
+    names: tuple[str, ...] = ()
+
+
+def load_api_tls(state: Path) -> ApiTls:
+    """What `prepare` recorded for the API's TLS (off for a state without it)."""
+    try:
+        recorded = json.loads(_config_file(state).read_text())
+    except FileNotFoundError:
+        return ApiTls()
+    return ApiTls(bool(recorded.get("api_tls", False)), tuple(recorded.get("api_tls_names", ())))
+
+
+def _requested_api_tls(state: Path) -> ApiTls:
+    """APPLIANCE_API_TLS and APPLIANCE_API_TLS_NAMES of this process (or `appliance.env`) where
+    given; what the state recorded where not, so that a later `up` without them keeps TLS."""
+    settings = Settings(_env_file=state / SETTINGS_FILE)  # type: ignore[call-arg]
+    recorded = load_api_tls(state)
+    given = settings.model_fields_set
+    return ApiTls(
+        settings.api_tls if "api_tls" in given else recorded.enabled,
+        settings.api_tls_names if "api_tls_names" in given else recorded.names,
+    )
+
+
+def api_cert_files(state: Path) -> ApiCertFiles:
+    """The API's generated and operator-supplied certificate pairs in `tls/`."""
+    return ApiCertFiles(state / "tls")
+
+
+def api_tls_owner(state: Path) -> _stack.RunAs | None:
+    """Who must own the API's TLS files: the API's user when services run as their own users
+    (and this process is root), else None (the caller)."""
+    users = _recorded_users(state)
+    return users["api"] if users is not None else None
+
+
+def api_url(state: Path, ports: Ports | None = None) -> str:
+    """The API's URL on this machine: https when the state serves it over TLS."""
+    scheme = "https" if load_api_tls(state).enabled else "http"
+    return f"{scheme}://{HOST}:{(ports or load_ports(state)).api}"
 
 
 def _service_dir(state: Path, name: str) -> Path:
@@ -149,7 +200,10 @@ def service_files(state: Path, name: str) -> dict[str, tuple[Path, ...]]:
         own.append(_stack.enrolment_file(state))
     if name not in _stack.load_leased_roles():
         own.append(_stack.password_file(state, name))
-    return {"tls": (pki.ca, *pki.client(name)), "secrets": tuple(own)}
+    tls = [pki.ca, *pki.client(name)]
+    if name == "api" and load_api_tls(state).enabled:
+        tls.extend(api_cert_files(state).served())
+    return {"tls": tuple(tls), "secrets": tuple(own)}
 
 
 def export_service_files(state: Path, names: tuple[str, ...], target: Path) -> None:
@@ -190,7 +244,7 @@ def _argv(
             "INFO",
         ]
     if name == "api":
-        return [
+        argv = [
             py,
             # uvicorn with read deadlines and caps (appliance/api/_server.py), not plain uvicorn.
             "-m",
@@ -200,6 +254,10 @@ def _argv(
             "--port",
             str(ports.api),
         ]
+        if load_api_tls(state).enabled:
+            cert, key = api_cert_files(state).served()
+            argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        return argv
     # Flower reads its login from OpenBao itself (AppRole `flower`): no secret in argv or env.
     address = env.get("APPLIANCE_FLOWER_HOST", HOST)
     return [py, "-m", "appliance.flower", "--address", address, "--port", str(ports.flower)]
@@ -293,7 +351,7 @@ def _service_command(
     if name == "api":
         # The one authority a signed request to this stack may name (issue 12, finding 19): the
         # loopback address and port of `api_url`, which is all the local stack listens on.
-        extra["APPLIANCE_API_AUTHORITIES"] = f"{HOST}:{ports.api}"
+        extra["APPLIANCE_API_AUTHORITIES"] = _api_authorities(state, ports)
     extra.update({k: v for k, v in (overrides or {}).items() if k not in _CREDENTIAL_SETTINGS})
     run_as = None
     if users is not None:
@@ -306,6 +364,15 @@ def _service_command(
             run_as = users[name]
     env = service_env(state, name, ports, pki, extra)
     return Command(_argv(name, ports, state, env, replica), env, directory, run_as)
+
+
+def _api_authorities(state: Path, ports: Ports) -> str:
+    """The `@authority` values a signed request may name: `HOST:PORT`, and over TLS also each
+    extra name of the certificate with the port (the names clients reach the API by)."""
+    api_tls = load_api_tls(state)
+    names = [HOST, *(api_tls.names if api_tls.enabled else ())]
+    hosts = (f"[{n}]" if ":" in n else n for n in dict.fromkeys(names))
+    return ",".join(f"{host}:{ports.api}" for host in hosts)
 
 
 #: What `serve` decides itself, whatever its caller's environment says: the service's identity.
@@ -333,8 +400,16 @@ def _own_service_files(
 ) -> None:
     """A service's login directory, client key and (a static Redis user's) password to its user."""
     users[name].own(directory, pki.client(name)[1])
+    if name == "api":
+        # The API's TLS keys (generated and operator-supplied, whichever exist): its user's alone.
+        users[name].own(*(path for path in _api_tls_files(state) if path.exists()))
     if "APPLIANCE_REDIS_PASSWORD_FILE" in service_env(state, name, ports, pki):
         users[name].own(_stack.password_file(state, name))
+
+
+def _api_tls_files(state: Path) -> tuple[Path, ...]:
+    files = api_cert_files(state)
+    return (*files.generated, *files.operator)
 
 
 def _service_users(state: Path) -> Mapping[str, _stack.RunAs] | None:
@@ -489,8 +564,15 @@ def prepare(state: Path, requested_ports: dict[str, int] | None = None) -> Prepa
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     users = _service_users(state)
     ports = load_ports(state, requested_ports)
-    _config_file(state).write_text(json.dumps({"ports": asdict(ports)}))
+    api_tls = _requested_api_tls(state)
+    _config_file(state).write_text(
+        json.dumps(
+            {"ports": asdict(ports), "api_tls": api_tls.enabled, "api_tls_names": api_tls.names}
+        )
+    )
     pki = _stack.ensure_pki(state / "tls")
+    if api_tls.enabled:
+        ensure_generated(pki, api_tls.names)
     _hand_over_keys(state, pki, users)
     leased = _stack.load_leased_roles()
     _stack.prepare_redis(
@@ -790,7 +872,9 @@ def _wait_ready(state: Path, ports: Ports, timeout: float) -> None:
                 log = _service_dir(state, name) / f"{name}.log"
                 raise _stack.StackError(f"the {name} exited at start-up; see {log}")
         try:
-            resp = httpx.get(f"http://{HOST}:{ports.api}/readyz", timeout=2)
+            resp = httpx.get(
+                f"{api_url(state, ports)}/readyz", timeout=2, verify=_served_cert_pin(state)
+            )
             if resp.status_code == 200:
                 return
             last = resp.text
@@ -798,6 +882,18 @@ def _wait_ready(state: Path, ports: Ports, timeout: float) -> None:
             last = str(exc)
         time.sleep(0.3)
     raise _stack.StackError(f"the stack did not become ready in {timeout:.0f} s: {last}")
+
+
+def _served_cert_pin(state: Path) -> ssl.SSLContext | bool:
+    """Over TLS, a context that trusts exactly the certificate the API was started with (the
+    readiness check reaches it as 127.0.0.1, which an operator's certificate need not name);
+    True (unused) over plain HTTP."""
+    if not load_api_tls(state).enabled:
+        return True
+    context = ssl.create_default_context(cafile=str(api_cert_files(state).served()[0]))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # The leaf itself is the anchor.
+    context.check_hostname = False  # The pin is the certificate itself, not a name.
+    return context
 
 
 def status(state: Path) -> dict[str, Any]:
@@ -814,9 +910,11 @@ def status(state: Path) -> dict[str, Any]:
     for name, pid_file in pid_files.items():
         pid = _stack.read_pid_file(pid_file) if pid_file.exists() else None
         services[name] = {"state": "running" if pid else "stopped", "pid": pid}
+    url = api_url(state, ports)
     return {
         "state_dir": str(state),
-        "api_url": f"http://{HOST}:{ports.api}",
+        "api_url": url,
+        "api_tls": _api_tls_status(state),
         "flower_url": f"http://{HOST}:{ports.flower}",
         # Never the password itself: where it is, and the command that shows it.
         "flower_credentials": {
@@ -826,7 +924,7 @@ def status(state: Path) -> dict[str, Any]:
         "vault_addr": f"http://{HOST}:{ports.bao}",
         "audit_log": str(audit_log(state)),
         "metrics": {
-            "api": f"http://{HOST}:{ports.api}/metrics",
+            "api": f"{url}/metrics",
             "worker": f"http://{HOST}:{ports.metrics}/metrics",
             "token_file": str(metrics_token_file(state)),
         },
@@ -837,6 +935,22 @@ def status(state: Path) -> dict[str, Any]:
             "key_id": LOCAL_CLIENT,
             "private_key": str(state / "clients" / f"{LOCAL_CLIENT}.key"),
         },
+    }
+
+
+def _api_tls_status(state: Path) -> dict[str, Any]:
+    """Whether the API serves HTTPS, with which certificate, and which CA a client trusts for
+    it: the stack's for the generated certificate, None (the system's store) for the
+    operator's."""
+    if not load_api_tls(state).enabled:
+        return {"enabled": False}
+    files = api_cert_files(state)
+    operator = files.operator_supplied
+    return {
+        "enabled": True,
+        "cert": str(files.served()[0]),
+        "operator_supplied": operator,
+        "ca": None if operator else str(_stack.Pki(state / "tls").ca),
     }
 
 

@@ -67,12 +67,43 @@ def ensure_pki(tls_dir: Path) -> Pki:
     os.chmod(tls_dir, 0o700)
     ca_cert, ca_key = _ensure_ca(pki)
     if _needs_issue(pki.server_cert, ca_cert):
-        _issue_leaf(pki.server_cert, pki.server_key, ca_cert, ca_key, "localhost", server=True)
+        loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        _issue_leaf(
+            pki.server_cert,
+            pki.server_key,
+            ca_cert,
+            ca_key,
+            "localhost",
+            server=True,
+            sans=loopback,
+        )
     for role in CLIENT_ROLES:
         cert, key = pki.client(role)
         if _needs_issue(cert, ca_cert):
             _issue_leaf(cert, key, ca_cert, ca_key, role, server=False)
     return pki
+
+
+def load_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The stack's CA certificate and key, which `ensure_pki` made (ValueError if it did not)."""
+    if not (pki.ca.exists() and pki.ca_key.exists()):
+        raise ValueError(f"no CA in {pki.dir}: run `appliance prepare` first")
+    return _ensure_ca(pki)
+
+
+def issue_server_leaf(
+    cert_path: Path,
+    key_path: Path,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    common_name: str,
+    sans: list[x509.GeneralName],
+    lifetime: dt.timedelta,
+) -> None:
+    """Issue a P-256 server certificate for `sans` from `ca`, valid for `lifetime`: the key
+    written 0600 first, then the certificate (0644)."""
+    _issue_leaf(
+        cert_path, key_path, ca[0], ca[1], common_name, server=True, sans=sans, lifetime=lifetime
+    )
 
 
 def _ensure_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -111,6 +142,8 @@ def _issue_leaf(
     common_name: str,
     *,
     server: bool,
+    sans: list[x509.GeneralName] | None = None,
+    lifetime: dt.timedelta = _LEAF_LIFETIME,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -121,7 +154,7 @@ def _issue_leaf(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + _LEAF_LIFETIME)
+        .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_key_usage(), critical=True)
         .add_extension(
@@ -134,13 +167,8 @@ def _issue_leaf(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
     )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     write_private(key_path, _key_pem(key))
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))

@@ -1,5 +1,6 @@
-"""`python -m appliance.api --host HOST --port PORT`: the API under uvicorn, with the read
-deadlines, the concurrency limit and the connection cap of `_server` (issue 12, finding 11).
+"""`python -m appliance.api --host HOST --port PORT [--tls-cert FILE --tls-key FILE]`: the API
+under uvicorn, with the read deadlines, the concurrency limit and the connection cap of
+`_server` (issue 12, finding 11); over TLS 1.2 or later when given a certificate (issue 15).
 
 `appliance up` starts the API this way. Plain `uvicorn appliance.api.main:app` would serve the
 same app without any of them: do not deploy it so.
@@ -8,12 +9,16 @@ same app without any of them: do not deploy it so.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import resource
+import ssl
+from collections.abc import Callable
+from pathlib import Path
 
 import uvicorn
 
 from ..settings import get_settings
-from ._server import ReadLimits, protocol
+from ._server import ReadLimits, handshake_bounded_loop, protocol
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,7 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m appliance.api")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     settings = get_settings()
     limits = ReadLimits.from_settings(settings)
     _allow_files(limits.max_connections + 256)
@@ -44,8 +53,23 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         log_config=None,
         log_level="info",
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
+        ssl_context_factory=_tls_context if args.tls_cert else None,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    if args.tls_cert is None:
+        server.run()
+        return
+    with asyncio.Runner(loop_factory=handshake_bounded_loop(limits.header_seconds)) as runner:
+        runner.run(server.serve())
+
+
+def _tls_context(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn's server context (the certificate and key loaded), refusing TLS below 1.2."""
+    context = default()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _allow_files(wanted: int) -> None:

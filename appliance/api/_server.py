@@ -29,15 +29,22 @@ uvicorn has no setting for it and a reverse proxy is one more service to run and
   kernel's socket buffers).
 
 Between requests, uvicorn's own keep-alive timeout (5 s) still closes idle connections.
+
+Over TLS (issue 15) the protocol object only sees a connection once its handshake is done, so
+the handshake gets a deadline of its own, the header deadline (`handshake_bounded_loop`):
+asyncio's default would let a client that never finishes it hold the socket for 60 s. The
+connection cap counts connections from the end of their handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import uvloop
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -138,3 +145,16 @@ async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
 def protocol(limits: ReadLimits) -> type[DeadlineHttpProtocol]:
     """The protocol class uvicorn instantiates per connection, bound to `limits`."""
     return type("BoundDeadlineHttpProtocol", (DeadlineHttpProtocol,), {"limits": limits})
+
+
+def handshake_bounded_loop(handshake_seconds: float) -> Callable[[], asyncio.AbstractEventLoop]:
+    """A loop factory (uvicorn's loop, uvloop) whose TLS servers close a connection whose
+    handshake is not complete `handshake_seconds` after it was accepted."""
+
+    class HandshakeBoundedLoop(uvloop.Loop):
+        async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("ssl") is not None:
+                kwargs.setdefault("ssl_handshake_timeout", handshake_seconds)
+            return await super().create_server(*args, **kwargs)
+
+    return HandshakeBoundedLoop

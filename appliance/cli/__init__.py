@@ -4,7 +4,8 @@ runs.
 One module per group of commands: `_stack_commands` (the local stack), `_deploy` (the stack
 as separate services: prepare, init, serve), `_clients` (the
 registry), `_identities` (the services' secret_ids), `_keys` (transit keys), `_jobs` (signed
-requests to the API); the audit commands come from `appliance.audit`.
+requests to the API), `_api_cert` (the API's TLS certificate); the audit commands come from
+`appliance.audit`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import click
 
 from .. import stack
 from ..audit import audit_cli
-from . import _clients, _deploy, _identities, _jobs, _keys, _stack_commands
+from . import _api_cert, _clients, _deploy, _identities, _jobs, _keys, _stack_commands
 from ._jobs import SignedClient
 
 __all__ = ["SignedClient", "main"]
@@ -56,6 +57,7 @@ for _command in (
     _jobs.workflow,
     _jobs.result,
     _jobs.revoke,
+    _api_cert.api_cert,
 ):
     main.add_command(_command)
 main.add_command(audit_cli, "audit")

@@ -1,12 +1,22 @@
-"""`appliance submit`, `workflow` and `result`: signed requests to the API."""
+"""`appliance submit`, `workflow`, `result` and `revoke`: signed requests to the API.
+
+Over HTTPS (issue 15) the API's certificate is always verified, never skipped: against `--ca`
+(or APPLIANCE_API_CA) when given, else against the stack's CA (`tls/ca.crt`) when the API
+serves the certificate that CA issued, else against the system's trust store (an operator's
+certificate).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 import httpx
@@ -28,10 +38,15 @@ def _load_key(path: Path) -> Ed25519PrivateKey:
 
 
 class SignedClient:
-    """An HTTP client that signs every request per the appliance's RFC 9421 profile."""
+    """An HTTP client that signs every request per the appliance's RFC 9421 profile.
 
-    def __init__(self, base_url: str, keyid: str, key: Ed25519PrivateKey) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=30)
+    Over HTTPS it verifies the server's certificate and name against `ca` (a PEM file of
+    trusted certificates) when given, else against the system's trust store."""
+
+    def __init__(
+        self, base_url: str, keyid: str, key: Ed25519PrivateKey, ca: Path | None = None
+    ) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=30, verify=trust(ca))
         self.keyid = keyid
         self.key = key
 
@@ -54,11 +69,69 @@ class SignedClient:
         return self.http.send(req)
 
 
+def trust(ca: Path | None) -> ssl.SSLContext:
+    """A client TLS context: certificates and host names verified, against `ca` when given (a
+    leaf in it is trusted by itself too), else against the system's store; TLS 1.2 or later."""
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    if ca is not None:
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def _client(ctx: click.Context, key_id: str | None, private_key: str | None) -> SignedClient:
     st = _require_stack(ctx)
     key_id = key_id or st["client"]["key_id"]
     path = Path(private_key or st["client"]["private_key"])
-    return SignedClient(st["api_url"], key_id, _load_key(path))
+    options = ctx.ensure_object(dict)
+    url = options.get("api_url") or st["api_url"]
+    given_ca = options.get("api_ca")
+    stack_ca = st.get("api_tls", {}).get("ca")
+    ca = Path(given_ca) if given_ca else Path(stack_ca) if stack_ca else None
+    try:
+        return SignedClient(url, key_id, _load_key(path), ca)
+    except (OSError, ssl.SSLError) as exc:
+        _fail(f"cannot read the CA certificates {ca}: {exc}")
+
+
+def _api_url(ctx: click.Context, _param: Any, value: str | None) -> None:
+    if value is None:
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise click.BadParameter("an http:// or https:// URL of a host (and port), no path")
+    ctx.ensure_object(dict)["api_url"] = value.rstrip("/")
+
+
+def _api_ca(ctx: click.Context, _param: Any, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["api_ca"] = value
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reports_unreachable(command: F) -> F:
+    """A command that cannot reach the API, or whose TLS verification fails, says so and exits
+    1 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except httpx.TransportError as exc:
+            url = exc.request.url if _has_request(exc) else "the API"
+            _fail(f"cannot reach {url}: {exc}", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _has_request(exc: httpx.TransportError) -> bool:
+    try:
+        exc.request  # noqa: B018 - httpx raises RuntimeError when the error has no request
+    except RuntimeError:
+        return False
+    return True
 
 
 def _json_option(text: str | None, what: str, kind: type) -> Any:
@@ -99,7 +172,25 @@ def _wait_for(client: SignedClient, key: str, timeout: float = 120) -> httpx.Res
 
 
 def _client_options(fn: Any) -> Any:
-    """--key-id and --private-key: which client signs a command's requests (see `_client`)."""
+    """--key-id and --private-key: which client signs a command's requests; --api-url and --ca:
+    where the API is and which CA its certificate is verified against (see `_client`)."""
+    fn = _reports_unreachable(fn)
+    fn = click.option(
+        "--ca",
+        type=click.Path(dir_okay=False, exists=True),
+        envvar="APPLIANCE_API_CA",
+        expose_value=False,
+        callback=_api_ca,
+        help="verify the API's certificate against these CA certificates (PEM) "
+        "[default: the stack's CA for its own certificate, else the system's store]",
+    )(fn)
+    fn = click.option(
+        "--api-url",
+        envvar="APPLIANCE_API_URL",
+        callback=_api_url,
+        expose_value=False,
+        help="the API's URL [default: the stack's api_url]",
+    )(fn)
     fn = click.option(
         "--private-key", type=click.Path(dir_okay=False), help="client private key (PEM)"
     )(fn)
