@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
+from appliance import stack
 from appliance._stack import Pki, ensure_pki
 from appliance._stack.api_tls import (
     GENERATED_LIFETIME,
@@ -243,3 +244,33 @@ def test_the_cli_refuses_a_mismatched_pair_with_exit_2_and_writes_nothing(
     assert result.exit_code == 2, result.output
     assert "the key does not match the certificate" in result.output
     assert {p.name: p.read_bytes() for p in pki.dir.iterdir()} == before
+
+
+def test_the_api_is_started_with_and_exports_the_served_pair_only_when_tls_is_on(
+    pki: Pki,
+) -> None:
+    state = pki.dir.parent
+    ports = stack.load_ports(state, dict.fromkeys(stack.DEFAULT_PORTS, 0))
+    files = ApiCertFiles(pki.dir)
+    (state / "stack.json").write_text(json.dumps({"ports": vars(ports)}))
+    assert "--tls-cert" not in stack._argv("api", ports, state, {})
+    assert not set(files.generated) & set(stack.service_files(state, "api")["tls"])
+    assert stack.api_url(state).startswith("http://")
+
+    (state / "stack.json").write_text(json.dumps({"ports": vars(ports), "api_tls": True}))
+    ensure_generated(pki, ())
+    argv = stack._argv("api", ports, state, {})
+    assert argv[argv.index("--tls-cert") + 1 :][:3] == [
+        str(files.generated[0]),
+        "--tls-key",
+        str(files.generated[1]),
+    ]
+    assert set(files.generated) <= set(stack.service_files(state, "api")["tls"])
+    assert not set(files.generated) & set(stack.service_files(state, "worker")["tls"])
+    assert stack.api_url(state) == f"https://127.0.0.1:{ports.api}"
+
+    install_operator_pair(files, *_operator_pair(), owner=None)
+    argv = stack._argv("api", ports, state, {})
+    assert argv[argv.index("--tls-cert") + 1] == str(files.operator[0])
+    exported = set(stack.service_files(state, "api")["tls"])
+    assert set(files.operator) <= exported and not set(files.generated) & exported
