@@ -12,7 +12,7 @@ Backends, by where the fork server runs:
   fork server's cgroup must be delegated to it (systemd `Delegate=yes` on the worker's unit) and
   must be able to enable the memory controller for its children, which cgroup v2 allows only
   for a cgroup with no processes of its own: the unit starts the worker in a leaf below its
-  delegated cgroup (see `find`).
+  delegated cgroup (`<unit>/main`), and the runs' cgroups go beside that leaf (`_v2_base`).
 - none: no writable memory controller (a container given a read-only cgroupfs, say). `doctor`
   reports the layer missing with the reason; RLIMIT_AS and the seccomp refusal of SysV IPC
   still hold, and the policy decides whether runs may go on (`degraded_layers`).
@@ -108,6 +108,8 @@ class MemoryCgroup:
         mount_point, mount_root = mount
         relative = os.path.relpath(own, mount_root) if own.startswith(mount_root) else "."
         parent = os.path.normpath(os.path.join(mount_point, relative))
+        if backend == "cgroup-v2":
+            parent = _v2_base(parent, os.path.normpath(mount_point))
         _remove_stale(parent)
         # One per supervisor, not per process: a process may hold several in turn (tests do).
         root = os.path.join(parent, f"sandbox-{owner_pid}-{secrets.token_hex(4)}")
@@ -238,6 +240,34 @@ def _memberships() -> dict[str, str]:
 def _unescape(text: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as octal.
     return text.encode().decode("unicode_escape") if "\\" in text else text
+
+
+def _v2_base(own: str, mount_point: str) -> str:
+    """Where a cgroup v2 fork server makes its runs' cgroups: `own`, its own cgroup, when that
+    already passes the memory controller down; else `own`'s parent when that holds no process.
+
+    cgroup v2 passes a controller only below a cgroup with no processes of its own, and the fork
+    server is in `own`. Under systemd the worker's unit cgroup is delegated and the unit starts
+    the worker in a leaf below it, `<unit>/main` (systemd 252 has no `DelegateSubgroup=`): the
+    runs' cgroups then go beside that leaf, in the delegated cgroup. Anything else stays `own`,
+    where `_enable_memory_controller` says what is missing.
+    """
+    up = os.path.dirname(own)
+    if own == mount_point or not up.startswith(mount_point + os.sep):
+        return own
+    try:
+        with open(os.path.join(own, "cgroup.subtree_control")) as f:
+            if "memory" in f.read().split():
+                return own
+        with open(os.path.join(up, "cgroup.procs")) as f:
+            if f.read().strip():
+                return own
+        with open(os.path.join(up, "cgroup.controllers")) as f:
+            if "memory" not in f.read().split():
+                return own
+    except OSError:
+        return own
+    return up
 
 
 def _enable_memory_controller(parent: str) -> None:

@@ -64,6 +64,65 @@ def test_cgroup_v2_makes_run_cgroups_under_a_delegated_cgroup(tmp_path, monkeypa
     assert handle.oom_killed(run)
 
 
+def test_cgroup_v2_runs_go_beside_the_workers_leaf_in_the_delegated_unit_cgroup(
+    tmp_path, monkeypatch
+):
+    # The VM's worker unit: its cgroup is delegated and holds no process; the worker runs in the
+    # leaf `main` below it, which cgroup v2 lets pass no controller down (it has processes).
+    service = _v2_tree(tmp_path, "")
+    (service / "cgroup.procs").write_text("")
+    leaf = service / "main"
+    leaf.mkdir()
+    (leaf / "cgroup.controllers").write_text("cpu memory pids\n")
+    (leaf / "cgroup.subtree_control").write_text("")
+    (leaf / "cgroup.procs").write_text("812\n813\n")
+    _layout(
+        tmp_path,
+        monkeypatch,
+        f"30 1 0:26 / {tmp_path / 'fs'} rw,nosuid - cgroup2 cgroup2 rw\n",
+        "0::/system.slice/appliance-worker.service/main\n",
+    )
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        for name in ("cgroup.subtree_control", "memory.max", "memory.swap.max", "cgroup.procs"):
+            Path(path, name).write_text("")
+
+    monkeypatch.setattr(cgroup.os, "mkdir", mkdir)
+    handle = MemoryCgroup.find(4242, maxima_mb=1024)
+    assert handle.available, handle.reason
+    assert handle.root is not None and Path(handle.root).parent == service
+    assert (service / "cgroup.subtree_control").read_text() == "+memory"
+    assert (leaf / "cgroup.subtree_control").read_text() == ""
+    assert Path(handle.new_run()).parent == Path(handle.root)
+
+
+def test_cgroup_v2_leaf_under_a_cgroup_with_processes_is_not_used_as_the_base(
+    tmp_path, monkeypatch
+):
+    service = _v2_tree(tmp_path, "")
+    (service / "cgroup.procs").write_text("700\n")  # not delegated to us alone: processes there
+    leaf = service / "main"
+    leaf.mkdir()
+    (leaf / "cgroup.subtree_control").write_text("")
+    (leaf / "cgroup.procs").write_text("812\n")
+    _layout(
+        tmp_path,
+        monkeypatch,
+        f"30 1 0:26 / {tmp_path / 'fs'} rw,nosuid - cgroup2 cgroup2 rw\n",
+        "0::/system.slice/appliance-worker.service/main\n",
+    )
+
+    def busy(path: str, data: bytes) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(cgroup, "_write", busy)
+    handle = MemoryCgroup.find(4242, maxima_mb=1024)
+    assert not handle.available
+    assert str(leaf) in handle.reason
+
+
 def test_cgroup_v2_with_processes_in_the_cgroup_says_what_the_unit_needs(tmp_path, monkeypatch):
     _v2_tree(tmp_path, "")  # the memory controller is not passed down
     _layout(
