@@ -610,34 +610,105 @@ def _recorded_users(state: Path) -> Mapping[str, _stack.RunAs] | None:
     return _stack.service_users()
 
 
-def init(state: Path, timeout: float = 60.0) -> dict[str, Any]:
+def init(state: Path, timeout: float = 60.0, *, recipient: str | None = None) -> dict[str, Any]:
     """`appliance init`: with Redis, its relay and OpenBao running (`appliance serve`), open
     OpenBao (initialise once, unseal), bootstrap it, enrol the API and Flower unless their own
     credentials are still good, keep a live worker enrolment credential, revoke the root token.
-    Idempotent. Returns what it did."""
+    Idempotent. Returns what it did.
+
+    `recipient` (an age X25519 recipient) makes a new OpenBao's seal the operator's
+    (`_stack/seal.py`): its shares come back encrypted under `unseal_shares`, to print once. In
+    operator mode without shares there is no root token: OpenBao sealed raises `OpenBaoSealed`;
+    unsealed, only what the operator token allows is done (`"bootstrap": "skipped"`)."""
     prepared = _prepared(state)
-    ports, pki, users = prepared.ports, prepared.pki, prepared.users
+    ports = prepared.ports
     _stack.wait_for_port(HOST, ports.redis, timeout=timeout)
-    relay_port = _stack.relay_port(state)
-    _stack.wait_for_port(HOST, relay_port, timeout=timeout)
-    bao = _stack.open_openbao(state, timeout=timeout)
+    _stack.wait_for_port(HOST, _stack.relay_port(state), timeout=timeout)
+    seal = _stack.seal_for(state, recipient=recipient)
+    bao = _stack.open_openbao(state, timeout=timeout, seal=seal)
+    if not bao.has_root:
+        _resume(state, bao, prepared.users)
+        return {
+            "initialised_now": False,
+            "enrolled": [],
+            "worker_enrolment": "unchecked",
+            "unseal": seal.mode,
+            "bootstrap": "skipped",
+        }
     try:
-        _bootstrap(state, bao, pki, relay_port, users)
-        enrolled = [
-            name
-            for name in ("api", "flower")
-            if _enrol_unless_enrolled(state, name, bao, ports, pki, users)
-        ]
-        new_enrolment = _stack.ensure_enrolment_credential(
-            bao.client(), _stack.enrolment_file(state), users["worker"] if users else None
-        )
+        done = enrol(state, bao)
     finally:
         bao.revoke_root()
-    return {
-        "initialised_now": bao.initialized_now,
-        "enrolled": enrolled,
-        "worker_enrolment": "new" if new_enrolment else "kept",
-    }
+    result = {"initialised_now": bao.initialized_now, **done}
+    if seal.mode == _stack.OPERATOR_MODE:
+        result["unseal"] = seal.mode
+    if bao.sealed_shares is not None:
+        result["unseal_shares"] = bao.sealed_shares
+    return result
+
+
+def enrol(state: Path, bao: _stack.BaoHandle) -> dict[str, Any]:
+    """The bootstrap and enrolment of `init`, with the root token of `bao`: OpenBao configured,
+    each single-instance service (the API, Flower, and `up`'s own worker) enrolled unless it
+    holds a live credential, a live worker enrolment credential kept, and worker replicas whose
+    secret_id OpenBao no longer knows (after a restore) left to enrol afresh."""
+    prepared = _prepared(state)
+    ports, pki, users = prepared.ports, prepared.pki, prepared.users
+    _bootstrap(state, bao, pki, _stack.relay_port(state), users)
+    enrolled = [
+        name
+        for name in _single_instance_services(state)
+        if _enrol_unless_enrolled(state, name, bao, ports, pki, users)
+    ]
+    new_enrolment = _stack.ensure_enrolment_credential(
+        bao.client(), _stack.enrolment_file(state), users["worker"] if users else None
+    )
+    _forget_dead_replicas(state, bao)
+    return {"enrolled": enrolled, "worker_enrolment": "new" if new_enrolment else "kept"}
+
+
+def stale_enrolments(state: Path, bao: _stack.BaoHandle) -> list[str]:
+    """Which of the single-instance services (and `enrol-worker`) hold no live credential: what
+    `enrol` would renew (root token of `bao`)."""
+    stale = [
+        name
+        for name in _single_instance_services(state)
+        if not bao.holds_live_credential(name, _service_dir(state, name))
+    ]
+    if not bao.holds_live_enrolment(_stack.enrolment_file(state)):
+        stale.append(_stack.ENROL_ROLE)
+    return stale
+
+
+def _single_instance_services(state: Path) -> tuple[str, ...]:
+    """The API and Flower; and the worker when `up` runs it as one instance (`run/worker`)."""
+    local_worker = _stack.credential_files(state / "run" / "worker", "worker")[0]
+    return ("api", "flower", "worker") if local_worker.is_file() else ("api", "flower")
+
+
+def _forget_dead_replicas(state: Path, bao: _stack.BaoHandle) -> None:
+    """A worker replica's successor secret_id that OpenBao no longer knows is removed, so that
+    the replica enrols afresh with the enrolment credential at its next start."""
+    replicas = state / "run" / "worker" / "replicas"
+    if not replicas.is_dir():
+        return
+    for directory in replicas.iterdir():
+        if directory.is_dir() and not bao.holds_live_credential("worker", directory):
+            role_id_file, wrap_file = _stack.credential_files(directory, "worker")
+            for path in (role_id_file, wrap_file, successor_file(wrap_file)):
+                path.unlink(missing_ok=True)
+
+
+def _resume(state: Path, bao: _stack.BaoHandle, users: Mapping[str, _stack.RunAs] | None) -> None:
+    """What `init` and `up` do without a root token (operator mode): renew the operator's and
+    the backup token, export the audit keys, keep the local client and the shared files."""
+    _stack.renew_orphan_tokens(bao.addr, state)
+    (state / "audit").mkdir(exist_ok=True, mode=0o700)
+    export_audit_keys(state, bao.addr, bao.operator_token())
+    if not metrics_token_file(state).is_file():
+        _stack.write_private(metrics_token_file(state), secrets.token_urlsafe(32).encode())
+    _ensure_local_client(state, bao)
+    _share_audit_and_metrics(state, users)
 
 
 def _enrol_unless_enrolled(
@@ -684,11 +755,20 @@ def _bootstrap(
 
 
 def up(
-    state: Path, requested_ports: dict[str, int] | None = None, wait_ready: float = 60.0
+    state: Path,
+    requested_ports: dict[str, int] | None = None,
+    wait_ready: float = 60.0,
+    *,
+    recipient: str | None = None,
 ) -> dict[str, Any]:
     """Start (or complete) the stack and return its status: `prepare`, Redis, its relay and
     OpenBao started here, the bootstrap of `init`, then each service that is not running,
-    enrolled afresh."""
+    enrolled afresh.
+
+    `recipient` as for `init` (the status then carries `unseal_shares` once). In operator mode
+    without shares: OpenBao sealed raises `OpenBaoSealed` (left running, for `appliance
+    unseal`); unsealed, no bootstrap runs and each stopped service starts with the credential
+    its last run left (`_resume`)."""
     _require_binaries()
     prepared = prepare(state, requested_ports)
     ports, pki, users = prepared.ports, prepared.pki, prepared.users
@@ -697,7 +777,18 @@ def up(
     redis_user = users["redis"] if users else None
     _stack.start_redis(state, ports.redis, pki, leased=leased, run_as=redis_user)
     relay_port = _stack.start_relay(state, ports.redis, pki, run_as=redis_user)
-    bao = _stack.start_openbao(state, ports.bao, run_as=users["openbao"] if users else None)
+    bao = _stack.start_openbao(
+        state,
+        ports.bao,
+        run_as=users["openbao"] if users else None,
+        seal=_stack.seal_for(state, recipient=recipient),
+    )
+    if not bao.has_root:
+        _resume(state, bao, users)
+        for name in SERVICES:
+            _start_without_root(state, name, ports, pki, users, bao.addr)
+        _wait_ready(state, ports, wait_ready)
+        return status(state)
     try:
         if bao.initialized_now or not redis_was_running:
             # A new, empty OpenBao has none of the old identities, and a new Redis none of the
@@ -712,7 +803,30 @@ def up(
         # services' AppRole tokens are not its children and stay valid.
         bao.revoke_root()
     _wait_ready(state, ports, wait_ready)
+    if bao.sealed_shares is not None:
+        return {**status(state), "unseal_shares": bao.sealed_shares}
     return status(state)
+
+
+def _start_without_root(
+    state: Path,
+    name: str,
+    ports: Ports,
+    pki: _stack.Pki,
+    users: Mapping[str, _stack.RunAs] | None,
+    addr: str,
+) -> None:
+    """Start a stopped service with the credential its last run (or `init`) left; a worker
+    that has none enrols like a replica, with the worker enrolment credential."""
+    if _stack.read_pid_file(_pid_file(state, name)) is not None:
+        return
+    directory = _service_dir(state, name)
+    if name == "worker" and not _stack.credential_files(directory, name)[0].is_file():
+        enrolment = _stack.enrolment_file(state)
+        _as_user(
+            users["worker"] if users else None, lambda: _enrol_replica(addr, enrolment, directory)
+        )
+    _launch(state, name, ports, pki, users)
 
 
 #: What `appliance serve` runs: the stack's services, each in the foreground.

@@ -1,16 +1,21 @@
 """A local OpenBao (Vault API) for the stack, and its bootstrap: engines, keys, policies, AppRoles.
 
 The server is a real, sealed OpenBao with integrated (raft) storage in `<state>/bao/data`,
-listening on loopback only. On first start it is initialised with Shamir key shares (3 shares,
-threshold 2) kept in `<state>/secrets/bao-unseal.json` (0600); every start unseals it from that
-file. A real install keeps no unseal keys beside the data: it uses auto-unseal through a KMS or
-HSM (a `seal` block in the server configuration), or hands the shares to different people.
+listening on loopback only. On first start it is initialised with Shamir key shares, kept as
+the state's seal says (`seal.py`): in file mode (the local stack) in
+`<state>/secrets/bao-unseal.json` (0600), and every start unseals it from that file; in
+operator mode (the VM image) encrypted to the operator's age recipient and printed once, never
+written, so that only `appliance unseal` with shares the operator supplies opens it. A KMS or
+HSM seal (a `seal` block in the server configuration) is the other way a real install keeps no
+unseal keys beside the data.
 
 There is no long-lived root token. The one `bao operator init` returns, and the ones generated
 later for a re-run of the bootstrap (operator token plus a quorum of unseal key shares through
 `sys/generate-root-token`, one-time-pad flow), live in this process's memory only and are revoked
-when `appliance up` is done (`BaoHandle.revoke_root`). The operator's CLI uses an orphan token
-with `policies/operator.hcl` only, kept in `<state>/secrets/bao-operator.token` (0600).
+when `appliance up` is done (`BaoHandle.revoke_root`). In operator mode without shares, a handle
+has no root token at all. The operator's CLI uses an orphan token with `policies/operator.hcl`
+only, kept in `<state>/secrets/bao-operator.token` (0600); `appliance backup` uses another
+(`policies/backup.hcl`: raft snapshots only) in `<state>/secrets/backup.token` (0600).
 
 The listener is plain HTTP on 127.0.0.1, not TLS: traffic on the loopback interface never leaves
 the host, reading it needs `CAP_NET_RAW` (root), and root on this host reads the state directory
@@ -41,6 +46,7 @@ from typing import Any
 import hvac
 
 from ..vault import FLOWER_CREDENTIAL_PATH
+from .enrolment import _live as _live_enrolment
 from .enrolment import ensure_enrolment_role
 from .pki import write_private
 from .policy_files import policies_dir
@@ -52,6 +58,7 @@ from .procs import (
     stop_by_pid_file,
     wait_for_port,
 )
+from .seal import OpenBaoSealed, Seal, Shares, SharesRefused, seal_for
 from .users import RunAs
 
 HOST = "127.0.0.1"
@@ -104,12 +111,6 @@ _APPROLE_SETTINGS: Mapping[str, Any] = MappingProxyType(
 )
 WRAP_TTL = "120s"
 
-#: Shamir split of the unseal key. All shares sit in one 0600 file here, so the split protects
-#: nothing locally: it is there so that the file format and the unseal loop are those of a real
-#: install, where the shares go to different people (or a KMS auto-unseals).
-UNSEAL_SHARES = 3
-UNSEAL_THRESHOLD = 2
-
 #: The operator's token: an orphan (it outlives the revoked root token that made it), renewed by
 #: every `appliance up`, re-created there once expired.
 _OPERATOR_TOKEN: Mapping[str, Any] = MappingProxyType(
@@ -123,21 +124,35 @@ _OPERATOR_TOKEN: Mapping[str, Any] = MappingProxyType(
     }
 )
 
+#: The backup token (`policies/backup.hcl`: raft snapshots, nothing else): an orphan like the
+#: operator's, renewed the same way.
+_BACKUP_TOKEN: Mapping[str, Any] = MappingProxyType(
+    {**_OPERATOR_TOKEN, "policies": ["backup"], "display_name": "appliance-backup"}
+)
+
 
 @dataclass(frozen=True)
 class BaoHandle:
     """A running, unsealed stack OpenBao: its address, process, and a root token for bootstrap.
 
     `root_token` lives in memory only: it came from `bao operator init` or was generated from the
-    unseal keys for this handle. Revoke it (`revoke_root`) as soon as the bootstrap is done.
+    unseal keys for this handle. Revoke it (`revoke_root`) as soon as the bootstrap is done. It
+    is None in operator mode when the operator gave no quorum of shares to this process.
     """
 
     addr: str
-    root_token: str = field(repr=False)
+    root_token: str | None = field(repr=False)
     pid: int
     state_dir: Path
     #: True when this start initialised a new, empty storage (no identity of before exists).
     initialized_now: bool = False
+    #: Operator mode's first init: the shares, age-encrypted and armored, to print once.
+    sealed_shares: str | None = field(default=None, repr=False)
+
+    @property
+    def has_root(self) -> bool:
+        """Whether this handle can run the bootstrap (it holds a root token)."""
+        return self.root_token is not None
 
     @property
     def audit_log(self) -> Path:
@@ -146,6 +161,11 @@ class BaoHandle:
 
     def client(self) -> hvac.Client:
         """An hvac client with the root token (for bootstrap and tests, never for services)."""
+        if self.root_token is None:
+            raise StackError(
+                "no root token: OpenBao's unseal shares are the operator's; run `appliance "
+                "unseal --reenrol` with them to re-run the bootstrap"
+            )
         return hvac.Client(url=self.addr, token=self.root_token, timeout=10)
 
     def write_service_credentials(self, role: str, directory: Path) -> tuple[Path, Path]:
@@ -194,6 +214,10 @@ class BaoHandle:
             return False
         return isinstance(found, dict) and bool(found.get("data"))
 
+    def holds_live_enrolment(self, path: Path) -> bool:
+        """Whether `path` holds a worker enrolment credential OpenBao still takes."""
+        return _live_enrolment(self.client(), path)
+
     def retire_secret_ids(self, role: str) -> int:
         """Revoke every token of `role` and destroy every secret_id of it (before enrolling its
         one instance afresh), so that nothing left by an earlier run, or minted by a thief of its
@@ -223,6 +247,8 @@ class BaoHandle:
 
     def revoke_root(self) -> None:
         """Revoke this handle's root token; the operator token (an orphan) stays valid."""
+        if self.root_token is None:
+            return
         try:
             self.client().auth.token.revoke_self()
         except hvac.exceptions.Forbidden:
@@ -279,25 +305,34 @@ def data_dir(state_dir: Path) -> Path:
     return bao_dir(state_dir) / "data"
 
 
-def unseal_keys_file(state_dir: Path) -> Path:
-    """The Shamir unseal key shares and threshold (0600). A real install uses auto-unseal."""
-    return state_dir / "secrets" / "bao-unseal.json"
-
-
 def operator_token_file(state_dir: Path) -> Path:
     """The operator's token (policy `operator`), used by the `appliance` CLI (0600)."""
     return state_dir / "secrets" / "bao-operator.token"
 
 
+def backup_token_file(state_dir: Path) -> Path:
+    """The backup token (policy `backup`: raft snapshots only), used by `appliance backup`."""
+    return state_dir / "secrets" / "backup.token"
+
+
 def start_openbao(
-    state_dir: Path, port: int, *, timeout: float = 30.0, run_as: RunAs | None = None
+    state_dir: Path,
+    port: int,
+    *,
+    timeout: float = 30.0,
+    run_as: RunAs | None = None,
+    seal: Seal | None = None,
 ) -> BaoHandle:
     """Start this state's OpenBao on `127.0.0.1:port`, initialise it once, unseal it.
 
     Idempotent: when this state's OpenBao already runs, it is unsealed if needed and its handle
-    returned (`port` is then ignored). The handle carries a fresh root token in memory.
+    returned (`port` is then ignored). The handle carries a fresh root token in memory (none in
+    operator mode without shares). `seal` defaults to the state's own (`seal.seal_for`).
+    Raises `OpenBaoSealed` when it is sealed and there are no shares here: OpenBao is then left
+    running, for `appliance unseal`.
     """
-    running = _running_handle(state_dir)
+    seal = seal or seal_for(state_dir)
+    running = _running_handle(state_dir, seal)
     if running is not None:
         return running
     workdir = prepare_openbao(state_dir, port, run_as=run_as)
@@ -312,7 +347,9 @@ def start_openbao(
     )
     try:
         wait_for_port(HOST, port, pid=pid, timeout=timeout)
-        return _open(state_dir, addr, pid, timeout)
+        return _open(state_dir, addr, pid, timeout, seal)
+    except OpenBaoSealed:
+        raise
     except (StackError, hvac.exceptions.VaultError) as exc:
         stop_openbao(state_dir)
         raise StackError(f"{exc}; see {workdir / 'bao.log'}") from exc
@@ -342,18 +379,117 @@ def openbao_env(state_dir: Path) -> dict[str, str]:
     return _child_env(bao_dir(state_dir))
 
 
-def open_openbao(state_dir: Path, *, timeout: float = 60.0) -> BaoHandle:
+def open_openbao(state_dir: Path, *, timeout: float = 60.0, seal: Seal | None = None) -> BaoHandle:
     """This state's OpenBao, started by someone else (`appliance serve openbao`): wait until it
     answers, initialise it once, unseal it, and return a handle with a fresh root token (its
-    `pid` is 0: this process does not know it)."""
+    `pid` is 0: this process does not know it; no root token in operator mode without a quorum
+    of shares given to `seal`)."""
+    addr = openbao_addr(state_dir)
     try:
-        addr = str(json.loads((bao_dir(state_dir) / "endpoint.json").read_text())["addr"])
-    except FileNotFoundError:
-        raise StackError(f"no OpenBao prepared in {state_dir}: run `appliance prepare`") from None
-    try:
-        return _open(state_dir, addr, 0, timeout)
+        return _open(state_dir, addr, 0, timeout, seal or seal_for(state_dir))
     except hvac.exceptions.VaultError as exc:
         raise StackError(f"OpenBao at {addr} could not be opened: {exc}") from exc
+
+
+def openbao_addr(state_dir: Path) -> str:
+    """The address `prepare` recorded for this state's OpenBao."""
+    try:
+        return str(json.loads((bao_dir(state_dir) / "endpoint.json").read_text())["addr"])
+    except FileNotFoundError:
+        raise StackError(f"no OpenBao prepared in {state_dir}: run `appliance prepare`") from None
+
+
+@dataclass(frozen=True)
+class UnsealProgress:
+    """Where an unseal stands: sealed or not, shares taken so far of the threshold."""
+
+    sealed: bool
+    progress: int
+    threshold: int
+
+
+def seal_status(addr: str) -> UnsealProgress:
+    """OpenBao's seal status (unauthenticated)."""
+    status = _unauthenticated(addr).sys.read_seal_status()
+    return UnsealProgress(bool(status["sealed"]), int(status["progress"]), int(status["t"]))
+
+
+def submit_shares(
+    addr: str, shares: Shares, *, report: Any = None, reset: bool = False
+) -> UnsealProgress:
+    """Submit `shares` one by one until OpenBao is unsealed; `report(progress)` after each.
+
+    Progress of an earlier, unfinished unseal is kept (share holders may unseal in turns)
+    unless `reset`. Raises `SharesRefused` when OpenBao refuses them (a wrong share: OpenBao
+    then forgets the progress) or they are too few (the progress stays, for the next holder).
+    """
+    client = _unauthenticated(addr)
+    state = seal_status(addr)
+    if not state.sealed:
+        return state
+    if reset:
+        client.sys.submit_unseal_key(reset=True)
+    for key in shares.keys:
+        try:
+            answer = client.sys.submit_unseal_key(key)
+        except hvac.exceptions.InvalidRequest:
+            raise SharesRefused(
+                "OpenBao refused the shares (a share is wrong, or of another OpenBao); the "
+                "unseal progress is reset: nothing was unsealed"
+            ) from None
+        state = UnsealProgress(bool(answer["sealed"]), int(answer["progress"]), int(answer["t"]))
+        if report is not None:
+            report(state)
+        if not state.sealed:
+            return state
+    raise SharesRefused(
+        f"too few shares: {state.progress} of {state.threshold} submitted, OpenBao is still "
+        "sealed (the progress is kept: the next holder runs `appliance unseal`; `--reset` "
+        "starts again)"
+    )
+
+
+def take_snapshot(addr: str, token: str, target: Any) -> int:
+    """Write a raft snapshot of OpenBao's storage (barrier-encrypted) to the binary file
+    `target`, with a token of policy `backup`; how many bytes."""
+    client = hvac.Client(url=addr, token=token, timeout=60)
+    try:
+        response = client.adapter.get("/v1/sys/storage/raft/snapshot", stream=True)
+    except hvac.exceptions.VaultError as exc:
+        raise StackError(f"OpenBao refused the raft snapshot: {exc}") from exc
+    written = 0
+    for chunk in response.iter_content(1 << 16):
+        target.write(chunk)
+        written += len(chunk)
+    return written
+
+
+def restore_snapshot(addr: str, token: str, snapshot: bytes) -> None:
+    """Force-restore a raft snapshot of this OpenBao (policy `backup`): its storage becomes
+    the snapshot's (registry, keys, policies, identities as they were)."""
+    client = hvac.Client(url=addr, token=token, timeout=120)
+    try:
+        client.adapter.post("/v1/sys/storage/raft/snapshot-force", data=snapshot)
+    except hvac.exceptions.VaultError as exc:
+        raise StackError(f"OpenBao refused the raft snapshot: {exc}") from exc
+
+
+def renew_orphan_tokens(addr: str, state_dir: Path) -> None:
+    """Renew the operator's and the backup token with themselves (no root token needed):
+    `init`, `up` and `unseal` keep them alive in operator mode. Missing or dead: left alone
+    (the next bootstrap makes new ones)."""
+    for path in (operator_token_file(state_dir), backup_token_file(state_dir)):
+        token = _read_stripped(path)
+        if token is None:
+            continue
+        try:
+            hvac.Client(url=addr, token=token, timeout=10).auth.token.renew_self()
+        except hvac.exceptions.VaultError:
+            pass  # Expired or revoked: the bootstrap issues a new one.
+
+
+def _unauthenticated(addr: str) -> hvac.Client:
+    return hvac.Client(url=addr, timeout=10)
 
 
 def stop_openbao(state_dir: Path) -> bool:
@@ -361,15 +497,19 @@ def stop_openbao(state_dir: Path) -> bool:
     return stop_by_pid_file(bao_dir(state_dir) / "bao.pid")
 
 
-def generate_root_token(addr: str, state_dir: Path) -> str:
-    """A new root token from the operator token plus a quorum of unseal key shares.
+def generate_root_token(addr: str, state_dir: Path, shares: Shares | None = None) -> str:
+    """A new root token from the operator token plus a quorum of unseal key shares (`shares`,
+    by default the state's own: file mode).
 
     OpenBao 2.6+ serves this only through the authenticated `sys/generate-root-token/*` (the
     unauthenticated `sys/generate-root/*` is off by default: anyone could cancel an attempt).
     One-time-pad flow: the token comes back XORed with an OTP that only this call saw. For the
     bootstrap only: the caller revokes it when done. A half-finished attempt is cancelled first.
     """
-    shares = _read_unseal_keys(state_dir)
+    if shares is None:
+        shares = seal_for(state_dir).shares()
+    if shares is None:
+        raise OpenBaoSealed("the unseal shares are the operator's: none given")
     try:
         operator_token = operator_token_file(state_dir).read_text().strip()
     except FileNotFoundError:
@@ -380,54 +520,64 @@ def generate_root_token(addr: str, state_dir: Path) -> str:
         client.adapter.delete(f"{path}/attempt")
         attempt = client.adapter.put(f"{path}/attempt", json={})["data"]
         result: dict[str, Any] = {}
-        for key in shares["keys"][: shares["threshold"]]:
+        for key in shares.keys:
             result = client.adapter.put(
                 f"{path}/update", json={"key": key, "nonce": attempt["nonce"]}
             )["data"]
+            if result.get("complete"):
+                break
+    except hvac.exceptions.InvalidRequest:
+        client.adapter.delete(f"{path}/attempt")
+        raise SharesRefused(
+            "OpenBao refused the shares for a root token: a share is wrong"
+        ) from None
     except hvac.exceptions.Forbidden:
         raise StackError(
             f"the operator token in {operator_token_file(state_dir)} is expired or revoked: "
             "no root token can be generated for the bootstrap (see SECURITY.md, recovery)"
         ) from None
     if not result.get("complete"):
-        raise StackError("OpenBao did not complete the root token generation")
+        client.adapter.delete(f"{path}/attempt")
+        raise SharesRefused(
+            f"too few shares for a root token ({len(shares.keys)} given, "
+            f"{attempt.get('required', '?')} needed)"
+        )
     encoded = result["encoded_token"]
     raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4))
     return bytes(a ^ b for a, b in zip(raw, attempt["otp"].encode(), strict=True)).decode()
 
 
-def _open(state_dir: Path, addr: str, pid: int, timeout: float) -> BaoHandle:
-    """Initialise (first start only) and unseal; return a handle with a root token."""
+def _open(state_dir: Path, addr: str, pid: int, timeout: float, seal: Seal) -> BaoHandle:
+    """Initialise (first start only) and unseal as `seal` says; return a handle with a root
+    token (None when the seal holds no quorum of shares: operator mode)."""
     client = hvac.Client(url=addr, timeout=10)
     _wait_responding(addr, timeout)
     root_token: str | None = None
+    sealed_shares: str | None = None
     if not client.sys.is_initialized():
-        init = client.sys.initialize(secret_shares=UNSEAL_SHARES, secret_threshold=UNSEAL_THRESHOLD)
-        keys = {"keys": init["keys_base64"], "threshold": UNSEAL_THRESHOLD}
-        write_private(unseal_keys_file(state_dir), json.dumps(keys).encode() + b"\n")
+        count, threshold = seal.split
+        init = client.sys.initialize(secret_shares=count, secret_threshold=threshold)
+        fresh = Shares(tuple(init["keys_base64"]), threshold)
+        sealed_shares = seal.keep(list(fresh.keys), threshold)
         root_token = str(init["root_token"])
+        # The new OpenBao is sealed: unsealed with the shares it just returned, held in memory.
+        shares: Shares | None = fresh
+    else:
+        shares = seal.shares()
     if client.sys.is_sealed():
-        shares = _read_unseal_keys(state_dir)
-        for key in shares["keys"][: shares["threshold"]]:
-            if not client.sys.submit_unseal_key(key)["sealed"]:
-                break
+        if shares is None:
+            raise OpenBaoSealed("OpenBao is sealed: run `appliance unseal`")
+        submit_shares(addr, shares)
     _wait_unsealed(addr, timeout)
     initialized_now = root_token is not None
-    if root_token is None:
-        root_token = generate_root_token(addr, state_dir)
-    return BaoHandle(addr, root_token, pid, state_dir, initialized_now)
+    if root_token is None and shares is not None and _is_quorum(addr, shares):
+        root_token = generate_root_token(addr, state_dir, shares)
+    return BaoHandle(addr, root_token, pid, state_dir, initialized_now, sealed_shares)
 
 
-def _read_unseal_keys(state_dir: Path) -> dict[str, Any]:
-    path = unseal_keys_file(state_dir)
-    try:
-        shares: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StackError(
-            f"OpenBao's storage in {data_dir(state_dir)} is initialised but its unseal keys "
-            f"({path}) are missing"
-        ) from None
-    return shares
+def _is_quorum(addr: str, shares: Shares) -> bool:
+    """Whether `shares` are enough for a root token (as many as OpenBao's threshold)."""
+    return len(shares.keys) >= seal_status(addr).threshold
 
 
 def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> Bootstrap:
@@ -445,6 +595,7 @@ def bootstrap(handle: BaoHandle, policies_dir: Path = DEFAULT_POLICIES_DIR) -> B
     ensure_enrolment_role(client)
     _ensure_flower_credential(client)
     _ensure_operator_token(handle)
+    _ensure_backup_token(handle)
     role_ids = {role: _read_role_id(client, role) for role in SERVICE_ROLES}
     return Bootstrap(handle, MappingProxyType(role_ids))
 
@@ -512,6 +663,20 @@ def _ensure_operator_token(handle: BaoHandle) -> None:
         except hvac.exceptions.VaultError:
             pass  # Expired or revoked: issue a new one below.
     created = handle.client().auth.token.create(**_OPERATOR_TOKEN)
+    write_private(path, str(created["auth"]["client_token"]).encode() + b"\n")
+
+
+def _ensure_backup_token(handle: BaoHandle) -> None:
+    """Renew the backup token, or create it (first bootstrap, or expired since)."""
+    path = backup_token_file(handle.state_dir)
+    if path.is_file():
+        backup = hvac.Client(url=handle.addr, token=path.read_text().strip(), timeout=10)
+        try:
+            backup.auth.token.renew_self()
+            return
+        except hvac.exceptions.VaultError:
+            pass  # Expired or revoked (or a restore predates it): issue a new one below.
+    created = handle.client().auth.token.create(**_BACKUP_TOKEN)
     write_private(path, str(created["auth"]["client_token"]).encode() + b"\n")
 
 
@@ -708,9 +873,9 @@ def _poll_health(addr: str, timeout: float, accept: Any) -> None:
     raise StackError(f"OpenBao at {addr} not ready after {timeout:.0f} s ({last})")
 
 
-def _running_handle(state_dir: Path) -> BaoHandle | None:
+def _running_handle(state_dir: Path, seal: Seal) -> BaoHandle | None:
     pid = read_pid_file(bao_dir(state_dir) / "bao.pid")
     if pid is None:
         return None
     addr = json.loads((bao_dir(state_dir) / "endpoint.json").read_text())["addr"]
-    return _open(state_dir, addr, pid, timeout=30.0)
+    return _open(state_dir, addr, pid, 30.0, seal)

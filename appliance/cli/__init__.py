@@ -16,7 +16,7 @@ import click
 
 from .. import stack
 from ..audit import audit_cli
-from . import _api_cert, _clients, _deploy, _identities, _jobs, _keys, _stack_commands
+from . import _api_cert, _clients, _day2, _deploy, _identities, _jobs, _keys, _stack_commands
 from ._jobs import SignedClient
 
 __all__ = ["SignedClient", "main"]
@@ -48,6 +48,10 @@ for _command in (
     _deploy.prepare,
     _deploy.init,
     _deploy.serve,
+    _day2.unseal,
+    _day2.backup,
+    _day2.restore,
+    _day2.upgrade,
     _stack_commands.keygen,
     _stack_commands.flower_credentials,
     _clients.clients,

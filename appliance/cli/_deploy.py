@@ -20,6 +20,7 @@ from .. import stack
 from .._stack import StackError, exec_service
 from ..vault import EnrolmentLost
 from ._common import _fail, _state, _state_option
+from ._day2 import read_recipient_option, shares_to_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,23 +80,29 @@ def prepare(ctx: click.Context, /, export: Path | None, **ports: int | None) -> 
 @_state_option
 @click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True)
 @_export_option(stack.EXPORTED_BY_INIT)
+@shares_to_option
 @click.pass_context
-def init(ctx: click.Context, timeout: float, export: Path | None) -> None:
+def init(ctx: click.Context, timeout: float, export: Path | None, shares_to: Path | None) -> None:
     """Bootstrap a prepared stack whose Redis, relay and OpenBao run; idempotent.
 
     Initialises or unseals OpenBao, configures it from the packaged policies, enrols the API and
     Flower (unless their credentials are still good), keeps the worker enrolment credential,
-    and revokes the root token.
+    and revokes the root token. With --shares-to, a new OpenBao's unseal shares are printed
+    once, encrypted to the operator, and stored nowhere (`appliance unseal` opens it).
     """
     if not (_state(ctx) / "stack.json").is_file():
         _fail(f"no prepared stack in {_state(ctx)}: run `appliance prepare` first")
+    recipient = read_recipient_option(shares_to)
     try:
-        done = stack.init(_state(ctx), timeout)
+        done = stack.init(_state(ctx), timeout, recipient=recipient)
         if export is not None:
             stack.export_service_files(_state(ctx), stack.EXPORTED_BY_INIT, export)
     except StackError as exc:
         _fail(str(exc), 1)
+    block = done.pop("unseal_shares", None)
     click.echo(json.dumps(done))
+    if block is not None:
+        click.echo(block, nl=False)
 
 
 @click.command()

@@ -11,6 +11,7 @@ from .. import stack
 from .._stack import StackError, operator_token_file
 from ..errors import ApplianceError
 from ._common import _fail, _require_stack, _state, _state_option
+from ._day2 import read_recipient_option, shares_to_option
 
 
 @click.command()
@@ -22,14 +23,18 @@ from ._common import _fail, _require_stack, _state, _state_option
 @click.option(
     "--metrics-port", type=int, default=None, help="the worker's metrics port (0: any free port)"
 )
+@shares_to_option
 @click.pass_context
-def up(ctx: click.Context, /, **ports: int | None) -> None:
+def up(ctx: click.Context, /, shares_to: Path | None, **ports: int | None) -> None:
     """Start the whole local stack (idempotent) and print its URLs."""
     requested = {k.removesuffix("_port"): v for k, v in ports.items() if v is not None}
+    recipient = read_recipient_option(shares_to)
     try:
-        st = stack.up(_state(ctx), requested)
+        st = stack.up(_state(ctx), requested, recipient=recipient)
     except StackError as exc:
         _fail(str(exc), 1)
+    if "unseal_shares" in st:
+        click.echo(st["unseal_shares"], nl=False)
     click.echo(f"API     {st['api_url']}")
     click.echo(f"Flower  {st['flower_url']}  (read-only; login: appliance flower-credentials)")
     click.echo(f"Audit   {st['audit_log']}")
