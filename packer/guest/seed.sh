@@ -1,0 +1,69 @@
+#!/bin/sh
+# appliance-seed.service, at every boot (packer/guest/seed.sh): read the operator's seed disk, if
+# one is attached, and write this boot's settings.
+#
+# The seed is a FAT or ISO 9660 file system labelled CIDATA (as cloud-init's NoCloud seed) with
+# any of these files at its root:
+#   operator.pub     the operator's age recipient (age1...): the first boot encrypts OpenBao's
+#                    unseal shares to it, and backups are encrypted to it.
+#   unseal-shares    unseal shares, one a line: `appliance-unseal.service` unseals with them.
+#   appliance.env    APPLIANCE_* settings of this site (e.g. APPLIANCE_API_AUTHORITIES).
+#   authorized_keys  root's SSH keys: SSH is enabled (and port 22 opened) only with this file.
+# operator.pub and unseal-shares go to /run/appliance/seed (a tmpfs, root only): never to a disk.
+# appliance.env and authorized_keys are kept on the data disk (/var/lib/appliance/site), so that
+# they outlive the seed and an image upgrade.
+set -eu
+umask 077
+run=/run/appliance
+seed=$run/seed
+site=/var/lib/appliance/site
+lib=/usr/local/lib/appliance
+install -d -m 0755 "$run"
+install -d -m 0700 "$seed" "$site"
+
+dev=$(blkid -L CIDATA 2>/dev/null || blkid -L cidata 2>/dev/null || true)
+if [ -n "$dev" ]; then
+  mnt=$(mktemp -d)
+  mount -o ro,nodev,nosuid,noexec "$dev" "$mnt"
+  for f in operator.pub unseal-shares; do
+    if [ -f "$mnt/$f" ]; then install -m 0600 "$mnt/$f" "$seed/$f"; fi
+  done
+  for f in appliance.env authorized_keys; do
+    if [ -f "$mnt/$f" ]; then install -m 0600 "$mnt/$f" "$site/$f"; fi
+  done
+  umount "$mnt"
+  rmdir "$mnt"
+  echo "appliance-seed: read the seed disk $dev"
+else
+  echo "appliance-seed: no seed disk (label CIDATA)"
+fi
+
+# This boot's settings: the image's defaults, its version, then the site's APPLIANCE_* lines
+# (only those: the file is an EnvironmentFile of every unit). The state directory is the units'.
+env=$run/appliance.env
+{
+  cat "$lib/defaults.env" /etc/appliance/image.env
+  if [ -f "$site/appliance.env" ]; then
+    grep -E '^APPLIANCE_[A-Z0-9_]+=' "$site/appliance.env" \
+      | grep -v -E '^APPLIANCE_(STATE|IMAGE_VERSION|SERVICE_MANAGER)=' || true
+  fi
+} > "$env.tmp"
+if ! grep -q '^APPLIANCE_API_AUTHORITIES=' "$env.tmp"; then
+  # Signed requests name the authority they were sent to (docs/CONTRACT.md): by default this
+  # machine's name and loopback; a site names its own in appliance.env.
+  host=$(hostname)
+  echo "APPLIANCE_API_AUTHORITIES=$host:8443,localhost:8443,127.0.0.1:8443" >> "$env.tmp"
+fi
+chmod 0600 "$env.tmp"
+mv "$env.tmp" "$env"
+
+if [ -s "$site/authorized_keys" ]; then
+  install -d -m 0700 /root/.ssh
+  install -m 0600 "$site/authorized_keys" /root/.ssh/authorized_keys
+  ssh-keygen -A >/dev/null
+  nft add element inet appliance tcp_open '{ 22 }'
+  systemctl start --no-block ssh.service
+  echo "appliance-seed: SSH enabled for root ($(grep -c . "$site/authorized_keys") key(s))"
+else
+  rm -f /root/.ssh/authorized_keys
+fi

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Stage 2 of the VM image, run by Packer inside the build VM as root (packer/appliance.pkr.hcl).
+# It installs what Packer uploaded to /tmp, checks the sandbox under the worker's own systemd
+# hardening, and leaves no build credential, host key or machine identity behind.
+set -euo pipefail
+: "${IMAGE_VERSION:?}"
+say() { echo "provision: $*"; }
+
+# The services' users, with the Dockerfile's fixed ids (the data disk's files keep working
+# across image versions only if the ids stay the same).
+groupadd --system --gid 910 appliance
+for entry in redis:901 bao:902 api:903 worker:904 flower:905; do
+  name=appliance-${entry%%:*}
+  id=${entry##*:}
+  groupadd --system --gid "$id" "$name"
+  useradd --system --uid "$id" --gid "$id" --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin "$name"
+done
+usermod --append --groups appliance appliance-api
+usermod --append --groups appliance appliance-worker
+
+# The venv, built natively with the guest's Python (packer/build-venv.sh).
+install -d -m 0755 /opt/appliance
+tar --no-same-owner -C /opt/appliance -xf /tmp/appliance-venv.tar
+ln -sfn /opt/appliance/venv/bin/appliance /usr/local/bin/appliance
+ln -sfn /opt/appliance/venv/bin/sandbox /usr/local/bin/sandbox
+/usr/local/bin/appliance --help >/dev/null
+
+# Settings: the image's version, the image's defaults, and the site's (from the seed disk)
+# joined at every boot into /run/appliance/appliance.env by appliance-seed.service.
+install -d -m 0755 /etc/appliance /usr/local/lib/appliance
+printf 'APPLIANCE_IMAGE_VERSION=%s\n' "$IMAGE_VERSION" > /etc/appliance/image.env
+ln -sfn /run/appliance/appliance.env /etc/appliance/appliance.env
+g=/tmp/appliance-guest
+install -m 0644 "$g/defaults.env" /usr/local/lib/appliance/defaults.env
+install -m 0755 "$g/seed.sh" /usr/local/lib/appliance/seed.sh
+install -m 0755 "$g/selftest.py" /usr/local/lib/appliance/selftest.py
+install -m 0644 "$g/add.py" /usr/local/lib/appliance/add.py
+install -m 0644 "$g/nftables.conf" /etc/nftables.conf
+install -m 0644 "$g"/*.service /etc/systemd/system/
+install -m 0644 /tmp/appliance-units/*.service /tmp/appliance-units/*.target /etc/systemd/system/
+
+# The data disk: the second virtio disk, formatted at its first boot (x-systemd.makefs formats
+# only a device with no file system). nofail: without it the appliance's units fail (they all
+# need /var/lib/appliance mounted) and the console says so, instead of an emergency shell.
+install -d -m 0711 /var/lib/appliance
+echo '/dev/vdb /var/lib/appliance ext4 defaults,nofail,nodev,nosuid,x-systemd.makefs,x-systemd.device-timeout=30s 0 2' >> /etc/fstab
+
+# Debian's own redis-server (installed for its binary) never runs: the appliance runs its own.
+systemctl disable redis-server.service >/dev/null 2>&1 || true
+systemctl mask redis-server.service >/dev/null
+systemctl daemon-reload
+systemctl enable appliance.target appliance-seed.service appliance-selftest.service nftables.service
+systemctl set-default multi-user.target
+
+# The sandbox under the worker's own hardening: the worker unit with `sandbox doctor` for its
+# command (every layer must be active) and one real run.
+unit=/run/systemd/system/appliance-sandbox-check.service
+python3 - /etc/systemd/system/appliance-worker.service "$unit" <<'PY'
+import sys
+
+worker, check = sys.argv[1:3]
+serve = "/usr/local/bin/appliance --state /var/lib/appliance serve worker"
+commands = (
+    "/opt/appliance/venv/bin/sandbox doctor --json",
+    "/opt/appliance/venv/bin/sandbox run --source /usr/local/lib/appliance/add.py --entry add"
+    " --args [2,40]",
+)
+dropped = ("Restart=", "RestartSec=", "Type=", "RequiresMountsFor=", "After=", "Wants=",
+           "Requires=", "PartOf=", "WantedBy=", "EnvironmentFile=", "StandardOutput=")
+out = []
+for line in open(worker).read().splitlines():
+    if line.startswith(dropped) or (line.startswith("ReadWritePaths=") and "/var/lib" in line):
+        continue
+    if line.startswith("ExecStart="):
+        assert line.endswith(serve), line
+        out += [line.replace(serve, command) for command in commands]
+        continue
+    out.append(line)
+    if line == "[Service]":
+        out += ["Type=oneshot", "StandardOutput=append:/run/appliance-sandbox-check.json"]
+open(check, "w").write("\n".join(out) + "\n")
+PY
+systemctl daemon-reload
+if ! systemctl start appliance-sandbox-check.service; then
+  journalctl -u appliance-sandbox-check.service --no-pager | tail -40
+  cat /run/appliance-sandbox-check.json || true
+  exit 1
+fi
+say "sandbox under the worker's hardening: $(cat /run/appliance-sandbox-check.json)"
+python3 - /run/appliance-sandbox-check.json <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+doctor, run = lines[0], lines[-1]
+assert doctor["ok"], doctor
+assert all(layer["active"] for layer in doctor["layers"].values()), doctor
+assert run.get("status") == "ok" and run.get("value") == 42, run
+PY
+rm -f "$unit" /run/appliance-sandbox-check.json
+systemctl daemon-reload
+
+# Nothing of the build stays: SSH is off until a seed enables it (with host keys made on the
+# machine), the build key and the host keys made in the chroot go, and the machine-id is empty
+# (systemd makes one at first boot).
+systemctl disable ssh.service >/dev/null 2>&1 || true
+rm -f /etc/ssh/ssh_host_*
+: > /etc/machine-id
+rm -f /var/lib/dbus/machine-id
+apt-get clean
+rm -rf /var/lib/apt/lists/* /tmp/appliance-venv.tar /tmp/appliance-units /tmp/appliance-guest
+journalctl --rotate >/dev/null 2>&1 || true
+journalctl --vacuum-time=1s >/dev/null 2>&1 || true
+rm -f /root/.ssh/authorized_keys
+say "image $IMAGE_VERSION provisioned"
