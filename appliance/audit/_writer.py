@@ -10,16 +10,25 @@ Design. The log file is the only source of truth and every writer process follow
   last look (usually one or two lines), checking that each chains on. Nothing else is read on the
   hot path, and a writer that finds the log shrunk, replaced or not chaining refuses to write
   (`AuditLogCorrupt`): the service fails closed rather than appending to a log it cannot vouch for.
-- One `write()` of one line on an `O_APPEND` descriptor, then `fdatasync`, before the lock is
-  released: an entry that `record()` returned is on disk. A line torn by a crash (no newline at
+- One `write()` of one line on an `O_APPEND` descriptor under the lock, then `fdatasync` after
+  it is released, shared by the process's concurrent writers (group commit, `_commit.py`): each
+  waits for a sync that began after its write completed, so an entry that `record()` returned is
+  on disk, and the lock is held for a write, not for a sync (issue 16: N writers paid N syncs in
+  turn). Until that sync, other writers may chain onto the entry; a crash can lose a suffix of
+  entries that no `record()` returned, never one that did (`fdatasync` flushes the whole file,
+  so a synced entry's predecessors are synced with it). The entries the log writes itself
+  (checkpoints, `checkpoint.failed`, `audit.recovered`, `audit.truncation_detected`) are still
+  synced under the lock, before anything is built on them. A line torn by a crash (no newline at
   the end) is cut off by the next writer, which records the cut (`audit.recovered`, with the
   fragment's SHA-256) so that the repair itself is on the record.
 - Checkpoints: when `checkpoint_every` entries or `checkpoint_interval` seconds are pending, one
   process (whoever takes a non-blocking lock on `audit.checkpoint.lock`) snapshots the range under
-  the log lock, asks the signer (OpenBao transit) for a signature *outside* it, and appends the
-  checkpoint entry under the lock again. Writers never wait for OpenBao; when signing fails, the
-  entries stay written, a `checkpoint.failed` entry says so once, and the checkpoint is retried
-  with backoff.
+  the log lock, syncs it, asks the signer (OpenBao transit) for a signature *outside* the lock,
+  and appends the checkpoint entry under the lock again. Writers never wait for OpenBao: in a
+  process whose checkpoint timer runs (the services'), the writer that finds a checkpoint due
+  wakes the timer's thread to sign it instead of signing on its caller's request. When signing
+  fails, the entries stay written, a `checkpoint.failed` entry says so once, and the checkpoint
+  is retried with backoff.
 - Anchors (issue 12): before a checkpoint is signed, the signing process checks that the log
   still holds the head of the last anchored checkpoint (`_anchors.py`); after it is signed, the
   checkpoint is anchored as a new, numbered entry of a create-only store (OpenBao KV), and only
@@ -55,6 +64,7 @@ from typing import Any
 
 from ..errors import Forbidden
 from ._anchors import Anchor, AnchorConflict, AnchorStore
+from ._commit import Batch, GroupCommit
 from ._errors import AuditError, AuditFieldError, AuditLogCorrupt, AuditUnavailable
 from ._events import INTERNAL_TYPES, AuditEvent, EventType, identifier, make_event
 from ._format import (
@@ -152,6 +162,8 @@ class AuditLog:
         clock: Callable[[], float],
         durable: bool,
         auto_checkpoint: bool,
+        group_commit: bool = True,
+        sync: Callable[[int], None] = os.fdatasync,
     ) -> None:
         if checkpoint_every < 1 or checkpoint_interval <= 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval > 0")
@@ -166,12 +178,14 @@ class AuditLog:
         self._clock = clock
         self._durable = durable
         self._auto = auto_checkpoint
+        self._group_commit = group_commit
+        self._fdatasync = sync
         self._closed = False
         self._retry_at = 0.0
         self._retry_delay = 1.0
         self._signing_down = False
         self._side_last_seq: int | None = None
-        self._timer: tuple[threading.Event, threading.Thread] | None = None
+        self._timer: _Timer | None = None
         self._reset_process_state()
         self._open_files()
         ref = weakref.WeakMethod(self._after_fork_in_child)
@@ -190,6 +204,8 @@ class AuditLog:
         durable: bool = True,
         auto_checkpoint: bool = True,
         anchors: AnchorStore | None | str = "signer",
+        group_commit: bool = True,
+        sync: Callable[[int], None] = os.fdatasync,
     ) -> AuditLog:
         """Open (creating if needed) the log at `path` and check that its tail chains.
 
@@ -198,7 +214,9 @@ class AuditLog:
         `auto_checkpoint=False` leaves checkpoints to `maybe_checkpoint()` (e.g. from a timer
         thread), so that `record()` never waits for the signer. `anchors` is where checkpoints
         are anchored: by default the signer's own store (`TransitSigner.anchors`: OpenBao KV),
-        None for none.
+        None for none. `group_commit=False` syncs each entry under the lock, as before issue 16
+        (for comparison: `bench/audit_append.py`); `sync` is how a descriptor is synced
+        (`os.fdatasync`; a test may wrap it to see which entries each sync covered).
         """
         if isinstance(anchors, str):
             found = getattr(signer, "anchors", None)
@@ -213,6 +231,8 @@ class AuditLog:
             clock=clock,
             durable=durable,
             auto_checkpoint=auto_checkpoint,
+            group_commit=group_commit,
+            sync=sync,
         )
         try:
             with log._guard():
@@ -230,21 +250,21 @@ class AuditLog:
         return self.append(make_event(event_type, **fields))
 
     def append(self, event: AuditEvent) -> AuditRecord:
-        """Append an already validated event."""
+        """Append an already validated event; return once it is on disk."""
         if event.type in INTERNAL_TYPES:
             raise AuditFieldError(f"{event.type} entries are written by the audit log itself")
         fields = dict(event.fields)
         for name, digest in event.blind.items():
             fields[name] = self._keyed_digest(name, digest)
+        shared = self._durable and self._group_commit
         with self._guard():
-            written = self._append_locked(event.type, fields)
+            written = self._append_locked(event.type, fields, sync=not shared)
+            batch = self._commit.join() if shared else None
             due = self._due(self._clock())
+        if batch is not None:
+            self._await_sync(batch)
         if due and self._auto:
-            try:
-                self._try_checkpoint(force=False)
-            except AuditError as exc:
-                # The entry is written; the next record() meets the same error, if it lasts.
-                logger.warning("audit checkpoint skipped: %s", exc)
+            self._checkpoint_due()
         return written
 
     def maybe_checkpoint(self, *, force: bool = False) -> AuditRecord | None:
@@ -263,28 +283,33 @@ class AuditLog:
         before a quiet spell stay unsigned until the next one. `close()` stops the thread. Start
         it in the process that records (after any fork: threads do not survive one).
         """
-        stop = threading.Event()
+        timer = _Timer(threading.Event(), threading.Event())
 
         def run() -> None:
-            while not stop.wait(period):
+            while True:
+                timer.wake.wait(period)
+                timer.wake.clear()
+                if timer.stop.is_set():
+                    return
                 try:
                     self.maybe_checkpoint()
                 except AuditError as exc:
                     logger.warning("audit checkpoint timer: %s", exc)
 
-        thread = threading.Thread(target=run, name="audit-checkpoints", daemon=True)
-        self._timer = (stop, thread)
-        thread.start()
-        return thread
+        timer.thread = threading.Thread(target=run, name="audit-checkpoints", daemon=True)
+        self._timer = timer
+        timer.thread.start()
+        return timer.thread
 
     def close(self, *, final_checkpoint: bool = True) -> None:
         """Sign what is pending (best effort) and close the files."""
         if self._closed:
             return
         if self._timer is not None:
-            stop, thread = self._timer
-            stop.set()
-            if thread is not threading.current_thread():
+            self._timer.stop.set()
+            self._timer.wake.set()
+            thread = self._timer.thread
+            if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=30)
         if final_checkpoint:
             try:
@@ -306,6 +331,7 @@ class AuditLog:
         self._pid = os.getpid()
         self._thread_lock = threading.Lock()
         self._checkpoint_thread_lock = threading.Lock()
+        self._commit = GroupCommit(lambda: self._fdatasync(self._fd))
         self._tail: _Tail | None = None
         self._stale = False
 
@@ -425,7 +451,7 @@ class AuditLog:
             start = begin
         fragment = os.pread(fd, size - start, start)
         os.ftruncate(fd, start)
-        os.fdatasync(fd)
+        self._fdatasync(fd)
         logger.warning("audit: cut a torn last line of %d bytes (a crash mid-write)", len(fragment))
         return start, fragment
 
@@ -499,8 +525,11 @@ class AuditLog:
 
     # ---- appending ---------------------------------------------------------------------------
 
-    def _append_locked(self, kind: EventType, fields: dict[str, Any]) -> AuditRecord:
-        """Append one entry; the caller holds the lock and has synced the tail."""
+    def _append_locked(
+        self, kind: EventType, fields: dict[str, Any], *, sync: bool = True
+    ) -> AuditRecord:
+        """Append one entry; the caller holds the lock and has synced the tail. Without `sync`
+        the caller waits for a group commit (`append`) once it has released the lock."""
         tail = self._tail
         assert tail is not None  # noqa: S101 - narrows a type; an invariant, not a check
         now = self._clock()
@@ -521,8 +550,8 @@ class AuditLog:
             written = os.write(self._fd, line)
             if written != len(line):
                 raise OSError(errno.EIO, f"short write ({written} of {len(line)} bytes)")
-            if self._durable:
-                os.fdatasync(self._fd)
+            if self._durable and sync:
+                self._fdatasync(self._fd)
         except OSError as exc:
             self._tail = None  # read everything again before the next append
             raise AuditUnavailable(
@@ -542,7 +571,30 @@ class AuditLog:
         keyed = hmac.new(self._digest_key, name.encode() + b"\0" + digest, hashlib.sha256)
         return keyed.hexdigest()
 
+    def _await_sync(self, batch: Batch) -> None:
+        """Wait for the group commit that covers an entry just written; raise when it failed."""
+        try:
+            self._commit.wait(batch)
+        except OSError as exc:
+            self._stale = True  # read everything again before the next append
+            raise AuditUnavailable(
+                f"cannot write the audit log {self.paths.log}: {exc.strerror or exc}"
+            ) from exc
+
     # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint_due(self) -> None:
+        """A checkpoint is due after an append: the timer's thread signs it when it runs (off
+        the caller's request), else this thread does."""
+        timer = self._timer
+        if timer is not None and timer.thread is not None and timer.thread.is_alive():
+            timer.wake.set()
+            return
+        try:
+            self._try_checkpoint(force=False)
+        except AuditError as exc:
+            # The entry is written; the next record() meets the same error, if it lasts.
+            logger.warning("audit checkpoint skipped: %s", exc)
 
     def _due(self, now: float) -> bool:
         tail = self._tail
@@ -603,6 +655,9 @@ class AuditLog:
             )
         # Outside the log lock: writers never wait for OpenBao.
         try:
+            # The range may hold entries whose writers still wait for their group commit: it is
+            # on disk before its head is signed and anchored.
+            self._sync_range()
             signature = self._signer.sign(body.message())
             version = key_version(signature)
             self._anchor_checkpoint(body, signature, recovers=recovers)
@@ -630,6 +685,11 @@ class AuditLog:
             if tail.checkpointed_to != body.from_seq - 1:
                 return None  # signed by someone else meanwhile
             return self._append_locked(EventType.CHECKPOINT, dict(checkpoint.fields))
+
+    def _sync_range(self) -> None:
+        """Make every entry written so far durable (through the group commit)."""
+        if self._durable:
+            self._await_sync(self._commit.join())
 
     # ---- anchors -------------------------------------------------------------------------------
 
@@ -801,7 +861,7 @@ class AuditLog:
         try:
             os.write(self._side_fd, canonical(line) + b"\n")
             if self._durable:
-                os.fdatasync(self._side_fd)
+                self._fdatasync(self._side_fd)
         except OSError as exc:
             # The checkpoint is in the log; reloading the log (next time) repairs the file.
             self._stale = True
@@ -825,6 +885,15 @@ class AuditLog:
                 "run `appliance audit verify`"
             ) from None
         return dict(value)
+
+
+@dataclass
+class _Timer:
+    """The checkpoint timer's thread: `wake` makes it check at once, `stop` ends it."""
+
+    stop: threading.Event
+    wake: threading.Event
+    thread: threading.Thread | None = None
 
 
 def _call_if_alive(ref: weakref.WeakMethod[Callable[[], None]]) -> None:
