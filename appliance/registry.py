@@ -31,6 +31,7 @@ the audit log (`reason="invalid_registry_entry"`) and the API's log, never to th
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import logging
 import math
@@ -106,6 +107,12 @@ class Client:
 
     def public_key(self) -> Ed25519PublicKey:
         """The client's Ed25519 public key."""
+        return self._public_key
+
+    # Parsed once per entry read, not once per request (issue 16): an entry is immutable, and a
+    # cached one is replaced by a new object whenever the registry changes.
+    @functools.cached_property
+    def _public_key(self) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(self.public_key_pem.encode())
         if not isinstance(key, Ed25519PublicKey):
             raise BadRequest("client public key is not Ed25519")
@@ -122,6 +129,10 @@ class Client:
 
     def public_key_sha256(self) -> str:
         """The SHA-256 of the public key (DER), to tell keys apart in a listing."""
+        return self._public_key_sha256
+
+    @functools.cached_property
+    def _public_key_sha256(self) -> str:
         der = self.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
