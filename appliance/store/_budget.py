@@ -5,7 +5,10 @@ How the bytes are counted: every write of a sealed result also writes its size i
 client's `storage:<keyid>` hash, in the same transaction (`_results._put`), so a result and its
 bytes appear together. They count for as long as the `result:` key exists: its expiry and its
 deletion (`DELETE`, revocation of a finished job) release them with no second write and no clock.
-Reading the use (`ResultStore.storage_use`) drops the entries whose result is gone.
+Reading the use (`ResultStore.storage_use`) drops the entries whose result is gone. The check on
+each submission (`storage_over`) first adds up the recorded sizes, an upper bound: within the
+budget that one read decides, and the gone entries are swept only when it does not, or when the
+hash has doubled since its last sweep (issue 16: no PTTL per stored result on every submission).
 
 How the budget is enforced: a submission is refused (`429 storage_quota`) while the client's
 stored bytes are over its budget, before it is counted against the rate limits; `Retry-After`
@@ -41,15 +44,18 @@ class Budgeted(Protocol):
 
 
 class StorageUse(Protocol):
-    """The store's side: the client's stored results (`ResultStore.storage_use`)."""
+    """The store's side: the client's stored results when they may be over a budget
+    (`ResultStore.storage_over`)."""
 
-    def storage_use(self, client: str) -> list[StoredBytes]: ...
+    def storage_over(self, client: str, budget: int) -> list[StoredBytes] | None: ...
 
 
 def check_storage_budget(store: StorageUse, client: Budgeted) -> None:
     """Return when `client`'s stored results are within its budget; raise StorageQuotaExceeded
     otherwise, with the seconds until enough of them expire."""
-    use = store.storage_use(client.keyid)
+    use = store.storage_over(client.keyid, client.storage_bytes)
+    if use is None:
+        return  # within the budget, by an upper bound of its bytes
     over = sum(item.size for item in use) - client.storage_bytes
     if over <= 0:
         return

@@ -129,6 +129,10 @@ class UnsafeMemoryResultStore:
                 self._values[_keys.storage(client)] = live
             return [StoredBytes(n, self._ttl_ms(self.prefix + k)) for k, n in live.items()]
 
+    def storage_over(self, client: str, budget: int) -> list[StoredBytes] | None:
+        use = self.storage_use(client)
+        return None if sum(item.size for item in use) <= budget else use
+
     def _ttl_ms(self, name: str) -> int:
         return max(0, int((self._expires[name] - self.clock()) * 1000))
 

@@ -194,6 +194,23 @@ class ResultStoreContract:
         store.delete(key)
         check_storage_budget(store, Budget("alice", 1000))
 
+    def test_within_the_budget_by_recorded_bytes_the_use_is_not_read(
+        self, store: ResultStore
+    ) -> None:
+        kept, gone = _key(), _key()
+        store.put(kept, "alice", "x" * 5000)
+        store.put(gone, "alice", "y" * 5000)
+        assert store.storage_over("alice", 20_000) is None
+        store.delete(gone)
+        # Over by what Redis records (the deleted result too): the live use is read, and it
+        # holds the kept result only (the stub, exact, already knows it is within).
+        use = store.storage_over("alice", 8000)
+        assert use is None or [item.size > 5000 for item in use] == [True]
+        check_storage_budget(store, Budget("alice", 8000))
+        assert store.storage_over("alice", 8000) is None
+        with pytest.raises(StorageQuotaExceeded):
+            check_storage_budget(store, Budget("alice", 4000))
+
     # ---- the keyspace -------------------------------------------------------------------------
 
     def test_every_key_written_has_a_named_prefix(
