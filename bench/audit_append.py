@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("artifacts/bench/audit_append.json"))
     args = parser.parse_args()
     counts = [int(n) for n in args.threads.split(",")]
+    args.dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     raw: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.blocks):
