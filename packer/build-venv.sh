@@ -3,6 +3,9 @@
 #
 #   packer/build-venv.sh OUT.tar
 #
+# VM_SOURCE=DIR builds the project from DIR (a copy whose version packer/build.sh stamped)
+# instead of this checkout.
+#
 # The guest runs Debian bookworm's Python (3.11.2). Building the venv inside the TCG guest took
 # 197 s against about 18 s natively, so it is built here, at the path it has in the guest
 # (/opt/appliance/venv: a venv's scripts name their interpreter by absolute path), with the
@@ -18,7 +21,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/.." && pwd)
+root=$(cd "${VM_SOURCE:-$here/..}" && pwd)
 readonly PY=${VM_PYTHON:-/usr/bin/python3.11}
 readonly CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/appliance
 readonly GUEST_PYTHON=3.11.2

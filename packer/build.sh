@@ -5,7 +5,9 @@
 #   packer/build.sh OUT_DIR [IMAGE_VERSION]
 #
 # Writes OUT_DIR/appliance.qcow2 (and OUT_DIR/build-serial.log, the build VM's console). The
-# image version defaults to the project's (appliance.__version__). As root it installs what is
+# image version (X.Y.Z) defaults to the project's (appliance.__version__); another one is stamped
+# into a copy of the sources as their `__version__` (what `appliance upgrade` compares with the
+# data disk's). As root it installs what is
 # missing (packer, qemu-system-x86, qemu-utils, debootstrap, fdisk) with apt. VM_ACCEL=kvm on a
 # host where KVM works; the default is tcg.
 set -euo pipefail
@@ -19,7 +21,7 @@ say() { echo "build.sh: $*" >&2; }
 [ $# -ge 1 ] && [ $# -le 2 ] || die "usage: packer/build.sh OUT_DIR [IMAGE_VERSION]"
 out=$(realpath -m "$1")
 version=${2:-$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$root/appliance/__init__.py")}
-[[ $version =~ ^[0-9]+(\.[0-9]+)*([a-z0-9.+-]*)$ ]] || die "$version is not a version (PEP 440)"
+[[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "$version is not a version (X.Y.Z)"
 
 missing=()
 command -v packer >/dev/null || missing+=(packer)
@@ -38,7 +40,11 @@ trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 "$here/rootfs-disk.sh" "$work/base.qcow2"
 t1=$(date +%s)
-"$here/build-venv.sh" "$work/venv.tar"
+mkdir "$work/src"
+(cd "$root" && tar -cf - pyproject.toml README.md appliance sandbox policies) | tar -C "$work/src" -xf -
+find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
+sed -i "s/^__version__ = .*/__version__ = \"$version\"/" "$work/src/appliance/__init__.py"
+VM_SOURCE=$work/src "$here/build-venv.sh" "$work/venv.tar"
 t2=$(date +%s)
 
 vars=(

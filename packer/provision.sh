@@ -37,14 +37,14 @@ install -m 0755 "$g/seed.sh" /usr/local/lib/appliance/seed.sh
 install -m 0755 "$g/selftest.py" /usr/local/lib/appliance/selftest.py
 install -m 0644 "$g/add.py" /usr/local/lib/appliance/add.py
 install -m 0644 "$g/nftables.conf" /etc/nftables.conf
-install -m 0644 "$g"/*.service /etc/systemd/system/
 install -m 0644 /tmp/appliance-units/*.service /tmp/appliance-units/*.target /etc/systemd/system/
 
 # The data disk: the second virtio disk, formatted at its first boot (x-systemd.makefs formats
 # only a device with no file system). nofail: without it the appliance's units fail (they all
 # need /var/lib/appliance mounted) and the console says so, instead of an emergency shell.
 install -d -m 0711 /var/lib/appliance
-echo '/dev/vdb /var/lib/appliance ext4 defaults,nofail,nodev,nosuid,x-systemd.makefs,x-systemd.device-timeout=30s 0 2' >> /etc/fstab
+install -d -m 0700 /root/.ssh   # appliance-seed.service may write authorized_keys there
+echo '/dev/vdb /var/lib/appliance ext4 defaults,nofail,nodev,nosuid,x-systemd.makefs,x-systemd.device-timeout=10min 0 2' >> /etc/fstab
 
 # Debian's own redis-server (installed for its binary) never runs: the appliance runs its own.
 systemctl disable redis-server.service >/dev/null 2>&1 || true
@@ -55,48 +55,53 @@ systemctl set-default multi-user.target
 
 # The sandbox under the worker's own hardening: the worker unit with `sandbox doctor` for its
 # command (every layer must be active) and one real run.
-unit=/run/systemd/system/appliance-sandbox-check.service
-python3 - /etc/systemd/system/appliance-worker.service "$unit" <<'PY'
+# Two units, each one command: a unit whose delegated cgroup already passes the memory controller
+# down (the first run made its children) takes no second process of its own (cgroup v2's rule).
+check=/run/systemd/system/appliance-sandbox-check
+python3 - /etc/systemd/system/appliance-worker.service "$check" <<'PY'
 import sys
 
 worker, check = sys.argv[1:3]
 serve = "/usr/local/bin/appliance --state /var/lib/appliance serve worker"
-commands = (
-    "/opt/appliance/venv/bin/sandbox doctor --json",
-    "/opt/appliance/venv/bin/sandbox run --source /usr/local/lib/appliance/add.py --entry add"
-    " --args [2,40]",
-)
+commands = {
+    "doctor": "/opt/appliance/venv/bin/sandbox doctor --json",
+    "run": "/opt/appliance/venv/bin/sandbox run --source /usr/local/lib/appliance/add.py"
+    " --entry add --args [2,40]",
+}
 dropped = ("Restart=", "RestartSec=", "Type=", "RequiresMountsFor=", "After=", "Wants=",
            "Requires=", "PartOf=", "WantedBy=", "EnvironmentFile=", "StandardOutput=")
-out = []
-for line in open(worker).read().splitlines():
-    if line.startswith(dropped) or (line.startswith("ReadWritePaths=") and "/var/lib" in line):
-        continue
-    if line.startswith("ExecStart="):
-        assert line.endswith(serve), line
-        out += [line.replace(serve, command) for command in commands]
-        continue
-    out.append(line)
-    if line == "[Service]":
-        out += ["Type=oneshot", "StandardOutput=append:/run/appliance-sandbox-check.json"]
-open(check, "w").write("\n".join(out) + "\n")
+for name, command in commands.items():
+    out = []
+    for line in open(worker).read().splitlines():
+        if line.startswith(dropped) or (line.startswith("ReadWritePaths=") and "/var/lib" in line):
+            continue
+        if line.startswith("ExecStart="):
+            assert line.endswith(serve), line
+            line = line.replace(serve, command)
+        out.append(line)
+        if line == "[Service]":
+            out += ["Type=oneshot", f"StandardOutput=file:/run/appliance-sandbox-check-{name}.json"]
+    open(f"{check}-{name}.service", "w").write("\n".join(out) + "\n")
 PY
 systemctl daemon-reload
-if ! systemctl start appliance-sandbox-check.service; then
-  journalctl -u appliance-sandbox-check.service --no-pager | tail -40
-  cat /run/appliance-sandbox-check.json || true
-  exit 1
-fi
-say "sandbox under the worker's hardening: $(cat /run/appliance-sandbox-check.json)"
-python3 - /run/appliance-sandbox-check.json <<'PY'
-import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-doctor, run = lines[0], lines[-1]
+for name in doctor run; do
+  if ! systemctl start "appliance-sandbox-check-$name.service"; then
+    journalctl -u "appliance-sandbox-check-$name.service" --no-pager | tail -20
+    cat "/run/appliance-sandbox-check-$name.json" || true
+    exit 1
+  fi
+  say "sandbox $name under the worker's hardening: $(cat "/run/appliance-sandbox-check-$name.json")"
+done
+python3 - <<'PY'
+import json
+
+doctor = json.load(open("/run/appliance-sandbox-check-doctor.json"))
+run = json.load(open("/run/appliance-sandbox-check-run.json"))
 assert doctor["ok"], doctor
 assert all(layer["active"] for layer in doctor["layers"].values()), doctor
 assert run.get("status") == "ok" and run.get("value") == 42, run
 PY
-rm -f "$unit" /run/appliance-sandbox-check.json
+rm -f "$check"-*.service /run/appliance-sandbox-check-*.json
 systemctl daemon-reload
 
 # Nothing of the build stays: SSH is off until a seed enables it (with host keys made on the
@@ -111,4 +116,5 @@ rm -rf /var/lib/apt/lists/* /tmp/appliance-venv.tar /tmp/appliance-units /tmp/ap
 journalctl --rotate >/dev/null 2>&1 || true
 journalctl --vacuum-time=1s >/dev/null 2>&1 || true
 rm -f /root/.ssh/authorized_keys
+fstrim -v / || true
 say "image $IMAGE_VERSION provisioned"

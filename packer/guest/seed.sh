@@ -18,7 +18,6 @@ run=/run/appliance
 seed=$run/seed
 site=/var/lib/appliance/site
 lib=/usr/local/lib/appliance
-install -d -m 0755 "$run"
 install -d -m 0700 "$seed" "$site"
 
 dev=$(blkid -L CIDATA 2>/dev/null || blkid -L cidata 2>/dev/null || true)
@@ -58,7 +57,6 @@ chmod 0600 "$env.tmp"
 mv "$env.tmp" "$env"
 
 if [ -s "$site/authorized_keys" ]; then
-  install -d -m 0700 /root/.ssh
   install -m 0600 "$site/authorized_keys" /root/.ssh/authorized_keys
   ssh-keygen -A >/dev/null
   nft add element inet appliance tcp_open '{ 22 }'

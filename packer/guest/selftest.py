@@ -1,8 +1,11 @@
 """The VM's boot self-test (appliance-selftest.service): one line on the console, `SELFTEST: OK`
-or `SELFTEST: FAIL: <why>`, after `sandbox doctor`, the API's /readyz over TLS, a signed
-add(2, 40) through the whole appliance (API, queue, worker, sandbox, sealed result) and
-`appliance audit verify`. While OpenBao is sealed it says so once and waits (the operator runs
-`appliance unseal`, or the seed carries the shares)."""
+or `SELFTEST: FAIL: <why>`, after the API's /readyz over TLS, a signed add(2, 40) through the
+whole appliance (API, queue, worker, sandbox, sealed result) and `appliance audit verify`. The
+worker's sandbox runs a job only with every required layer active (the policy degrades none), so
+the job is its `sandbox doctor`: this unit, unprivileged, could not run one in the worker's
+delegated cgroup; the image's build runs `sandbox doctor` under the worker unit's hardening.
+While OpenBao is sealed it says so once and waits (the operator runs `appliance unseal`, or the
+seed carries the shares)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import httpx
 
 STATE = os.environ.get("APPLIANCE_STATE", "/var/lib/appliance")
 APPLIANCE = "/usr/local/bin/appliance"
-SANDBOX = "/usr/local/bin/sandbox"
 ADD = "/usr/local/lib/appliance/add.py"
 #: How long the API may take to become ready (first boot under TCG: OpenBao's init and the
 #: bootstrap take minutes), and how long a sealed OpenBao is waited for.
@@ -74,10 +76,6 @@ def main() -> int:
             say("SELFTEST: WAITING: OpenBao is sealed: run `appliance unseal`")
             said_sealed = True
         time.sleep(3)
-    doctor = json.loads(run(SANDBOX, "doctor", "--json"))
-    inactive = [name for name, layer in doctor["layers"].items() if not layer["active"]]
-    if not doctor["ok"] or inactive:
-        raise RuntimeError(f"sandbox doctor: inactive layers {inactive}")
     out = run(
         APPLIANCE,
         "--state",
