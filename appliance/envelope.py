@@ -59,13 +59,14 @@ class Envelope:
             raise SealBroken("malformed envelope") from exc
 
 
-def seal(data_key: bytes, wrapped_key: str, plaintext: bytes, aad: bytes) -> Envelope:
-    """Encrypt `plaintext` under `data_key`, bound to `aad`."""
+def seal(data_key: bytes | bytearray, wrapped_key: str, plaintext: bytes, aad: bytes) -> Envelope:
+    """Encrypt `plaintext` under `data_key`, bound to `aad`. The AES-GCM context (OpenSSL's copy
+    of the key) lives for this call only; OpenSSL clears it when it is freed."""
     nonce = os.urandom(_NONCE_BYTES)
     return Envelope(wrapped_key, nonce, AESGCM(data_key).encrypt(nonce, plaintext, aad))
 
 
-def open_envelope(data_key: bytes, envelope: Envelope, aad: bytes) -> bytes:
+def open_envelope(data_key: bytes | bytearray, envelope: Envelope, aad: bytes) -> bytes:
     """Decrypt and authenticate; raise SealBroken if the key, the data or the binding is wrong."""
     try:
         return AESGCM(data_key).decrypt(envelope.nonce, envelope.ciphertext, aad)

@@ -14,14 +14,25 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .envelope import Envelope, open_envelope, seal
+from .envelope import Envelope, seal
 from .errors import ApplianceError, SealBroken
-from .keyservice import KeyService
+from .keyservice import (
+    EnvelopeKeys,
+    KeyService,
+    open_under,
+    parse_versioned,
+    seal_under,
+)
 from .specs import JobSpec, ResultBody
 
 JOBS_KEY = "jobs"
 RESULTS_KEY = "results"
+#: Transit key of the HMACs of idempotency records, and of task messages signed before issue 16
+#: (still verified through transit while such messages may be queued: `MESSAGE_TTL_SECONDS`).
 SIGNING_KEY = "task-signing"
+#: Transit key (Ed25519) that signs task messages: the API signs through transit, workers check
+#: in-process against the public keys they pinned (`keyservice.PinnedSignatures`).
+MESSAGE_KEY = "task-messages"
 #: Transit key of the value carried from one workflow step to the next (worker to worker).
 CARRY_KEY = "carry"
 #: How long an enqueued message stays valid: a job not started by then is refused.
@@ -105,22 +116,35 @@ class JobMessage:
         ).encode()
 
 
+_ED25519_SIGNATURE_BYTES = 64
+
+
 def sign_message(
     transit: KeyService, message: JobMessage, task_name: str, now: float
 ) -> JobMessage:
-    """Give the message a nonce, an expiry and the API's signature (an OpenBao HMAC)."""
+    """Give the message a nonce, an expiry and the API's signature (Ed25519, by transit)."""
     unsigned = replace(message, nonce=secrets.token_hex(16), expires=int(now) + MESSAGE_TTL_SECONDS)
-    return replace(unsigned, signature=transit.hmac(SIGNING_KEY, unsigned.signed_bytes(task_name)))
+    return replace(unsigned, signature=transit.sign(MESSAGE_KEY, unsigned.signed_bytes(task_name)))
 
 
 def verify_message(transit: KeyService, message: JobMessage, task_name: str, now: float) -> None:
-    """Raise MessageRejected unless the API signed this message and it has not expired."""
+    """Raise MessageRejected unless the API signed this message and it has not expired.
+
+    An Ed25519 signature (64 bytes) is checked in this process against `task-messages`' pinned
+    public keys; any other `vault:` signature is taken for an HMAC of `task-signing` (messages
+    signed before issue 16) and checked by transit, as before.
+    """
     if message.expires < now:
         raise MessageRejected("expired")
-    if not message.signature.startswith("vault:") or not transit.verify_hmac(
-        SIGNING_KEY, message.signed_bytes(task_name), message.signature
-    ):
-        raise MessageRejected("bad signature")
+    signed = message.signed_bytes(task_name)
+    try:
+        _, raw = parse_versioned(message.signature)
+        if len(raw) == _ED25519_SIGNATURE_BYTES:
+            transit.verify_signature(MESSAGE_KEY, signed, message.signature)
+        elif not transit.verify_hmac(SIGNING_KEY, signed, message.signature):
+            raise SealBroken("bad hmac")
+    except SealBroken:
+        raise MessageRejected("bad signature") from None
 
 
 def _job_aad(task_id: str, result_key: str, client: str) -> bytes:
@@ -135,17 +159,16 @@ def _result_aad(result_key: str, client: str, owner_key: str) -> bytes:
 
 def seal_job(transit: KeyService, spec: JobSpec, task_id: str, result_key: str, client: str) -> str:
     """Seal a job specification for the broker."""
-    key, wrapped = transit.data_key(JOBS_KEY, client)
     aad = _job_aad(task_id, result_key, client)
-    return seal(key, wrapped, json.dumps(spec.to_json()).encode(), aad).to_json()
+    return seal_under(transit, JOBS_KEY, client, json.dumps(spec.to_json()).encode(), aad).to_json()
 
 
 def open_job(transit: KeyService, message: JobMessage) -> JobSpec:
     """Open a sealed job; raise SealBroken if it was altered or moved."""
     envelope = Envelope.from_json(message.sealed_job)
-    key = transit.unwrap_key(JOBS_KEY, envelope.wrapped_key, message.client)
     aad = _job_aad(message.task_id, message.result_key, message.client)
-    return JobSpec.from_json(json.loads(open_envelope(key, envelope, aad)))
+    plaintext = open_under(transit, JOBS_KEY, message.client, envelope, aad)
+    return JobSpec.from_json(json.loads(plaintext))
 
 
 def seal_result(
@@ -153,20 +176,32 @@ def seal_result(
 ) -> str:
     """Seal a result body for Redis, for `client` holding the key whose SHA-256 is `owner_key`
     (`JobSpec.owner_key_sha256`; empty for a job that could not be opened: nobody reads it)."""
-    key, wrapped = transit.data_key(RESULTS_KEY, client)
     plaintext = json.dumps(body.to_json()).encode()
-    return seal(key, wrapped, plaintext, _result_aad(result_key, client, owner_key)).to_json()
+    aad = _result_aad(result_key, client, owner_key)
+    return seal_under(transit, RESULTS_KEY, client, plaintext, aad).to_json()
 
 
 def seal_results(
     transit: KeyService, bodies: dict[str, ResultBody], client: str, owner_key: str = ""
 ) -> dict[str, str]:
-    """Seal several result bodies of one client under one data key (one OpenBao call)."""
-    key, wrapped = transit.data_key(RESULTS_KEY, client)
+    """Seal several result bodies of one client (under one data key when the key service
+    caches them; see `keyservice.DataKeyCache`)."""
+    if not isinstance(transit, EnvelopeKeys):
+        key, wrapped = transit.data_key(RESULTS_KEY, client)
+        return {
+            result_key: seal(
+                key,
+                wrapped,
+                json.dumps(body.to_json()).encode(),
+                _result_aad(result_key, client, owner_key),
+            ).to_json()
+            for result_key, body in bodies.items()
+        }
     return {
-        result_key: seal(
-            key,
-            wrapped,
+        result_key: seal_under(
+            transit,
+            RESULTS_KEY,
+            client,
             json.dumps(body.to_json()).encode(),
             _result_aad(result_key, client, owner_key),
         ).to_json()
@@ -180,9 +215,8 @@ def open_result(
     """Open a stored result for its own client, holding the key it was accepted under; raise
     SealBroken otherwise."""
     envelope = Envelope.from_json(sealed)
-    key = transit.unwrap_key(RESULTS_KEY, envelope.wrapped_key, client)
-    plaintext = open_envelope(key, envelope, _result_aad(result_key, client, owner_key))
-    return ResultBody.from_json(json.loads(plaintext))
+    aad = _result_aad(result_key, client, owner_key)
+    return ResultBody.from_json(json.loads(open_under(transit, RESULTS_KEY, client, envelope, aad)))
 
 
 def open_client_result(
@@ -212,8 +246,8 @@ def _carry_aad(message: JobMessage) -> bytes:
 
 def attach_carry(transit: KeyService, message: JobMessage, value: Any) -> JobMessage:
     """The next workflow step's message, carrying `value` sealed to that step alone."""
-    key, wrapped = transit.data_key(CARRY_KEY, message.client)
-    sealed = seal(key, wrapped, json.dumps(value).encode(), _carry_aad(message))
+    plaintext = json.dumps(value).encode()
+    sealed = seal_under(transit, CARRY_KEY, message.client, plaintext, _carry_aad(message))
     return replace(message, carry=sealed.to_json())
 
 
@@ -222,5 +256,4 @@ def open_carry(transit: KeyService, message: JobMessage) -> Any:
     if not message.carry:
         raise SealBroken("no carried value")
     envelope = Envelope.from_json(message.carry)
-    key = transit.unwrap_key(CARRY_KEY, envelope.wrapped_key, message.client)
-    return json.loads(open_envelope(key, envelope, _carry_aad(message)))
+    return json.loads(open_under(transit, CARRY_KEY, message.client, envelope, _carry_aad(message)))

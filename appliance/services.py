@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .audit import AuditLog, TransitSigner
+from .keyservice import CacheBounds, DataKeyCache
 from .settings import Settings
 from .store import RedisStores
 from .vault import Transit, VaultSession
@@ -37,7 +38,22 @@ def connect(settings: Settings, source: str) -> Connected:
     files = settings.service_files()
     session = login(settings)
     stores = RedisStores.connect(settings, session)
-    transit = Transit(session, settings.transit_mount)
+    transit = Transit(
+        session,
+        settings.transit_mount,
+        cache=DataKeyCache(
+            CacheBounds(
+                settings.data_key_max_age_seconds,
+                settings.data_key_max_messages,
+                settings.data_key_max_bytes,
+                settings.data_key_max_keys,
+            )
+        ),
+        signing_refresh_seconds=settings.signing_key_refresh_seconds,
+        # The API reads the keys' generation from Redis (`registry:*` is readable to it only);
+        # workers take it from each sealed job.
+        generation=stores.key_generation.current if source == "api" else None,
+    )
     audit = AuditLog.open(files.audit_log, TransitSigner(transit), source=source)
     audit.start_checkpoint_timer()
     return Connected(session, transit, stores, audit)

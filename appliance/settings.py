@@ -95,6 +95,19 @@ class Settings(BaseSettings):
     vault_token_file: Path | None = None
     transit_mount: str = "transit"
     kv_mount: str = "kv"
+    # Data keys (issue 16; SECURITY.md, "Envelope keys"): one transit data key seals messages of
+    # one client for one purpose until it is this old, has sealed this many messages or this many
+    # bytes; an unwrapped key opens envelopes for this long after it was unwrapped. Held in the
+    # process that uses it only, wiped on eviction. Any of the first three at 0: a fresh key per
+    # seal and a transit call per open.
+    data_key_max_age_seconds: float = Field(default=60.0, ge=0, le=3600)
+    data_key_max_messages: int = Field(default=1000, ge=0, le=1_000_000)
+    data_key_max_bytes: int = Field(default=64 * 2**20, ge=0, le=2**34)
+    data_key_max_keys: int = Field(default=512, ge=1, le=100_000)
+    # How often a worker reads the task-message signing key's configuration again (its public
+    # keys are pinned per version; a version retired by `keys rotate --min-decryption-version`
+    # is refused at most this long after the retirement).
+    signing_key_refresh_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     result_ttl_seconds: int = Field(default=300, ge=1, le=86400)
     result_prefix: str = "result:"

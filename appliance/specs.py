@@ -79,6 +79,9 @@ class JobSpec:
     #: The SHA-256 of the client's public key when the job was accepted: the result is sealed
     #: to it, so a key that replaces it later cannot read the result (`jobs.seal_result`).
     owner_key_sha256: str = ""
+    #: The transit keys' generation when the job was accepted (`registry:keys`, renewed by
+    #: `appliance keys rotate`): a worker that sees a new one drops the data keys it cached.
+    keys_generation: str = ""
 
     def to_json(self) -> dict[str, Any]:
         raw: dict[str, Any] = {
@@ -95,6 +98,8 @@ class JobSpec:
             raw["workflow"] = self.workflow.to_json()
         if self.owner_key_sha256:
             raw["owner_key_sha256"] = self.owner_key_sha256
+        if self.keys_generation:
+            raw["keys_generation"] = self.keys_generation
         return raw
 
     @classmethod
@@ -111,6 +116,7 @@ class JobSpec:
             secret_globs=list(raw.get("secret_globs", [])),
             workflow=WorkflowPlace.from_json(workflow) if workflow else None,
             owner_key_sha256=str(raw.get("owner_key_sha256", "")),
+            keys_generation=str(raw.get("keys_generation", "")),
         )
 
     def at(self, place: WorkflowPlace) -> JobSpec:

@@ -21,7 +21,9 @@ import hvac
 import hvac.exceptions
 import requests
 
+from .envelope import Envelope, open_envelope, seal
 from .errors import DependencyUnavailable, Forbidden, NotFound, SealBroken
+from .keyservice import DataKeyCache, PinnedSignatures, SigningKeyRing
 from .secret_names import check_secret_name
 
 T = TypeVar("T")
@@ -335,11 +337,71 @@ def read_flower_credential(session: VaultSession, mount: str = "kv") -> FlowerCr
 
 
 class Transit:
-    """Envelope keys from the transit engine: data keys derived per context."""
+    """Envelope keys from the transit engine: data keys derived per context, cached within
+    `cache`'s bounds when given (`DataKeyCache`); Ed25519 signatures made by transit and
+    checked in this process against pinned public keys (`PinnedSignatures`)."""
 
-    def __init__(self, session: VaultSession, mount: str = "transit") -> None:
+    def __init__(
+        self,
+        session: VaultSession,
+        mount: str = "transit",
+        cache: DataKeyCache | None = None,
+        signing_refresh_seconds: float = 30.0,
+        generation: Callable[[], str | None] | None = None,
+    ) -> None:
         self.session = session
         self.mount = mount
+        self.cache = cache
+        self.pins = PinnedSignatures(self.signing_keys, refresh_seconds=signing_refresh_seconds)
+        self._generation = generation
+
+    def generation(self) -> str:
+        """The transit keys' generation (`registry:keys` in Redis, read by the API each time);
+        "" in a process given no reader (a worker takes it from the sealed job)."""
+        return (self._generation() or "") if self._generation is not None else ""
+
+    def seal_envelope(self, key_name: str, context: str, plaintext: bytes, aad: bytes) -> Envelope:
+        """`plaintext` sealed under a (cached) data key of `key_name` for `context`."""
+        if self.cache is None:
+            key, wrapped = self.data_key(key_name, context)
+            return seal(key, wrapped, plaintext, aad)
+        return self.cache.seal(
+            key_name, context, plaintext, aad, lambda: self.data_key(key_name, context)
+        )
+
+    def open_envelope(self, key_name: str, context: str, envelope: Envelope, aad: bytes) -> bytes:
+        """The plaintext of `envelope`, its data key unwrapped by transit (or the cache)."""
+
+        def unwrap() -> bytes:
+            return self.unwrap_key(key_name, envelope.wrapped_key, context)
+
+        if self.cache is None:
+            return open_envelope(unwrap(), envelope, aad)
+        return self.cache.open(key_name, context, envelope, aad, unwrap)
+
+    def verify_signature(self, key_name: str, message: bytes, signature: str) -> None:
+        """Return if `signature` is transit's Ed25519 signature of `message` under a version of
+        `key_name` that is not retired; raise SealBroken otherwise. Checked here, against the
+        version's public key read once from transit and pinned."""
+        self.pins.verify(key_name, message, signature)
+
+    def signing_keys(self, key_name: str) -> SigningKeyRing:
+        """An Ed25519 key's public halves by version and its minimum accepted version."""
+        data = self.session.call(
+            lambda c: c.secrets.transit.read_key(name=key_name, mount_point=self.mount)
+        )["data"]
+        try:
+            if data["type"] != "ed25519":
+                raise ValueError(f"transit key {key_name} is not an ed25519 key")
+            return SigningKeyRing(
+                {
+                    int(v): base64.b64decode(meta["public_key"], validate=True)
+                    for v, meta in data["keys"].items()
+                },
+                int(data["min_decryption_version"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SealBroken(f"transit key {key_name} has no usable public keys") from exc
 
     def data_key(self, key_name: str, context: str) -> tuple[bytes, str]:
         """A fresh 256-bit data key: (plaintext key, wrapped key `vault:vN:…`)."""
@@ -389,7 +451,7 @@ class Transit:
         return bool(data["valid"])
 
     def sign(self, key_name: str, message: bytes) -> str:
-        """An Ed25519 signature of `message` (`vault:vN:…`)."""
+        """An Ed25519 signature of `message` (`vault:vN:…`): one OpenBao call."""
         data = self.session.call(
             lambda c: c.secrets.transit.sign_data(
                 name=key_name,

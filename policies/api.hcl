@@ -20,8 +20,13 @@ path "transit/decrypt/results" {
   capabilities = ["update"]
 }
 
-# Sign the task envelope, so that the worker runs only what the API accepted.
+# HMACs of idempotency records (and, before issue 16, of task messages).
 path "transit/hmac/task-signing" {
+  capabilities = ["update"]
+}
+
+# Sign the task message (Ed25519), so that the worker runs only what the API accepted.
+path "transit/sign/task-messages" {
   capabilities = ["update"]
 }
 

@@ -20,7 +20,12 @@ path "transit/decrypt/carry" {
   capabilities = ["update"]
 }
 
-# Check the API's signature on a task envelope (verify with `hmac=`, or recompute it).
+# Check the API's signature on a task message: read the Ed25519 key's public halves (pinned
+# per version) and its minimum version; nothing secret is readable here.
+path "transit/keys/task-messages" {
+  capabilities = ["read"]
+}
+# Messages signed before issue 16 carry an HMAC of `task-signing`: checked by transit.
 path "transit/verify/task-signing" {
   capabilities = ["update"]
 }

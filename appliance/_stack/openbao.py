@@ -80,6 +80,9 @@ TRANSIT_KEYS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "jobs": {"key_type": "aes256-gcm96", "derived": True},
         "carry": {"key_type": "aes256-gcm96", "derived": True},
         "task-signing": {"key_type": "aes256-gcm96"},
+        # Task messages (issue 16): signed by the API through transit, checked by workers
+        # against the public keys they pin per version.
+        "task-messages": {"key_type": "ed25519"},
         "audit": {"key_type": "ed25519"},
     }
 )

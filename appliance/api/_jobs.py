@@ -10,6 +10,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from .. import workflows
@@ -22,7 +23,7 @@ from ..jobs import (
     seal_job,
     sign_message,
 )
-from ..keyservice import KeyService
+from ..keyservice import KeyService, keys_generation
 from ..queue import TASK_NAME
 from ..registry import Client
 from ..results import check_result_key, new_result_key
@@ -111,10 +112,15 @@ class Submissions:
         }
 
     def _sign_job(self, client: Client, spec: JobSpec) -> JobMessage:
-        """Seal a job and sign its message: identifiers and ciphertext only."""
+        """Seal a job and sign its message: identifiers and ciphertext only. The job carries
+        the transit keys' generation, so that the worker drops its cached data keys once the
+        operator has rotated or retired a key (`keyservice.keys_generation`)."""
         task_id = str(uuid.uuid4())
         result_key = new_result_key(spec.function, int(self.clock() * 1000))
-        sealed = seal_job(self.transit, spec, task_id, result_key, client.keyid)
+        generation = self.transit.generation()
+        spec = replace(spec, keys_generation=generation)
+        with keys_generation(generation):
+            sealed = seal_job(self.transit, spec, task_id, result_key, client.keyid)
         message = JobMessage(task_id, result_key, client.keyid, sealed)
         return sign_message(self.transit, message, TASK_NAME, self.clock())
 
@@ -193,7 +199,8 @@ class Results:
             # Sealed to the key the client had when the job was accepted: a key put in its
             # place since (`clients rotate-key`, or a write to the registry) does not open it.
             owner_key = client.public_key_sha256()
-            body = open_client_result(self.transit, stored.sealed, key, client.keyid, owner_key)
+            with keys_generation(self.transit.generation()):
+                body = open_client_result(self.transit, stored.sealed, key, client.keyid, owner_key)
         except SealBroken as exc:
             raise NotFound("the result cannot be opened", code="result_unavailable") from exc
         expires_at = self.clock() + stored.ttl_ms / 1000

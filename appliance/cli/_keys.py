@@ -23,7 +23,7 @@ def keys() -> None:
     multiple=True,
     default=("results", "jobs"),
     show_default=True,
-    type=click.Choice(["results", "jobs", "task-signing", "audit"]),
+    type=click.Choice(["results", "jobs", "task-signing", "task-messages", "audit"]),
 )
 @click.option(
     "--min-decryption-version",
@@ -61,7 +61,24 @@ def keys_rotate(
                 stack.export_audit_keys(
                     _state(ctx), st["vault_addr"], token_file.read_text().strip()
                 )
+        _renew_keys_generation(ctx)
     except ApplianceError as exc:
         _fail(exc.detail, 1)
     finally:
         audit.close()
+
+
+def _renew_keys_generation(ctx: click.Context) -> None:
+    """Tell the services that the keys changed: they drop their cached data keys on the next
+    job or request (issue 16; SECURITY.md, "Envelope keys")."""
+    from ..store import RedisGeneration, keys
+
+    try:
+        RedisGeneration(stack.admin_redis(_state(ctx)), keys.KEYS_GENERATION_KEY).renew()
+    except (ApplianceError, OSError):
+        _fail(
+            "the keys are changed in OpenBao, but their generation could not be renewed in "
+            "Redis: services may keep using the data keys they cached for up to "
+            "APPLIANCE_DATA_KEY_MAX_AGE_SECONDS (60 s by default)",
+            1,
+        )

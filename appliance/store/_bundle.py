@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..settings import Settings
 from ..vault import VaultSession
+from . import _keys
 from ._connection import connect
 from ._generation import RedisGeneration
 from ._idempotency import RedisIdempotency
@@ -24,6 +25,8 @@ class RedisStores:
     limiter: RedisRateLimiter
     generation: RedisGeneration
     idempotency: RedisIdempotency
+    #: The transit keys' generation (`registry:keys`), renewed by `appliance keys rotate`.
+    key_generation: RedisGeneration
 
     @classmethod
     def connect(cls, settings: Settings, session: VaultSession) -> RedisStores:
@@ -35,4 +38,5 @@ class RedisStores:
             RedisRateLimiter(client),
             RedisGeneration(client),
             RedisIdempotency(client),
+            RedisGeneration(client, _keys.KEYS_GENERATION_KEY),
         )

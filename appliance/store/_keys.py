@@ -26,7 +26,9 @@ IDEMPOTENCY = "idempotency:"
 STORAGE = "storage:"
 #: Live workers: the sorted set `heartbeat:workers` (member host:pid, score unix time).
 HEARTBEAT = "heartbeat:"
-#: The registry's generation token `registry:generation` (written by the operator as admin).
+#: The registry's generation token `registry:generation`, and the transit keys' generation
+#: `registry:keys` (issue 16: renewed by `appliance keys rotate`; the API's data-key cache is
+#: cleared when it changes). Both written by the operator as admin, read by the API.
 REGISTRY = "registry:"
 #: Celery's broker keys, all under kombu's `global_keyprefix`.
 BROKER = "celery:"
@@ -48,6 +50,7 @@ PREFIXES = (
 
 HEARTBEAT_KEY = HEARTBEAT + "workers"
 REGISTRY_GENERATION_KEY = REGISTRY + "generation"
+KEYS_GENERATION_KEY = REGISTRY + "keys"
 
 
 def storage(keyid: str) -> str:

@@ -38,7 +38,7 @@ from ..errors import (
     SealBroken,
 )
 from ..jobs import JobMessage, MessageRejected, open_carry, open_job, seal_result, verify_message
-from ..keyservice import KeyService
+from ..keyservice import KeyService, keys_generation
 from ..observability import JOBS, observe_usage
 from ..queue import TASK_NAME
 from ..secret_names import check_secret_name, glob_allows
@@ -114,7 +114,11 @@ def execute(rt: Runtime, message: JobMessage, request_id: str | None = None) -> 
         spec: JobSpec | None = None
         try:
             spec = _open(rt, message)
-            return _claim_and_run(rt, message, _carried(rt, message, spec), ttl, now, request_id)
+            # The transit keys' generation the API sealed into the job: a new one clears this
+            # process's cached data keys before it seals the result (a rotation takes effect).
+            with keys_generation(spec.keys_generation if spec is not None else None):
+                carried = _carried(rt, message, spec)
+                return _claim_and_run(rt, message, carried, ttl, now, request_id)
         except _LEFT_TO_THE_TASK:
             raise
         except Exception as exc:  # noqa: BLE001 - the line drawn in `_LEFT_TO_THE_TASK`'s comment

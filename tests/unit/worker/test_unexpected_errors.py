@@ -129,16 +129,18 @@ def test_an_error_before_the_message_verified_writes_nothing(world: World) -> No
 
     @contextmanager
     def refusing() -> Iterator[None]:
-        original = world.keys.verify_hmac
+        # The message's signature is checked against a key read from OpenBao (issue 16: the
+        # public half of `task-messages`, pinned); OpenBao refuses that read.
+        original = world.keys.verify_signature
 
-        def verify(*args: Any) -> bool:
+        def verify(*args: Any) -> None:
             raise Forbidden("refused", code="vault_forbidden")
 
-        world.keys.verify_hmac = verify  # type: ignore[method-assign]
+        world.keys.verify_signature = verify  # type: ignore[method-assign]
         try:
             yield
         finally:
-            world.keys.verify_hmac = original  # type: ignore[method-assign]
+            world.keys.verify_signature = original  # type: ignore[method-assign]
 
     with refusing(), pytest.raises(Forbidden):  # The task's last resort audits it.
         execute(world.rt, message)
