@@ -160,15 +160,26 @@ def _print_response(resp: httpx.Response) -> int:
     return 0
 
 
+#: How long one long-poll asks the API to hold a result read (CONTRACT §5: at most 30 s), kept
+#: under the HTTP client's 30 s read timeout.
+LONG_POLL_SECONDS = 20
+
+
 def _wait_for(client: SignedClient, key: str, timeout: float = 120) -> httpx.Response:
+    """The result once it is stored, or the last 202 at `timeout`. Each read long-polls
+    (`wait=`): the API answers as soon as the result is stored. An API that answers a 202 before
+    the wait is over (one without long-polling) is polled with a backoff instead."""
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
-        resp = client.request("GET", "/get-result", params={"key": key})
+        wait = max(1, min(LONG_POLL_SECONDS, int(deadline - time.monotonic())))
+        asked = time.monotonic()
+        resp = client.request("GET", "/get-result", params={"key": key, "wait": str(wait)})
         if resp.status_code != 202 or time.monotonic() > deadline:
             return resp
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
+        if time.monotonic() - asked < wait:
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _client_options(fn: Any) -> Any:
