@@ -57,6 +57,9 @@ cp "$units"/*.service "$units"/*.target "$system"/
 for target in sysinit.target basic.target shutdown.target multi-user.target local-fs.target; do
   printf '[Unit]\nDescription=stub\n' > "$root/usr/lib/systemd/system/$target"
 done
+# Debian's own units that ours order against.
+printf '[Unit]\nDescription=stub\nDefaultDependencies=no\n[Service]\nType=oneshot\nExecStart=/bin/true\n' \
+  > "$root/usr/lib/systemd/system/nftables.service"
 # A stub at each command's path: verify refuses a command that is not executable.
 sed -n 's/^Exec[A-Za-z]*=[-@:+!|]*\([^ ]*\).*/\1/p' "$system"/*.service | sort -u |
   while read -r command; do

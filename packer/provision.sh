@@ -49,6 +49,8 @@ echo '/dev/vdb /var/lib/appliance ext4 defaults,nofail,nodev,nosuid,x-systemd.ma
 # Debian's own redis-server (installed for its binary) never runs: the appliance runs its own.
 systemctl disable redis-server.service >/dev/null 2>&1 || true
 systemctl mask redis-server.service >/dev/null
+# The firewall's rules must load on this kernel (a check: loading them here would cut Packer off).
+nft -c -f /etc/nftables.conf
 systemctl daemon-reload
 systemctl enable appliance.target appliance-seed.service appliance-selftest.service nftables.service
 systemctl set-default multi-user.target

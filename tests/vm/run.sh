@@ -78,6 +78,7 @@ trap 'exit 130' INT TERM
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 SSH_PORT=$(free_port)
 API_PORT=$(free_port)
+FW_PORT=$(free_port)   # forwarded to the guest's 9999, which the firewall must drop
 API_URL="https://127.0.0.1:$API_PORT"
 
 # --- 1. validate and gate -------------------------------------------------------------------
@@ -140,7 +141,7 @@ boot() { # NAME IMAGE SEED; then wait for `SELFTEST: OK` (or $4 as the line to w
     -drive "file=$image,if=virtio,format=qcow2,snapshot=on" \
     -drive "file=$work/data.qcow2,if=virtio,format=qcow2" \
     -drive "file=$seed,if=virtio,format=raw,readonly=on" \
-    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$API_PORT-:8443" \
+    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$API_PORT-:8443,hostfwd=tcp:127.0.0.1:$FW_PORT-:9999" \
     -device virtio-net-pci,netdev=n0 </dev/null &
   qemu_pid=$!
   local deadline=$(($(date +%s) + BOOT_TIMEOUT))
@@ -200,6 +201,16 @@ step "network exposure, secrets on disk"
 vm "ss -ltnH" | awk '{print $4}' | while read -r addr; do
   case "$addr" in 127.0.0.1:* | \[::1\]:* | *:8443 | *:22) ;; *) die "listening off loopback: $addr" ;; esac
 done
+# The firewall: a listener on every interface of the guest, port 9999, answers on its loopback
+# but not from outside (QEMU forwards the host's FW_PORT to the guest's eth0; QEMU accepts on
+# the host's side at once, so what tells is whether the listener's byte arrives).
+vm "nohup python3 -c 'import socket; s = socket.create_server((\"0.0.0.0\", 9999)); [s.accept()[0].sendall(b\"o\") for _ in range(100)]' >/dev/null 2>&1 &"
+vm "python3 -c 'import socket, time; time.sleep(1); assert socket.create_connection((\"127.0.0.1\", 9999), 5).recv(1) == b\"o\"'" \
+  || die "the probe listener does not answer on the guest's loopback"
+if "$PY" -c 'import socket, sys; s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5); s.settimeout(10); sys.exit(0 if s.recv(1) == b"o" else 1)' "$FW_PORT" 2>/dev/null; then
+  die "port 9999 of the guest answered from outside: the firewall let it through"
+fi
+vm "pkill -f 'create_server' || true"
 # No unseal share or root token on the data disk.
 vm "test ! -e /var/lib/appliance/secrets/bao-unseal.json" || die "unseal shares on the data disk"
 while read -r share; do
