@@ -9,9 +9,17 @@
 #   unseal-shares    unseal shares, one a line: `appliance-unseal.service` unseals with them.
 #   appliance.env    APPLIANCE_* settings of this site (e.g. APPLIANCE_API_AUTHORITIES).
 #   authorized_keys  root's SSH keys: SSH is enabled (and port 22 opened) only with this file.
-# operator.pub and unseal-shares go to /run/appliance/seed (a tmpfs, root only): never to a disk.
-# appliance.env and authorized_keys are kept on the data disk (/var/lib/appliance/site), so that
-# they outlive the seed and an image upgrade.
+# operator.pub and unseal-shares go to /run/appliance/seed (a tmpfs, root only): never to a disk;
+# appliance-unseal.service deletes the shares once it ran. appliance.env and authorized_keys are
+# kept on the data disk (/var/lib/appliance/site), so that they outlive the seed and an image
+# upgrade. A seed, when attached, is the whole truth for them: a file it lacks is removed from the
+# site (so a seed without authorized_keys turns SSH off again).
+#
+# appliance.env is an EnvironmentFile of every appliance unit, root's included: only lines
+# `APPLIANCE_NAME=value` are kept, carriage returns dropped (systemd ends a line at CR too), values
+# of letters, digits and `_.,:/@+-` only, and none of the settings that name a path, an address,
+# a port, a user, a credential or the TLS switch: a seed tunes the appliance, it does not re-point
+# it. A line dropped is named on the console.
 set -eu
 umask 077
 run=/run/appliance
@@ -25,10 +33,17 @@ if [ -n "$dev" ]; then
   mnt=$(mktemp -d)
   mount -o ro,nodev,nosuid,noexec "$dev" "$mnt"
   for f in operator.pub unseal-shares; do
-    if [ -f "$mnt/$f" ]; then install -m 0600 "$mnt/$f" "$seed/$f"; fi
+    if [ -f "$mnt/$f" ] && [ ! -L "$mnt/$f" ] && [ "$(stat -c %s "$mnt/$f")" -le 65536 ]; then
+      install -m 0600 "$mnt/$f" "$seed/$f"
+    fi
   done
   for f in appliance.env authorized_keys; do
-    if [ -f "$mnt/$f" ]; then install -m 0600 "$mnt/$f" "$site/$f"; fi
+    # Regular files only (no symlink of an ISO's Rock Ridge), at most 64 KiB.
+    if [ -f "$mnt/$f" ] && [ ! -L "$mnt/$f" ] && [ "$(stat -c %s "$mnt/$f")" -le 65536 ]; then
+      install -m 0600 "$mnt/$f" "$site/$f"
+    else
+      rm -f "$site/$f"
+    fi
   done
   umount "$mnt"
   rmdir "$mnt"
@@ -40,11 +55,20 @@ fi
 # This boot's settings: the image's defaults, its version, then the site's APPLIANCE_* lines
 # (only those: the file is an EnvironmentFile of every unit). The state directory is the units'.
 env=$run/appliance.env
+denied='^APPLIANCE_(STATE|IMAGE_VERSION|SERVICE_MANAGER|API_TLS|API_HOST|VAULT_.*|REDIS_.*|WORKER_USER|.*_(FILE|DIR|PATH|CA|CERT|KEY|LOG|HOST|ADDR|PORT|USER|USERNAME|PASSWORD|TOKEN|SECRET)S?)$'
 {
   cat "$lib/defaults.env" /etc/appliance/image.env
   if [ -f "$site/appliance.env" ]; then
-    grep -E '^APPLIANCE_[A-Z0-9_]+=' "$site/appliance.env" \
-      | grep -v -E '^APPLIANCE_(STATE|IMAGE_VERSION|SERVICE_MANAGER)=' || true
+    tr -d '\r' < "$site/appliance.env" | while IFS= read -r line; do
+      case "$line" in '' | '#'*) continue ;; esac
+      name=${line%%=*}
+      if printf '%s\n' "$line" | grep -qxE 'APPLIANCE_[A-Z0-9_]+=[A-Za-z0-9_.,:/@+-]*' \
+        && ! printf '%s\n' "$name" | grep -qE "$denied"; then
+        printf '%s\n' "$line"
+      else
+        echo "appliance-seed: ignored ${name%%[!A-Za-z0-9_]*} from the seed's appliance.env" >&2
+      fi
+    done
   fi
 } > "$env.tmp"
 if ! grep -q '^APPLIANCE_API_AUTHORITIES=' "$env.tmp"; then
