@@ -17,6 +17,7 @@ import shutil
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -458,21 +459,31 @@ def _share_audit_and_metrics(state: Path, users: Mapping[str, _stack.RunAs] | No
     gid = _stack.shared_gid()
     directory = audit_log(state).parent
     os.chown(directory, 0, gid)
-    # setgid: every file made in it belongs to the group (the writers make them 0660).
-    os.chmod(directory, 0o2770)  # noqa: S103 - the group of the API and the worker only
+    # setgid: every file made in it belongs to the group (the writers make them 0660). Sticky:
+    # a writer removes or renames only its own files, never the other's log or root's keys.
+    os.chmod(directory, 0o3770)  # noqa: S103 - the group of the API and the worker only
     from .audit import AuditPaths
 
-    for path in directory.iterdir():
-        if path == AuditPaths(audit_log(state)).public_keys:
-            # What `audit verify` trusts first: root's alone, readable by all.
-            os.chown(path, 0, 0)
-            os.chmod(path, 0o644)
-            continue
-        os.chown(path, -1, gid)
-        group_bits = 0o040 if path.name.endswith(".key") else 0o060
-        os.chmod(path, (path.stat().st_mode & 0o777) | group_bits)
+    public_keys = AuditPaths(audit_log(state)).public_keys
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        # Every entry may have been made by a writer (a symlink to `secrets/backup.token`, a
+        # FIFO): each is changed through a descriptor of a regular file, never by its name.
+        for name in os.listdir(dir_fd):
+            if name == public_keys.name:
+                # What `audit verify` trusts first: root's alone, readable by all.
+                _stack.set_owner_and_mode(Path(name), 0, 0, lambda _: 0o644, dir_fd=dir_fd)
+                continue
+            group_bits = 0o040 if name.endswith(".key") else 0o060
+            _stack.set_owner_and_mode(Path(name), -1, gid, _with_bits(group_bits), dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
     os.chown(metrics_token_file(state), 0, gid)
     os.chmod(metrics_token_file(state), 0o640)
+
+
+def _with_bits(bits: int) -> Callable[[int], int]:
+    return lambda mode: mode | bits
 
 
 def _ensure_local_client(state: Path, bao: _stack.BaoHandle) -> None:
@@ -962,7 +973,13 @@ def export_audit_keys(state: Path, addr: str, token: str) -> None:
     from .vault import Transit
 
     signer = TransitSigner(Transit(VaultSession(addr, token)))
-    export_public_keys(signer, AuditPaths(audit_log(state)).public_keys)
+    target = AuditPaths(audit_log(state)).public_keys
+    # Written in a directory of root's, then renamed into the audit directory: its writers may
+    # have planted a symlink where `export_public_keys` puts its temporary file.
+    with tempfile.TemporaryDirectory(dir=state, prefix=".audit-keys.") as private:
+        written = Path(private) / target.name
+        export_public_keys(signer, written)
+        os.replace(written, target)
 
 
 def audit_anchors(state: Path) -> VaultAnchorStore | None:

@@ -73,6 +73,7 @@ from .seal import (
     seal_mode,
     unseal_keys_file,
 )
+from .shared_dirs import NotRegularFile, set_owner_and_mode
 from .users import RunAs, check_reachable, service_users, shared_gid
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "REDIS_ENV",
     "BaoHandle",
     "Bootstrap",
+    "NotRegularFile",
     "OpenBaoSealed",
     "Pki",
     "RedisHandle",
@@ -132,6 +134,7 @@ __all__ = [
     "read_pid_file",
     "render_acl",
     "service_users",
+    "set_owner_and_mode",
     "shared_gid",
     "data_dir",
     "generate_root_token",

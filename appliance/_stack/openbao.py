@@ -48,7 +48,7 @@ import hvac
 from ..vault import FLOWER_CREDENTIAL_PATH
 from .enrolment import _live as _live_enrolment
 from .enrolment import ensure_enrolment_role
-from .pki import write_private
+from .pki import write_file, write_private
 from .policy_files import policies_dir
 from .procs import (
     StackError,
@@ -59,6 +59,7 @@ from .procs import (
     wait_for_port,
 )
 from .seal import OpenBaoSealed, Seal, Shares, SharesRefused, seal_for
+from .shared_dirs import NotRegularFile, read_regular
 from .users import RunAs
 
 HOST = "127.0.0.1"
@@ -365,8 +366,9 @@ def prepare_openbao(state_dir: Path, port: int, *, run_as: RunAs | None = None) 
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o700)
     data_dir(state_dir).mkdir(mode=0o700, exist_ok=True)
-    (workdir / "config.hcl").write_text(_config_hcl(state_dir, port))
-    (workdir / "endpoint.json").write_text(json.dumps({"addr": f"http://{HOST}:{port}"}))
+    # Its directory is OpenBao's user's: new files renamed in, never through a planted name.
+    write_file(workdir / "config.hcl", _config_hcl(state_dir, port).encode())
+    write_file(workdir / "endpoint.json", json.dumps({"addr": f"http://{HOST}:{port}"}).encode())
     if run_as is not None:
         run_as.own(workdir)
     return workdir
@@ -821,10 +823,14 @@ def _config_hcl(state_dir: Path, port: int) -> str:
 def _cluster_port(state_dir: Path) -> int:
     """Raft's cluster port: picked free on first start, then the same for the storage's life."""
     path = bao_dir(state_dir) / "cluster.json"
-    if path.is_file():
-        return int(json.loads(path.read_text())["cluster_port"])
+    try:
+        recorded = read_regular(path)  # OpenBao's user's directory: never through a symlink.
+    except NotRegularFile as exc:
+        raise StackError(f"{exc}: remove it (OpenBao's cluster port is picked again)") from None
+    if recorded is not None:
+        return int(json.loads(recorded)["cluster_port"])
     port = free_port(HOST)
-    path.write_text(json.dumps({"cluster_port": port}))
+    write_file(path, json.dumps({"cluster_port": port}).encode())
     return port
 
 

@@ -249,6 +249,12 @@ def _write_public(path: Path, data: bytes) -> None:
     _atomic_write(path, data, 0o644)
 
 
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically as a new file of `mode`: safe in a directory that a
+    service's user may write (a symlink planted at `path` is replaced, never followed)."""
+    _atomic_write(path, data, mode)
+
+
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)

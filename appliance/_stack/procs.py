@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ApplianceError
+from .pki import write_file
+from .shared_dirs import NotRegularFile, open_log, open_regular
 
 if TYPE_CHECKING:
     from .users import RunAs
@@ -78,7 +80,8 @@ def start_detached(
     """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+    # The log's directory may be the service user's: never through a name it planted.
+    with os.fdopen(open_log(log_file), "ab") as log:
         proc = subprocess.Popen(
             run_as.confine(list(argv)) if run_as is not None else list(argv),
             stdin=subprocess.DEVNULL,
@@ -111,16 +114,26 @@ def exec_service(
 
 
 def read_pid_file(pid_file: Path) -> int | None:
-    """The pid recorded in `pid_file` if that very process still runs, else None."""
+    """The pid recorded in `pid_file` if that very process still runs, else None.
+
+    The pid file lies in its service's directory, which that service's user may write: a pid
+    file is believed only when this process's user wrote it or when the process it names runs
+    as the file's owner (a service names its own processes, never root's or another's), and it
+    is read without following a symlink."""
     try:
-        fields = pid_file.read_text().split()
-    except FileNotFoundError:
+        fd = open_regular(pid_file)
+    except (FileNotFoundError, NotRegularFile):
         return None
+    with os.fdopen(fd, "rb") as handle:
+        owner = os.fstat(fd).st_uid
+        fields = handle.read(64).decode("ascii", "replace").split()
     if not fields or not fields[0].isdigit():
         return None
     pid = int(fields[0])
     if not pid_alive(pid):
         return None
+    if owner != os.geteuid() and _real_uid(pid) != owner:
+        return None  # Written by a service's user, about a process that is not its own.
     if len(fields) > 1 and fields[1] != str(_start_ticks(pid)):
         return None  # The pid was reused by another process.
     return pid
@@ -155,7 +168,19 @@ def pid_alive(pid: int) -> bool:
 
 
 def _write_pid_file(pid_file: Path, pid: int) -> None:
-    pid_file.write_text(f"{pid} {_start_ticks(pid)}\n")
+    write_file(pid_file, f"{pid} {_start_ticks(pid)}\n".encode())
+
+
+def _real_uid(pid: int) -> int | None:
+    """The real uid of `pid` (`/proc/PID/status`; its directory's owner is root's once a
+    process changed its uids)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _start_ticks(pid: int) -> int | None:

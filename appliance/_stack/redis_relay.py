@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ApplianceError
-from .pki import Pki
+from .pki import Pki, write_file
 from .procs import (
     StackError,
     free_port,
@@ -42,6 +42,7 @@ from .procs import (
     stop_by_pid_file,
     wait_for_port,
 )
+from .shared_dirs import NotRegularFile, read_regular
 from .users import RunAs
 
 HOST = "127.0.0.1"
@@ -232,11 +233,15 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 def relay_port(state_dir: Path) -> int:
     """The relay's port: picked free on first start, then kept (OpenBao's config names it)."""
     path = state_dir / "redis" / "relay.json"
-    if path.is_file():
-        return int(json.loads(path.read_text())["port"])
+    try:
+        recorded = read_regular(path)  # Redis's user's directory: never through a symlink.
+    except NotRegularFile as exc:
+        raise StackError(f"{exc}: remove it (the relay's port is picked again)") from None
+    if recorded is not None:
+        return int(json.loads(recorded)["port"])
     port = free_port(HOST)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.write_text(json.dumps({"port": port}))
+    write_file(path, json.dumps({"port": port}).encode())  # Redis's user's directory.
     return port
 
 

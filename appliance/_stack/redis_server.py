@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from ..settings import Settings
-from .pki import Pki, write_private
+from .pki import Pki, write_file, write_private
 from .policy_files import policies_dir
 from .procs import StackError, read_pid_file, start_detached, stop_by_pid_file, wait_for_port
 from .users import RunAs
@@ -169,7 +169,8 @@ def prepare_redis(
     workdir.chmod(0o700)
     acl = render_acl(state_dir, load_acl_policy(acl_policy), leased)
     write_private(workdir / "users.acl", acl.encode())
-    (workdir / "endpoint.json").write_text(json.dumps({"host": HOST, "port": port}))
+    # Its directory is Redis's user's: a new file renamed in, never through a planted name.
+    write_file(workdir / "endpoint.json", json.dumps({"host": HOST, "port": port}).encode())
     if run_as is not None:
         run_as.own(workdir)
     return workdir

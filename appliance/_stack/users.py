@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .procs import StackError
+from .shared_dirs import chown_tree
 
 #: The group of the services that write the audit log and read the metrics token.
 SHARED_GROUP = "appliance"
@@ -81,9 +82,8 @@ class RunAs:
     def own(self, *paths: Path, group: int | None = None) -> None:
         """Give each path (a file, or a directory with everything in it) to this user."""
         for path in paths:
-            gid = self.gid if group is None else group
-            for item in _walk(path):
-                os.chown(item, self.uid, gid, follow_symlinks=False)
+            # By descriptors: the user may have written the tree (`shared_dirs.chown_tree`).
+            chown_tree(path, self.uid, self.gid if group is None else group)
 
 
 def service_users() -> Mapping[str, RunAs] | None:
@@ -123,12 +123,6 @@ def check_reachable(*paths: Path) -> None:
                     "others may reach (./dev.sh builds its venv on /usr/bin/python3), or run "
                     "`appliance up` as a user other than root (every service then runs as it)."
                 )
-
-
-def _walk(path: Path) -> list[Path]:
-    if path.is_dir() and not path.is_symlink():
-        return [path, *path.rglob("*")]
-    return [path] if path.exists() else []
 
 
 def _ensure_group(name: str) -> int:
