@@ -15,13 +15,15 @@ before the services start).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import StackError
+from .procs import StackError, port_open
 
 _VERSION = re.compile(r"(\d{1,6})\.(\d{1,6})\.(\d{1,6})")
 
@@ -91,6 +93,14 @@ def plan(
     """What to do for this state and this code. Raises `DowngradeRefused`."""
     recorded = data_version(state_dir)
     if recorded is None:
+        if _holds_openbao_data(state_dir):
+            # Not new: written before versions were recorded, or version.json was lost. Taking
+            # it as this image's would accept any downgrade.
+            raise StackError(
+                f"{state_dir} holds OpenBao data but no {version_file(state_dir).name}: its "
+                "version is unknown, so it is neither upgraded nor stamped (write the version "
+                'that made it, {"version": "X.Y.Z"}, then run `appliance upgrade` again)'
+            )
         return Plan(NEW, None, code_version)
     old, new = parse_version(recorded), parse_version(code_version)
     if old > new:
@@ -101,8 +111,40 @@ def plan(
         )
     if old == new:
         return Plan(SAME, recorded, code_version)
+    if openbao_running(state_dir):
+        raise StackError(
+            "OpenBao runs on this state: stop it (`appliance down`, or its unit) before an "
+            "upgrade, whose backup copies its raft files"
+        )
     due = tuple(m for m in migrations if old < parse_version(m.version) <= new)
     return Plan(UPGRADE, recorded, code_version, due)
+
+
+def _holds_openbao_data(state_dir: Path) -> bool:
+    data = state_dir / "bao" / "data"
+    return data.is_dir() and any(data.iterdir())
+
+
+def openbao_running(state_dir: Path) -> bool:
+    """Whether an OpenBao serves this state's storage, however it was started (systemd writes
+    no pid file): its raft database is locked, or its recorded address answers."""
+    for name in ("vault.db", "raft/raft.db"):
+        try:
+            fd = os.open(state_dir / "bao" / "data" / name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # bbolt holds LOCK_EX while open.
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    try:
+        addr = json.loads((state_dir / "bao" / "endpoint.json").read_text())["addr"]
+        port = int(str(addr).rsplit(":", 1)[1])
+    except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError):
+        return False
+    return port_open("127.0.0.1", port)
 
 
 def migrate(state_dir: Path, steps: Plan) -> list[str]:
