@@ -185,7 +185,7 @@ def test_redis_and_openbao_read_nothing_of_the_services(appliance_stack: Stack) 
 def test_the_api_and_the_worker_share_the_audit_log(appliance_stack: Stack) -> None:
     directory = Path(appliance_stack.status["audit_log"]).parent
     mode = directory.stat().st_mode
-    assert mode & 0o7777 == 0o2770
+    assert mode & 0o7777 == 0o3770  # setgid and sticky (red team H1)
     # What `audit verify` trusts first is root's alone (the red team found it group-writable).
     keys = directory / "audit-pubkeys.json"
     assert keys.stat().st_uid == 0 and keys.stat().st_mode & 0o022 == 0
