@@ -2,10 +2,19 @@
 writes before it migrates.
 
 An archive is a tar, encrypted with age (binary format) to the operator's X25519 recipient, of
-`manifest.json` first and then its members. The manifest names the archive's format, kind and
-appliance version, when it was made, and each member's size and SHA-256; `open_archive` takes
-an archive only when its members are exactly those and match (else `BackupInvalid`), so that a
-restore never acts on a partial or altered archive.
+`manifest.json` first, `manifest.sig` (an online backup's: the manifest's signature by this
+appliance's transit key `backup`, `snapshot.py`) and then its members. The manifest names the
+archive's format, kind, appliance version and OpenBao cluster, when it was made, and each
+member's size and SHA-256; `open_archive` takes an archive only when its members are exactly
+those and match (else `BackupInvalid`), so that a restore never acts on a partial or altered
+archive. age gives confidentiality only (anyone holding the operator's recipient can make an
+archive): the signature, checked by the caller's `verify` before any member is extracted, is
+what says this appliance made it.
+
+Reading is bounded (red-team finding M3): a plain tar only (`r:`, no transparent
+decompression), regular non-sparse members whose size is the manifest's, a cap on the total
+(`max_bytes`), and the free space checked before anything is written, in a root-only
+temporary directory.
 
 Kinds:
 - `online` (`appliance backup`, services running): `openbao.snap`, a raft snapshot of OpenBao
@@ -24,9 +33,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,8 +46,13 @@ from typing import Any
 from . import age
 from .procs import StackError
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+#: The default cap on what a restore extracts (the sum of the members' sizes).
+MAX_RESTORE_BYTES = 16 << 30
+#: Room left on the disk beyond what the extraction takes.
+_FREE_MARGIN = 64 << 20
 SNAPSHOT = "openbao.snap"
 ONLINE, OFFLINE = "online", "offline"
 
@@ -61,6 +76,8 @@ class Archive:
 
     manifest: Mapping[str, Any]
     root: Path
+    #: The SHA-256 of the manifest's bytes (what the signature covers; the audit entry names it).
+    manifest_sha256: str
 
     def member(self, name: str) -> Path:
         """Where member `name` was extracted."""
@@ -68,10 +85,18 @@ class Archive:
 
 
 def write_archive(
-    out: Path, recipient: str, kind: str, version: str, members: Mapping[str, Path]
+    out: Path,
+    recipient: str,
+    kind: str,
+    version: str,
+    members: Mapping[str, Path],
+    *,
+    cluster: str | None = None,
+    sign: Callable[[bytes], str] | None = None,
 ) -> dict[str, Any]:
     """Encrypt a tar of a manifest and `members` (name in the archive -> file) to `recipient`,
-    into `out` (0600, written whole or not at all). Returns the manifest."""
+    into `out` (0600, written whole or not at all). `cluster` is OpenBao's cluster id, `sign`
+    signs the manifest's bytes (online backups). Returns the manifest."""
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "kind": kind,
@@ -80,11 +105,16 @@ def write_archive(
         "not_included": list(NOT_INCLUDED),
         "members": {name: _digest(path) for name, path in sorted(members.items())},
     }
+    if cluster is not None:
+        manifest["cluster_id"] = cluster
+    encoded = json.dumps(manifest, indent=1).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".backup-") as work:
         plain = Path(work) / "plain.tar"
         with tarfile.open(plain, "w") as tar:
-            _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=1).encode())
+            _add_bytes(tar, MANIFEST, encoded)
+            if sign is not None:
+                _add_bytes(tar, SIGNATURE, sign(encoded).encode())
             for name, path in sorted(members.items()):
                 tar.add(path, arcname=name, recursive=False, filter=_plain_member)
         sealed = Path(work) / "sealed.age"
@@ -97,12 +127,34 @@ def write_archive(
     return manifest
 
 
+#: What checks a manifest before any member is extracted: its bytes, its signature (None when
+#: the archive has none); returns or raises.
+Verify = Callable[[bytes, str | None], None]
+
+
 @contextmanager
-def open_archive(path: Path, identity_file: Path, work_parent: Path) -> Iterator[Archive]:
-    """Decrypt `path` with the operator's identity and verify it; yield it extracted in a
-    private directory under `work_parent` (removed afterwards). Raises `BackupInvalid`."""
+def open_archive(
+    path: Path,
+    identity_file: Path,
+    work_parent: Path,
+    *,
+    verify: Verify | None = None,
+    max_bytes: int = MAX_RESTORE_BYTES,
+) -> Iterator[Archive]:
+    """Decrypt `path` with the operator's identity and verify it (`verify` on the manifest
+    first, then every member against it); yield it extracted in a private directory under
+    `work_parent` (removed afterwards). Raises `BackupInvalid`."""
     work_parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BackupInvalid(f"cannot read {path}: {exc.strerror}") from None
+    if size > max_bytes:
+        raise BackupInvalid(f"{path} is larger than the cap of {max_bytes} bytes")
+    # The decrypted tar is about as large as the archive (age does not compress).
+    _check_free(work_parent, size)
     with tempfile.TemporaryDirectory(dir=work_parent, prefix=".restore-") as work:
+        os.chmod(work, 0o700)
         plain = Path(work) / "plain.tar"
         fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -114,44 +166,79 @@ def open_archive(path: Path, identity_file: Path, work_parent: Path) -> Iterator
             raise BackupInvalid(str(exc)) from None
         root = Path(work) / "members"
         root.mkdir(mode=0o700)
-        manifest = _extract_verified(plain, root)
+        manifest, digest = _extract_verified(plain, root, verify, max_bytes)
         plain.unlink()
-        yield Archive(manifest, root)
+        yield Archive(manifest, root, digest)
 
 
-def _extract_verified(plain: Path, root: Path) -> dict[str, Any]:
+def _extract_verified(
+    plain: Path, root: Path, verify: Verify | None, max_bytes: int
+) -> tuple[dict[str, Any], str]:
     try:
-        with tarfile.open(plain, "r") as tar:
+        # "r:": a plain tar only. "r" is "r:*", which decompresses gzip, bzip2 and xz on the
+        # fly: a few hundred bytes of xz would expand to gigabytes (red-team finding M3).
+        with tarfile.open(plain, "r:") as tar:
             members = tar.getmembers()
             if not members or members[0].name != MANIFEST:
                 raise BackupInvalid("not an appliance backup: no manifest first")
-            manifest = _manifest(tar, members[0])
+            raw_manifest = _read_small(tar, members[0], "the manifest")
+            manifest = _manifest(raw_manifest)
+            rest = members[1:]
+            signature = None
+            if rest and rest[0].name == SIGNATURE:
+                signature = _read_small(tar, rest[0], "the signature").decode("ascii", "replace")
+                rest = rest[1:]
+            if verify is not None:
+                verify(raw_manifest, signature)
             listed = manifest["members"]
-            names = [m.name for m in members[1:]]
+            names = [m.name for m in rest]
             if sorted(names) != sorted(listed) or len(set(names)) != len(names):
                 raise BackupInvalid("the archive's members are not those its manifest lists")
-            for member in members[1:]:
+            total = sum(m.size for m in rest)
+            if total > max_bytes:
+                raise BackupInvalid(f"the archive's members exceed the cap of {max_bytes} bytes")
+            _check_free(root, total)
+            for member in rest:
                 _extract_one(tar, member, root, listed[member.name])
     except (tarfile.TarError, OSError) as exc:
         raise BackupInvalid(f"the archive does not read as a tar: {exc}") from None
-    return manifest
+    return manifest, hashlib.sha256(raw_manifest).hexdigest()
 
 
-def _manifest(tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict[str, Any]:
+def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str) -> bytes:
+    if not member.isreg() or member.issparse() or member.size > 1 << 20:
+        raise BackupInvalid(f"{what} is not a small plain file")
     handle = tar.extractfile(member)
     if handle is None:
-        raise BackupInvalid("the manifest is not a file")
+        raise BackupInvalid(f"{what} is not a file")
+    return handle.read(member.size)
+
+
+def _check_free(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed + _FREE_MARGIN > free:
+        raise BackupInvalid(
+            f"not enough free space in {directory}: {needed} bytes needed (plus a margin of "
+            f"{_FREE_MARGIN}), {free} free"
+        )
+
+
+def _manifest(raw: bytes) -> dict[str, Any]:
     try:
-        manifest = json.loads(handle.read(1 << 20))
+        manifest = json.loads(raw)
     except ValueError:
         raise BackupInvalid("the manifest is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupInvalid(f"unknown backup format (this appliance reads format {FORMAT})")
     members = manifest.get("members")
     if not isinstance(members, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in members.values()
+        isinstance(v, dict)
+        and isinstance(v.get("sha256"), str)
+        and isinstance(v.get("size"), int)
+        and not isinstance(v.get("size"), bool)
+        for v in members.values()
     ):
-        raise BackupInvalid("the manifest lists no members with their SHA-256")
+        raise BackupInvalid("the manifest lists no members with their size and SHA-256")
     return manifest
 
 
@@ -159,8 +246,11 @@ def _extract_one(
     tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, expected: Mapping[str, Any]
 ) -> None:
     name = PurePosixPath(member.name)
-    if not member.isfile() or name.is_absolute() or ".." in name.parts:
+    # `isfile()` is true of a sparse member too (GNU sparse maps expand to any size).
+    if not member.isreg() or member.issparse() or name.is_absolute() or ".." in name.parts:
         raise BackupInvalid(f"member {member.name!r} is not a plain file inside the archive")
+    if member.size != expected["size"]:
+        raise BackupInvalid(f"member {member.name!r} does not have the size its manifest says")
     source = tar.extractfile(member)
     if source is None:
         raise BackupInvalid(f"member {member.name!r} has no content")
@@ -168,8 +258,12 @@ def _extract_one(
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     digest = hashlib.sha256()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    written = 0
     with os.fdopen(fd, "wb") as out:
         while chunk := source.read(1 << 16):
+            written += len(chunk)
+            if written > member.size:
+                raise BackupInvalid(f"member {member.name!r} is longer than it says")
             digest.update(chunk)
             out.write(chunk)
     if digest.hexdigest() != expected["sha256"]:
