@@ -43,6 +43,9 @@ class EventType(StrEnum):
     # with the key fingerprints and globs before and after: never a secret value.
     CLIENT_CHANGED = "client.changed"
     CREDENTIAL_ROTATED = "credential.rotated"
+    # `appliance restore` (issue 15, red-team finding M1): the backup put in place (its
+    # manifest's SHA-256 and time), the replaced log's head and where it is kept, and who ran it.
+    APPLIANCE_RESTORED = "appliance.restored"
     # Written by the audit log itself, never by callers.
     CHECKPOINT = "checkpoint"
     CHECKPOINT_FAILED = "checkpoint.failed"
@@ -213,6 +216,12 @@ FIELDS: Mapping[str, Callable[[str, Any], Any]] = {
     "previous_function_globs": _globs,
     "secret_globs": _globs,
     "previous_secret_globs": _globs,
+    # A restore (`appliance.restored`).
+    "manifest_sha256": _hex64,
+    "backup_created": _timestamp,
+    "replaced_to_seq": _NONNEG,
+    "replaced_head_hash": _hex64,
+    "replaced_log": _ident,
 }
 
 #: Names of the plaintext-taking keywords: consumed, never stored.
@@ -293,6 +302,9 @@ RULES: Mapping[EventType, _Rule] = {
         "secret_globs previous_secret_globs",
     ),
     EventType.CREDENTIAL_ROTATED: _rule("credential", "actor code key_version"),
+    EventType.APPLIANCE_RESTORED: _rule(
+        "actor manifest_sha256 backup_created replaced_to_seq replaced_log", "replaced_head_hash"
+    ),
     EventType.CHECKPOINT: _rule(
         "from_seq to_seq head_hash merkle_root signed_at signature key_version"
     ),

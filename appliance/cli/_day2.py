@@ -17,7 +17,6 @@ import click
 from .. import maintenance
 from .._stack import (
     OPERATOR_MODE,
-    OpenBaoSealed,
     Shares,
     SharesMalformed,
     StackError,
@@ -25,6 +24,7 @@ from .._stack import (
     seal_mode,
 )
 from .._stack.age import AgeError, read_recipient
+from .._stack.backup import MAX_RESTORE_BYTES
 from .._stack.seal import MAX_SHARES_INPUT
 from ._common import _fail, _state, _state_option
 
@@ -144,6 +144,11 @@ def backup(ctx: click.Context, out: Path, recipient: Path | None) -> None:
         _fail(exc.detail)
     except StackError as exc:
         _fail(exc.detail, 1)
+    if done["skipped"]:
+        _say(
+            "skipped in the audit directory (not the log's own regular files): "
+            + ", ".join(done["skipped"])
+        )
     _say("not included, back up separately: " + "; ".join(done["manifest"]["not_included"]))
     click.echo(json.dumps({"out": done["out"], "members": done["manifest"]["members"]}))
 
@@ -158,13 +163,25 @@ def backup(ctx: click.Context, out: Path, recipient: Path | None) -> None:
     help="the operator's age identity file (read, never stored)",
 )
 @_shares_file_option
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=1),
+    default=MAX_RESTORE_BYTES,
+    show_default=True,
+    help="refuse an archive whose members add up to more than this",
+)
 @click.pass_context
-def restore(ctx: click.Context, archive: Path, identity: Path, shares_file: Path | None) -> None:
-    """Restore a backup: stop the API, worker and Flower, restore OpenBao's storage and the
-    audit log, unseal if needed, re-enrol, start the services again.
+def restore(
+    ctx: click.Context, archive: Path, identity: Path, shares_file: Path | None, max_bytes: int
+) -> None:
+    """Restore a backup of this appliance: check it (signed by this appliance, of this OpenBao
+    cluster, every member as its manifest says), stop the API, worker and Flower and check they
+    are down, restore OpenBao's storage and the audit log (the replaced log is kept in
+    <state>/audit-replaced/), re-enrol, record the restore in the audit log, start the services.
 
-    In operator mode the unseal shares are read from stdin or --shares-file (needed for the
-    re-enrolment). APPLIANCE_SERVICE_MANAGER=systemd: the services are systemd units.
+    The unseal shares are needed (a root token is generated from them): in operator mode read
+    from stdin or --shares-file. The services are systemd units when systemd runs this state's
+    units (APPLIANCE_SERVICE_MANAGER=systemd|pid-files overrides), else the local stack's.
     """
     state = _state(ctx)
     _require_prepared(state)
@@ -173,10 +190,13 @@ def restore(ctx: click.Context, archive: Path, identity: Path, shares_file: Path
         shares.append(_read_shares(shares_file))  # Checked before anything is stopped.
     try:
         done = maintenance.restore(
-            state, archive, identity, lambda: shares[0] if shares else None, _say
+            state,
+            archive,
+            identity,
+            lambda: shares[0] if shares else None,
+            _say,
+            max_bytes=max_bytes,
         )
-    except OpenBaoSealed as exc:
-        _fail(exc.detail, 1)
     except StackError as exc:
         _fail(exc.detail, 1)
     click.echo(json.dumps(done))

@@ -8,9 +8,12 @@ given to the stack.
 from __future__ import annotations
 
 import base64
+import grp
+import hashlib
 import io
 import json
 import os
+import pwd
 import subprocess
 import sys
 import tarfile
@@ -19,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hvac
 import pyrage
 import pytest
 from pyrage import x25519
 
-from appliance import __version__, stack
-from appliance._stack import seal_status
+from appliance import __version__, maintenance, stack
+from appliance._stack import StackError, seal_status, snapshot
 from appliance._stack.seal import BEGIN_MARK, END_MARK
 from appliance.errors import NotFound
 
@@ -234,6 +238,207 @@ def test_backup_archive_is_refused_when_altered(operated: Operated, tmp_path: Pa
     assert refused.returncode == 1 and "SHA-256" in refused.stderr, refused.stderr
     # Nothing was stopped.
     assert all(v["state"] == "running" for v in stack.status(operated.state)["services"].values())
+
+
+def _audit_entries(state: Path) -> list[dict[str, Any]]:
+    lines = (state / "audit" / "audit.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def test_restore_is_recorded_and_keeps_the_replaced_log(operated: Operated, tmp_path: Path) -> None:
+    """Finding M1: the restored log says who restored which backup over which log; the
+    replaced log is kept, root-only; the backup token can no longer force a snapshot."""
+    out = tmp_path / "m1.age"
+    assert operated.cli("backup", "--out", str(out)).returncode == 0
+    s = operated.as_stack()
+    assert _run_add(s, 8, 9) == 17
+    head = _audit_entries(operated.state)[-1]
+    restored = operated.cli(
+        "restore", str(out), "--identity", str(operated.identity_file), stdin=operated.shares_json()
+    )
+    assert restored.returncode == 0, restored.stderr
+    done = json.loads(restored.stdout)
+    kept = Path(done["replaced_audit"])
+    assert kept.parent == operated.state / "audit-replaced"
+    assert (kept.parent.stat().st_mode & 0o777) == 0o700 and kept.parent.stat().st_uid == 0
+    kept_entries = [json.loads(x) for x in (kept / "audit.jsonl").read_text().splitlines() if x]
+    assert kept_entries[-1]["seq"] >= head["seq"]
+    entry = [e for e in _audit_entries(operated.state) if e["type"] == "appliance.restored"][-1]
+    plain = pyrage.decrypt(out.read_bytes(), [operated.identity])
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        raw_manifest = tar.extractfile("manifest.json").read()  # type: ignore[union-attr]
+    assert entry["manifest_sha256"] == hashlib.sha256(raw_manifest).hexdigest()
+    assert entry["replaced_to_seq"] == kept_entries[-1]["seq"]
+    assert entry["replaced_head_hash"] == kept_entries[-1]["hash"]
+    assert entry["replaced_log"] == kept.name and entry["actor"].startswith("root")
+    assert entry["seq"] == done["audit_seq"]
+    verified = operated.cli("audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    addr = stack.status(operated.state)["vault_addr"]
+    token = (operated.state / "secrets" / "backup.token").read_text().strip()
+    with pytest.raises(hvac.exceptions.Forbidden):
+        hvac.Client(url=addr, token=token).adapter.post(
+            "/v1/sys/storage/raft/snapshot-force", data=b"x"
+        )
+
+
+def test_backup_never_follows_a_link_and_restore_sets_owners_from_its_table(
+    operated: Operated, tmp_path: Path
+) -> None:
+    """Finding H2: a service user's link in the audit directory to the operator token is not
+    followed by the backup; a file a service user put in place of a log file does not lend its
+    owner and mode to the restored one."""
+    audit = operated.state / "audit"
+    token = operated.state / "secrets" / "bao-operator.token"
+    (audit / "evil").symlink_to(token)
+    api_user = pwd.getpwnam("appliance-api")
+    try:
+        out = tmp_path / "h2.age"
+        done = operated.cli("backup", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        assert "audit/evil" not in json.loads(done.stdout)["members"]
+        assert "evil" in done.stderr and "skipped" in done.stderr
+        plain = pyrage.decrypt(out.read_bytes(), [operated.identity])
+        assert token.read_bytes().strip() not in plain
+        # The service user swaps a file of its own in (it may: the directory is its group's).
+        (audit / "evil").unlink()
+        digest_key = audit / "audit.digest.key"
+        os.chown(digest_key, api_user.pw_uid, api_user.pw_gid)
+        os.chmod(digest_key, 0o666)
+        restored = operated.cli(
+            "restore",
+            str(out),
+            "--identity",
+            str(operated.identity_file),
+            stdin=operated.shares_json(),
+        )
+        assert restored.returncode == 0, restored.stderr
+    finally:
+        (audit / "evil").unlink(missing_ok=True)
+    shared = stack._recorded_users(operated.state) is not None
+    group = grp.getgrnam("appliance").gr_gid if shared else os.getegid()
+    expected = {
+        "audit.jsonl": (0, group, 0o660 if shared else 0o600),
+        "audit.digest.key": (0, group, 0o640 if shared else 0o600),
+        "audit-pubkeys.json": (0, 0 if shared else group, 0o644),
+    }
+    for name, (uid, gid, mode) in expected.items():
+        st = (audit / name).lstat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (uid, gid, mode), name
+    assert (audit.stat().st_mode & 0o7777) == (0o3770 if shared else 0o700)
+    assert not (audit / "evil").exists()
+
+
+def test_restore_refuses_unsigned_and_other_cluster_archives(
+    operated: Operated, tmp_path: Path
+) -> None:
+    """Finding M2: an archive anyone with the operator's recipient could build (valid hashes,
+    no or a wrong signature), and a signed one of another cluster, are refused before anything
+    is stopped."""
+    out = tmp_path / "m2.age"
+    assert operated.cli("backup", "--out", str(out)).returncode == 0
+    plain = pyrage.decrypt(out.read_bytes(), [operated.identity])
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        contents = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    manifest = json.loads(contents["manifest.json"])
+    assert manifest["cluster_id"] and contents["manifest.sig"].startswith(b"vault:v")
+    addr = stack.status(operated.state)["vault_addr"]
+    backup_token = (operated.state / "secrets" / "backup.token").read_text().strip()
+
+    members = {n: d for n, d in contents.items() if n not in ("manifest.json", "manifest.sig")}
+
+    def rebuilt(raw: bytes, signature: bytes | None, files: dict[str, bytes]) -> Path:
+        entries = [("manifest.json", raw)]
+        entries += [("manifest.sig", signature)] if signature is not None else []
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, data in entries + sorted(files.items()):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        path = tmp_path / f"forged-{len(list(tmp_path.iterdir()))}.age"
+        path.write_bytes(pyrage.encrypt(buffer.getvalue(), [operated.identity.to_public()]))
+        return path
+
+    altered = dict(members, **{"stack.json": members["stack.json"].replace(b"ports", b"PORTS")})
+    forged = dict(manifest, members=dict(manifest["members"]))
+    forged["members"]["stack.json"] = {
+        "sha256": hashlib.sha256(altered["stack.json"]).hexdigest(),
+        "size": len(altered["stack.json"]),
+    }
+    forged_raw = json.dumps(forged).encode()
+    other_raw = json.dumps(dict(manifest, cluster_id="00000000-another-cluster")).encode()
+    other_sig = snapshot.sign_manifest(addr, backup_token, other_raw).encode()
+    cases = [
+        (rebuilt(forged_raw, None, altered), "not signed"),
+        (rebuilt(forged_raw, contents["manifest.sig"], altered), "not signed by this appliance"),
+        (rebuilt(other_raw, other_sig, members), "another OpenBao cluster"),
+    ]
+    for path, why in cases:
+        refused = operated.cli(
+            "restore",
+            str(path),
+            "--identity",
+            str(operated.identity_file),
+            stdin=operated.shares_json(),
+        )
+        assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert all(v["state"] == "running" for v in stack.status(operated.state)["services"].values())
+
+
+def test_restore_aborts_when_a_service_is_not_down(operated: Operated, tmp_path: Path) -> None:
+    """Finding H3: a process still holding the audit log when the services should be down
+    (as under a service manager the restore did not know) stops the restore before any
+    change; the services run again."""
+    out = tmp_path / "h3.age"
+    assert operated.cli("backup", "--out", str(out)).returncode == 0
+    s = operated.as_stack()
+    later = s.add_client("after-h3", ("add",))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; f = open(sys.argv[1], 'a'); sys.stdin.read()",
+            str(operated.state / "audit" / "audit.jsonl"),
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        refused = operated.cli(
+            "restore",
+            str(out),
+            "--identity",
+            str(operated.identity_file),
+            stdin=operated.shares_json(),
+        )
+    finally:
+        holder.communicate(b"", timeout=30)
+    assert refused.returncode == 1, refused.stderr
+    assert f"{holder.pid}" in refused.stderr and "nothing was changed" in refused.stderr
+    s = operated.as_stack()
+    stack._wait_ready(operated.state, stack.load_ports(operated.state), 60)
+    assert s.registry().read("after-h3")
+    assert _run_add(s, 2, 2, "after-h3", later) == 4
+    assert not (operated.state / "audit-replaced").exists() or all(
+        p.stat().st_mtime < out.stat().st_mtime
+        for p in (operated.state / "audit-replaced").iterdir()
+    )
+
+
+def test_service_manager_is_asked_of_the_host(
+    operated: Operated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("APPLIANCE_SERVICE_MANAGER", raising=False)
+    expected = "systemd" if Path("/run/systemd/system").is_dir() else "pid-files"
+    if expected == "systemd":
+        expected = maintenance.service_manager(operated.state)
+    assert maintenance.service_manager(operated.state) == expected
+    monkeypatch.setenv("APPLIANCE_SERVICE_MANAGER", "systemd")
+    assert maintenance.service_manager(operated.state) == "systemd"
+    monkeypatch.setenv("APPLIANCE_SERVICE_MANAGER", "bogus")
+    with pytest.raises(StackError):
+        maintenance.service_manager(operated.state)
 
 
 def test_upgrade_records_refuses_downgrade_and_backs_up_first(operated: Operated) -> None:
