@@ -185,9 +185,11 @@ work = sys.argv[1]
 text = open(f"{work}/serial-first.log", "rb").read().decode("utf-8", "replace").replace("\r", "")
 block = re.search(r"-----BEGIN APPLIANCE UNSEAL SHARES-----\n(.*?)-----END APPLIANCE UNSEAL SHARES-----", text, re.S)
 assert block, "no unseal shares on the console"
-# Other units may print between the armor's lines: keep the armor's own.
-armor = "\n".join(l for l in block.group(1).splitlines()
-                  if re.fullmatch(r"-----(BEGIN|END) AGE ENCRYPTED FILE-----|[A-Za-z0-9+/=]{1,64}", l))
+# The console shows the unit's lines behind journald's prefix ("[  380.04] appliance[405]: "),
+# and other units may print between them: keep the armor's own lines.
+lines = (re.sub(r"^(\[\s*[0-9.]+\]\s+)?[\w.@-]+\[\d+\]:\s", "", l) for l in block.group(1).splitlines())
+armor = "\n".join(l.strip() for l in lines
+                   if re.fullmatch(r"-----(BEGIN|END) AGE ENCRYPTED FILE-----|[A-Za-z0-9+/=]{1,64}", l.strip()))
 identity = pyrage.x25519.Identity.from_str(open(f"{work}/operator.key").read().strip())
 shares = json.loads(pyrage.decrypt(armor.encode() + b"\n", [identity]))
 assert len(shares["keys"]) >= shares["threshold"] >= 2, shares["threshold"]
