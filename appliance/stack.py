@@ -33,6 +33,7 @@ from . import _stack
 from ._stack.api_tls import ApiCertFiles, ensure_generated
 from ._stack.procs import port_open
 from ._stack.redis_server import operator_access
+from ._stack.seal import pending_shares
 from .errors import NotFound
 from .registry import Client, InvalidRegistryEntry, Registry
 from .settings import SETTINGS_FILE, Settings
@@ -628,7 +629,8 @@ def init(state: Path, timeout: float = 60.0, *, recipient: str | None = None) ->
     Idempotent. Returns what it did.
 
     `recipient` (an age X25519 recipient) makes a new OpenBao's seal the operator's
-    (`_stack/seal.py`): its shares come back encrypted under `unseal_shares`, to print once. In
+    (`_stack/seal.py`): its shares come back encrypted under `unseal_shares`, as long as the
+    state keeps them (`<state>/unseal-shares.age`, until `appliance shares ack`). In
     operator mode without shares there is no root token: OpenBao sealed raises `OpenBaoSealed`;
     unsealed, only what the operator token allows is done (`"bootstrap": "skipped"`)."""
     prepared = _prepared(state)
@@ -639,13 +641,16 @@ def init(state: Path, timeout: float = 60.0, *, recipient: str | None = None) ->
     bao = _stack.open_openbao(state, timeout=timeout, seal=seal)
     if not bao.has_root:
         _resume(state, bao, prepared.users)
-        return {
-            "initialised_now": False,
-            "enrolled": [],
-            "worker_enrolment": "unchecked",
-            "unseal": seal.mode,
-            "bootstrap": "skipped",
-        }
+        return _with_pending_shares(
+            state,
+            {
+                "initialised_now": False,
+                "enrolled": [],
+                "worker_enrolment": "unchecked",
+                "unseal": seal.mode,
+                "bootstrap": "skipped",
+            },
+        )
     try:
         done = enrol(state, bao)
     finally:
@@ -653,9 +658,13 @@ def init(state: Path, timeout: float = 60.0, *, recipient: str | None = None) ->
     result = {"initialised_now": bao.initialized_now, **done}
     if seal.mode == _stack.OPERATOR_MODE:
         result["unseal"] = seal.mode
-    if bao.sealed_shares is not None:
-        result["unseal_shares"] = bao.sealed_shares
-    return result
+    return _with_pending_shares(state, result)
+
+
+def _with_pending_shares(state: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with the kept block of the first boot's shares under `unseal_shares`, if any."""
+    block = pending_shares(state)
+    return result if block is None else {**result, "unseal_shares": block}
 
 
 def enrol(state: Path, bao: _stack.BaoHandle) -> dict[str, Any]:
@@ -776,7 +785,8 @@ def up(
     OpenBao started here, the bootstrap of `init`, then each service that is not running,
     enrolled afresh.
 
-    `recipient` as for `init` (the status then carries `unseal_shares` once). In operator mode
+    `recipient` as for `init` (the status then carries `unseal_shares` while the state keeps
+    them). In operator mode
     without shares: OpenBao sealed raises `OpenBaoSealed` (left running, for `appliance
     unseal`); unsealed, no bootstrap runs and each stopped service starts with the credential
     its last run left (`_resume`)."""
@@ -799,7 +809,7 @@ def up(
         for name in SERVICES:
             _start_without_root(state, name, ports, pki, users, bao.addr)
         _wait_ready(state, ports, wait_ready)
-        return status(state)
+        return _with_pending_shares(state, status(state))
     try:
         if bao.initialized_now or not redis_was_running:
             # A new, empty OpenBao has none of the old identities, and a new Redis none of the
@@ -814,9 +824,7 @@ def up(
         # services' AppRole tokens are not its children and stay valid.
         bao.revoke_root()
     _wait_ready(state, ports, wait_ready)
-    if bao.sealed_shares is not None:
-        return {**status(state), "unseal_shares": bao.sealed_shares}
-    return status(state)
+    return _with_pending_shares(state, status(state))
 
 
 def _start_without_root(

@@ -4,8 +4,9 @@ The server is a real, sealed OpenBao with integrated (raft) storage in `<state>/
 listening on loopback only. On first start it is initialised with Shamir key shares, kept as
 the state's seal says (`seal.py`): in file mode (the local stack) in
 `<state>/secrets/bao-unseal.json` (0600), and every start unseals it from that file; in
-operator mode (the VM image) encrypted to the operator's age recipient and printed once, never
-written, so that only `appliance unseal` with shares the operator supplies opens it. A KMS or
+operator mode (the VM image) encrypted to the operator's age recipient and printed, the
+plaintext never written (only the ciphertext, until the operator acknowledges it), so that only
+`appliance unseal` with shares the operator supplies opens it. A KMS or
 HSM seal (a `seal` block in the server configuration) is the other way a real install keeps no
 unseal keys beside the data.
 
@@ -247,7 +248,14 @@ class BaoHandle:
 
     def operator_token(self) -> str:
         """The operator's token (policy `operator` only), as kept in its 0600 file."""
-        return operator_token_file(self.state_dir).read_text().strip()
+        try:
+            return operator_token_file(self.state_dir).read_text().strip()
+        except FileNotFoundError:
+            # A first boot stopped between the initialisation and the bootstrap (red team M4).
+            raise StackError(
+                f"no operator token in {operator_token_file(self.state_dir)}: OpenBao was "
+                "initialised but never bootstrapped"
+            ) from None
 
     def revoke_root(self) -> None:
         """Revoke this handle's root token; the operator token (an orphan) stays valid."""
@@ -557,27 +565,61 @@ def _open(state_dir: Path, addr: str, pid: int, timeout: float, seal: Seal) -> B
     token (None when the seal holds no quorum of shares: operator mode)."""
     client = hvac.Client(url=addr, timeout=10)
     _wait_responding(addr, timeout)
-    root_token: str | None = None
-    sealed_shares: str | None = None
     if not client.sys.is_initialized():
-        count, threshold = seal.split
-        init = client.sys.initialize(secret_shares=count, secret_threshold=threshold)
-        fresh = Shares(tuple(init["keys_base64"]), threshold)
-        sealed_shares = seal.keep(list(fresh.keys), threshold)
-        root_token = str(init["root_token"])
-        # The new OpenBao is sealed: unsealed with the shares it just returned, held in memory.
-        shares: Shares | None = fresh
-    else:
-        shares = seal.shares()
+        return _initialise(state_dir, addr, pid, timeout, seal)
+    shares = seal.shares()
     if client.sys.is_sealed():
         if shares is None:
             raise OpenBaoSealed("OpenBao is sealed: run `appliance unseal`")
         submit_shares(addr, shares)
     _wait_unsealed(addr, timeout)
-    initialized_now = root_token is not None
-    if root_token is None and shares is not None and _is_quorum(addr, shares):
+    root_token: str | None = None
+    if shares is not None and _is_quorum(addr, shares):
         root_token = generate_root_token(addr, state_dir, shares)
-    return BaoHandle(addr, root_token, pid, state_dir, initialized_now, sealed_shares)
+    return BaoHandle(addr, root_token, pid, state_dir, False, None)
+
+
+def _initialise(state_dir: Path, addr: str, pid: int, timeout: float, seal: Seal) -> BaoHandle:
+    """First start: initialise, keep the shares as `seal` says, unseal with them (held in
+    memory) and return a handle with the init's root token.
+
+    Should anything fail (or a SIGTERM, which the CLI turns into `SystemExit`) before the
+    handle is returned, its root token is revoked here once OpenBao is unsealed: nobody else
+    holds it, and an unrevoked root token would outlive this process (red team M4). The shares
+    are kept by then (`Seal.keep` writes them first).
+    """
+    count, threshold = seal.split
+    init = hvac.Client(url=addr, timeout=10).sys.initialize(
+        secret_shares=count, secret_threshold=threshold
+    )
+    shares = Shares(tuple(init["keys_base64"]), threshold)
+    root_token = str(init["root_token"])
+    handle: BaoHandle | None = None
+    try:
+        sealed_shares = seal.keep(list(shares.keys), threshold)
+        # The new OpenBao is sealed: unsealed with the shares it just returned.
+        submit_shares(addr, shares)
+        _wait_unsealed(addr, timeout)
+        handle = BaoHandle(addr, root_token, pid, state_dir, True, sealed_shares)
+        return handle
+    finally:
+        if handle is None:
+            _revoke_when_unsealed(addr, root_token, shares, timeout)
+
+
+def _revoke_when_unsealed(addr: str, root_token: str, shares: Shares, timeout: float) -> None:
+    """Unseal (if need be) and revoke `root_token`; best effort: this runs on a failure path,
+    whose own error is the one to report."""
+    try:
+        submit_shares(addr, shares)
+        _wait_unsealed(addr, timeout)
+        hvac.Client(url=addr, token=root_token, timeout=10).auth.token.revoke_self()
+    except Exception as exc:  # noqa: BLE001 - reported, never instead of the first error
+        print(
+            f"appliance: warning: the initial root token could not be revoked ({exc}); "
+            "no file holds it, but it stays valid in OpenBao",
+            file=sys.stderr,
+        )
 
 
 def _is_quorum(addr: str, shares: Shares) -> bool:

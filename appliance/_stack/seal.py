@@ -8,8 +8,13 @@ Two modes, recorded as `"unseal"` in `<state>/stack.json`:
   format and the unseal loop of a real install.
 - `operator`, the VM image's default: `appliance init --shares-to RECIPIENT_FILE` splits the
   unseal key into 5 shares, threshold 3, encrypts them with age to the operator's X25519
-  recipient and prints the ASCII-armored ciphertext once, between `BEGIN_MARK` and `END_MARK`.
-  The shares are written nowhere. Then OpenBao starts sealed after every restart, and only
+  recipient and prints the ASCII-armored ciphertext between `BEGIN_MARK` and `END_MARK`. The
+  plaintext shares are written nowhere. The printed block (age ciphertext to the operator's
+  key, nothing else) is first written to `<state>/unseal-shares.age` (0600), before anything
+  else can fail, so that an `init` or `up` that dies after the initialisation (an exception, a
+  unit's stop timeout) does not lose the only copy: `init`, `up` and `appliance shares show`
+  print it again until the operator runs `appliance shares ack`, which deletes it (red team
+  M4). Then OpenBao starts sealed after every restart, and only
   `appliance unseal` opens it, with shares that the operator pipes in or names by path (a
   read-only seed disk), read once and never copied. Without the shares, no process on the host
   can unseal OpenBao or generate a root token: `init` and `up` do what the operator token
@@ -27,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +104,57 @@ def recipient_file(state_dir: Path) -> Path:
     return state_dir / "operator-recipient"
 
 
+def pending_shares_file(state_dir: Path) -> Path:
+    """Operator mode: the block of a new initialisation (age ciphertext to the operator's
+    recipient, armored), kept until the operator acknowledges it (`forget_pending_shares`)."""
+    return state_dir / "unseal-shares.age"
+
+
+def pending_shares(state_dir: Path) -> str | None:
+    """The block of `pending_shares_file`, or None when there is none (acknowledged, or never
+    written: file mode, or an OpenBao initialised before it existed)."""
+    try:
+        return pending_shares_file(state_dir).read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+
+
+def forget_pending_shares(state_dir: Path) -> bool:
+    """Delete the kept block once the operator has saved it; False when there was none."""
+    try:
+        pending_shares_file(state_dir).unlink()
+    except FileNotFoundError:
+        return False
+    _sync_directory(state_dir)
+    return True
+
+
+def _keep_block(state_dir: Path, block: str) -> None:
+    """Write the block durably and atomically: a new 0600 file (O_EXCL, never through a
+    planted name) synced, then renamed in, then the directory synced. A crash leaves the
+    whole block or none, never half of it."""
+    path = pending_shares_file(state_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, block.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_directory(state_dir)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def unseal_keys_file(state_dir: Path) -> Path:
     """File mode's unseal key shares and threshold (0600)."""
     return state_dir / "secrets" / "bao-unseal.json"
@@ -147,8 +204,9 @@ class Seal:
 
     def keep(self, keys: list[str], threshold: int) -> str | None:
         """Keep the shares of a new initialisation: file mode writes them to the 0600 file;
-        operator mode returns them encrypted and armored (the block to print) and writes
-        nothing, but the recipient file and the mode."""
+        operator mode encrypts them to the operator, writes that block to
+        `pending_shares_file` first (the plaintext nowhere), then the recipient file and the
+        mode, and returns the block."""
         shares = Shares(tuple(keys), threshold)
         if self.mode == FILE_MODE:
             write_private(unseal_keys_file(self.state_dir), shares.to_json() + b"\n")
@@ -160,6 +218,8 @@ class Seal:
                 "`appliance init --shares-to RECIPIENT_FILE`"
             )
         block = encrypt_shares(shares, self.recipient)
+        # Before anything else that may fail: from here on the only copy is on disk.
+        _keep_block(self.state_dir, block)
         recipient_file(self.state_dir).write_text(self.recipient + "\n")
         record_mode(self.state_dir, OPERATOR_MODE)
         return block

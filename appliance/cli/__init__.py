@@ -5,18 +5,35 @@ One module per group of commands: `_stack_commands` (the local stack), `_deploy`
 as separate services: prepare, init, serve), `_clients` (the
 registry), `_identities` (the services' secret_ids), `_keys` (transit keys), `_jobs` (signed
 requests to the API), `_api_cert` (the API's TLS certificate); the audit commands come from
-`appliance.audit`.
+`appliance.audit`; `_shares` (the first boot's encrypted unseal shares).
+
+A SIGTERM (a unit's stop, or its start timeout) raises `SystemExit` in the command, so that its
+`finally` blocks run: the first boot's shares get printed and its root token revoked (red team
+M4) instead of the process dying between two steps.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from types import FrameType
 
 import click
 
 from .. import stack
 from ..audit import audit_cli
-from . import _api_cert, _clients, _day2, _deploy, _identities, _jobs, _keys, _stack_commands
+from . import (
+    _api_cert,
+    _clients,
+    _day2,
+    _deploy,
+    _identities,
+    _jobs,
+    _keys,
+    _shares,
+    _stack_commands,
+)
 from ._jobs import SignedClient
 
 __all__ = ["SignedClient", "main"]
@@ -35,10 +52,32 @@ __all__ = ["SignedClient", "main"]
 @click.pass_context
 def main(ctx: click.Context, state: str) -> None:
     """Run signed Python jobs in a hardened sandbox."""
+    _exit_on_sigterm(ctx)
     ctx.ensure_object(dict)
     ctx.obj.setdefault("state", state)
     # The audit commands find a stack's anchors through this (they do not import the stack).
     ctx.obj.setdefault("audit_anchors", stack.audit_anchors)
+
+
+#: 128 + SIGTERM, the code a shell reports for a process that SIGTERM ended.
+_SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+def _exit_on_sigterm(ctx: click.Context) -> None:
+    """Turn SIGTERM into `SystemExit(143)` for this command (its previous handler back when
+    it ends: the CLI may run inside another program, e.g. a test). Only the main thread may
+    set a handler; elsewhere the caller's stays."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        # Once: a second SIGTERM must not cut the `finally` blocks the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(_SIGTERM_EXIT)
+
+    signal.signal(signal.SIGTERM, stop)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 for _command in (
@@ -52,6 +91,7 @@ for _command in (
     _day2.backup,
     _day2.restore,
     _day2.upgrade,
+    _shares.shares,
     _stack_commands.keygen,
     _stack_commands.flower_credentials,
     _clients.clients,

@@ -21,6 +21,7 @@ from .._stack import StackError, exec_service
 from ..vault import EnrolmentLost
 from ._common import _fail, _state, _state_option
 from ._day2 import read_recipient_option, shares_to_option
+from ._shares import printing_pending_shares
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,21 +89,23 @@ def init(ctx: click.Context, timeout: float, export: Path | None, shares_to: Pat
     Initialises or unseals OpenBao, configures it from the packaged policies, enrols the API and
     Flower (unless their credentials are still good), keeps the worker enrolment credential,
     and revokes the root token. With --shares-to, a new OpenBao's unseal shares are printed
-    once, encrypted to the operator, and stored nowhere (`appliance unseal` opens it).
+    encrypted to the operator (`appliance unseal` opens it); the plaintext is stored nowhere,
+    the ciphertext in <state>/unseal-shares.age until `appliance shares ack`.
     """
     if not (_state(ctx) / "stack.json").is_file():
         _fail(f"no prepared stack in {_state(ctx)}: run `appliance prepare` first")
     recipient = read_recipient_option(shares_to)
-    try:
-        done = stack.init(_state(ctx), timeout, recipient=recipient)
-        if export is not None:
-            stack.export_service_files(_state(ctx), stack.EXPORTED_BY_INIT, export)
-    except StackError as exc:
-        _fail(str(exc), 1)
-    block = done.pop("unseal_shares", None)
-    click.echo(json.dumps(done))
-    if block is not None:
-        click.echo(block, nl=False)
+    # The first boot's encrypted shares are printed (after the JSON) whenever the state keeps
+    # them, also when `init` fails or is stopped (red team M4).
+    with printing_pending_shares(_state(ctx)):
+        try:
+            done = stack.init(_state(ctx), timeout, recipient=recipient)
+            if export is not None:
+                stack.export_service_files(_state(ctx), stack.EXPORTED_BY_INIT, export)
+        except StackError as exc:
+            _fail(str(exc), 1)
+        done.pop("unseal_shares", None)
+        click.echo(json.dumps(done))
 
 
 @click.command()

@@ -12,6 +12,7 @@ from .._stack import StackError, operator_token_file
 from ..errors import ApplianceError
 from ._common import _fail, _require_stack, _state, _state_option
 from ._day2 import read_recipient_option, shares_to_option
+from ._shares import printing_pending_shares
 
 
 @click.command()
@@ -29,16 +30,17 @@ def up(ctx: click.Context, /, shares_to: Path | None, **ports: int | None) -> No
     """Start the whole local stack (idempotent) and print its URLs."""
     requested = {k.removesuffix("_port"): v for k, v in ports.items() if v is not None}
     recipient = read_recipient_option(shares_to)
-    try:
-        st = stack.up(_state(ctx), requested, recipient=recipient)
-    except StackError as exc:
-        _fail(str(exc), 1)
-    if "unseal_shares" in st:
-        click.echo(st["unseal_shares"], nl=False)
-    click.echo(f"API     {st['api_url']}")
-    click.echo(f"Flower  {st['flower_url']}  (read-only; login: appliance flower-credentials)")
-    click.echo(f"Audit   {st['audit_log']}")
-    click.echo(f"Client  key id {st['client']['key_id']}, key {st['client']['private_key']}")
+    # The first boot's encrypted shares are printed even when `up` fails or is stopped.
+    with printing_pending_shares(_state(ctx)) as pending:
+        try:
+            st = stack.up(_state(ctx), requested, recipient=recipient)
+        except StackError as exc:
+            _fail(str(exc), 1)
+        pending.print_now()
+        click.echo(f"API     {st['api_url']}")
+        click.echo(f"Flower  {st['flower_url']}  (read-only; login: appliance flower-credentials)")
+        click.echo(f"Audit   {st['audit_log']}")
+        click.echo(f"Client  key id {st['client']['key_id']}, key {st['client']['private_key']}")
 
 
 @click.command()
