@@ -9,6 +9,7 @@ pid is alive is left alone.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import redis
@@ -861,6 +863,7 @@ def serve_command(
     if name not in SERVABLE:
         raise _stack.StackError(f"no service {name!r}; the services are {', '.join(SERVABLE)}")
     prepared = _prepared(state)
+    _refuse_off_loopback(state, name, overrides or {})
     ports, pki, users = prepared.ports, prepared.pki, prepared.users
     if name == "redis":
         run_as = users["redis"] if users else None
@@ -887,6 +890,45 @@ def serve_command(
     # directories (no CAP_DAC_OVERRIDE): it starts in the state directory (searchable) and
     # reads its files only once it is the worker's user.
     return Command(command.argv, command.env, state, command.run_as)
+
+
+def _refuse_off_loopback(state: Path, name: str, overrides: Mapping[str, str]) -> None:
+    """Default deny for site settings that would put a plaintext channel on the network (red
+    team L2): OpenBao and Redis are reached on loopback only (the services' tokens are bound
+    to 127.0.0.1, and OpenBao's listener is plain HTTP: an AppRole login sent elsewhere would
+    cross the network in clear), and the API listens off loopback only over TLS."""
+    vault = overrides.get("APPLIANCE_VAULT_ADDR")
+    if vault is not None and not _is_loopback(urlsplit(vault).hostname or ""):
+        raise _stack.StackError(
+            f"APPLIANCE_VAULT_ADDR={vault[:200]!r} is not on loopback: the stack's OpenBao "
+            f"listens on {HOST} only, over plain HTTP"
+        )
+    redis_host = overrides.get("APPLIANCE_REDIS_HOST")
+    if redis_host is not None and not _is_loopback(redis_host):
+        raise _stack.StackError(
+            f"APPLIANCE_REDIS_HOST={redis_host[:200]!r} is not on loopback: the stack's Redis "
+            f"listens on {HOST} only"
+        )
+    api_host = overrides.get("APPLIANCE_API_HOST")
+    if (
+        name == "api"
+        and api_host is not None
+        and not _is_loopback(api_host)
+        and not load_api_tls(state).enabled
+    ):
+        raise _stack.StackError(
+            f"APPLIANCE_API_HOST={api_host[:200]!r} is off loopback but this stack's API has no "
+            "TLS (stack.json api_tls false): set APPLIANCE_API_TLS=1 and run `appliance "
+            "prepare`, or keep the API on loopback"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback IP address (a name could resolve anywhere: refused)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _worker_replica_dir(
