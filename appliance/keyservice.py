@@ -377,11 +377,13 @@ class PinnedSignatures:
         refresh_seconds: float = 30.0,
         unknown_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._fetch = fetch
         self.refresh_seconds = refresh_seconds
         self.unknown_interval = unknown_interval
         self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._pins: dict[str, _Pins] = {}
         self.fetches = 0
@@ -397,19 +399,32 @@ class PinnedSignatures:
             raise SealBroken("signature does not verify") from exc
 
     def _public_key(self, key_name: str, version: int) -> Ed25519PublicKey:
-        with self._lock:
-            pins = self._pins.setdefault(key_name, _Pins())
-            now = self._clock()
-            stale = now - pins.checked >= self.refresh_seconds
-            unknown = version not in pins.keys and now - pins.checked >= self.unknown_interval
-            if stale or unknown:
-                self._refresh(key_name, pins, now)
-            if version < pins.min_version:
-                raise SealBroken(f"key version {version} is retired")
-            public = pins.keys.get(version)
-        if public is None:
-            raise SealBroken(f"no key version {version}")
-        return public
+        # A version newer than the last read (a rotation since) is read at once, or, when the
+        # last read is under `unknown_interval` old, once that interval has passed: a genuine
+        # new version is never refused for coming too soon, and forged ones cost one read per
+        # interval, each caller waiting at most that long.
+        for attempt in range(2):
+            wait = 0.0
+            with self._lock:
+                pins = self._pins.setdefault(key_name, _Pins())
+                now = self._clock()
+                since = now - pins.checked
+                unknown = version not in pins.keys and version >= pins.min_version
+                if since >= self.refresh_seconds or (unknown and since >= self.unknown_interval):
+                    self._refresh(key_name, pins, now)
+                elif unknown and attempt == 0:
+                    wait = self.unknown_interval - since
+                if not wait:
+                    if version < pins.min_version:
+                        raise SealBroken(f"key version {version} is retired")
+                    public = pins.keys.get(version)
+            if wait:
+                self._sleep(wait)
+                continue
+            if public is None:
+                raise SealBroken(f"no key version {version}")
+            return public
+        raise SealBroken(f"no key version {version}")  # pragma: no cover - the loop returns
 
     def _refresh(self, key_name: str, pins: _Pins, now: float) -> None:
         ring = self._fetch(key_name)

@@ -22,9 +22,14 @@ KEY = MESSAGE_KEY
 class Clock:
     def __init__(self) -> None:
         self.now = 5000.0
+        self.slept = 0.0
 
     def __call__(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds
+        self.now += seconds
 
 
 class Counted:
@@ -43,7 +48,7 @@ def setup(refresh: float = 30.0) -> tuple[UnsafeMemoryKeyService, Counted, Clock
     api = UnsafeMemoryKeyService()
     clock = Clock()
     fetch = Counted(api)
-    api.pins = PinnedSignatures(fetch, refresh_seconds=refresh, clock=clock)
+    api.pins = PinnedSignatures(fetch, refresh_seconds=refresh, clock=clock, sleep=clock.sleep)
     return api, fetch, clock
 
 
@@ -105,16 +110,23 @@ def test_an_unknown_version_is_fetched_once_then_pinned() -> None:
 def test_forged_versions_cost_at_most_one_read_per_interval() -> None:
     keys, fetch, clock = setup()
     keys.verify_signature(KEY, b"a", keys.sign(KEY, b"a"))
+    started = clock.now
     forged = "vault:v77:" + base64.b64encode(bytes(64)).decode()
-    for _ in range(50):
-        with pytest.raises(SealBroken):
+    for _ in range(20):
+        with pytest.raises(SealBroken, match="no key version 77"):
             keys.verify_signature(KEY, b"a", forged)
-    assert fetch.reads == 1  # all within the same second as the first read
-    clock.now += 1
-    for _ in range(50):
-        with pytest.raises(SealBroken):
-            keys.verify_signature(KEY, b"a", forged)
-    assert fetch.reads == 2
+    # Each forged call waited for the interval instead of reading at once.
+    assert fetch.reads - 1 <= clock.now - started
+    assert clock.slept == pytest.approx(20.0)
+
+
+def test_a_new_version_right_after_a_read_is_waited_for_not_refused() -> None:
+    keys, fetch, clock = setup()
+    keys.verify_signature(KEY, b"a", keys.sign(KEY, b"a"))
+    keys.rotate_signing_key(KEY)
+    clock.now += 0.25  # a rotation, and its first message, a quarter of a second later
+    keys.verify_signature(KEY, b"b", keys.sign(KEY, b"b"))
+    assert (fetch.reads, clock.slept) == (2, pytest.approx(0.75))
 
 
 def test_a_retired_version_is_refused_after_the_refresh_window() -> None:
@@ -139,7 +151,6 @@ def test_a_retired_version_is_refused_at_once_when_a_newer_version_is_first_seen
     keys.verify_signature(KEY, b"queued", old)
     keys.rotate_signing_key(KEY)
     keys.retire_below(KEY, 2)
-    clock.now += 1
     keys.verify_signature(KEY, b"new", keys.sign(KEY, b"new"))  # v2 unknown: read again
     with pytest.raises(SealBroken, match="retired"):
         keys.verify_signature(KEY, b"queued", old)
