@@ -37,7 +37,8 @@ def shares_to_option(fn: Callable[..., None]) -> Callable[..., None]:
         default=None,
         help=(
             "an age X25519 recipient file (age1...): a new OpenBao's unseal shares (5, "
-            "threshold 3) are printed once, encrypted to it, and stored nowhere"
+            "threshold 3) are printed encrypted to it; the plaintext is stored nowhere, the "
+            "ciphertext in <state>/unseal-shares.age until `appliance shares ack`"
         ),
     )(fn)
 
