@@ -52,6 +52,7 @@ from ._stack import (
     stop_by_pid_file,
     submit_shares,
     take_snapshot,
+    wait_responding,
 )
 from ._stack import backup as archives
 from ._stack import upgrade as versions
@@ -81,6 +82,7 @@ def unseal(
     reenrol: bool,
     report: Report,
     reset: bool = False,
+    timeout: float = 60.0,
 ) -> UnsealOutcome:
     """Submit the shares until OpenBao is unsealed, then, with a quorum of them, re-run the
     bootstrap and enrolment when a service's credential is no longer live or `reenrol` asks
@@ -90,6 +92,8 @@ def unseal(
     shares = seal_for(state, supplied=supplied).shares()
     if shares is None:
         raise OpenBaoSealed("no unseal shares given")
+    # At boot the unseal unit may run while OpenBao is still starting (minutes under emulation).
+    wait_responding(addr, timeout)
     progress = submit_shares(addr, shares, report=lambda p: report(_progress_line(p)), reset=reset)
     report("OpenBao is unsealed")
     renew_orphan_tokens(addr, state)

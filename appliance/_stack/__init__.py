@@ -33,6 +33,7 @@ from .openbao import (
     stop_openbao,
     submit_shares,
     take_snapshot,
+    wait_responding,
 )
 from .pki import CLIENT_ROLES, Pki, ensure_pki, write_private
 from .procs import (
@@ -115,6 +116,7 @@ __all__ = [
     "seal_mode",
     "seal_status",
     "submit_shares",
+    "wait_responding",
     "take_snapshot",
     "openbao_env",
     "prepare_openbao",

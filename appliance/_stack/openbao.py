@@ -894,6 +894,11 @@ def _bao_binary() -> str:
     return binary
 
 
+def wait_responding(addr: str, timeout: float) -> None:
+    """Wait until OpenBao at `addr` answers at all (sealed is fine); StackError after `timeout`."""
+    _wait_responding(addr, timeout)
+
+
 def _wait_responding(addr: str, timeout: float) -> None:
     """Wait until the HTTP API answers at all (sealed or not initialised is fine)."""
     _poll_health(addr, timeout, accept=lambda status: status < 500 or status in (501, 503))

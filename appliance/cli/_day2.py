@@ -92,8 +92,17 @@ def _say(line: str) -> None:
 @_shares_file_option
 @click.option("--reenrol", is_flag=True, help="re-run the bootstrap and enrolment in any case")
 @click.option("--reset", is_flag=True, help="forget the shares an earlier unseal submitted")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 3600),
+    default=60.0,
+    show_default=True,
+    help="seconds to wait for OpenBao to answer (at boot it may still be starting)",
+)
 @click.pass_context
-def unseal(ctx: click.Context, shares_file: Path | None, reenrol: bool, reset: bool) -> None:
+def unseal(
+    ctx: click.Context, shares_file: Path | None, reenrol: bool, reset: bool, timeout: float
+) -> None:
     """Unseal OpenBao with the operator's shares (stdin or --shares-file), then re-enrol the
     services whose credentials are no longer live (or all, with --reenrol).
 
@@ -104,7 +113,9 @@ def unseal(ctx: click.Context, shares_file: Path | None, reenrol: bool, reset: b
     _require_prepared(state)
     supplied = _read_shares(shares_file) if seal_mode(state) == OPERATOR_MODE else None
     try:
-        outcome = maintenance.unseal(state, supplied, reenrol=reenrol, report=_say, reset=reset)
+        outcome = maintenance.unseal(
+            state, supplied, reenrol=reenrol, report=_say, reset=reset, timeout=timeout
+        )
     except StackError as exc:
         _fail(exc.detail, 1)
     click.echo(

@@ -102,4 +102,10 @@ if __name__ == "__main__":
         say(f"SELFTEST: FAIL: {type(exc).__name__}: {exc}"[:400])
         sys.exit(1)
     say("SELFTEST: OK")
+    if os.path.exists(os.path.join(STATE, "unseal-shares.age")):
+        say(
+            "SELFTEST: NOTE: OpenBao's unseal shares are kept, encrypted to operator.pub, in "
+            f"{STATE}/unseal-shares.age until you saved them: `appliance shares show`, then "
+            "`appliance shares ack`"
+        )
     sys.exit(code)
