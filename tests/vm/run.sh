@@ -197,6 +197,8 @@ open(f"{work}/shares.txt", "w").write("\n".join(shares["keys"][: shares["thresho
 print(f"  {len(shares['keys'])} shares, threshold {shares['threshold']}")
 EOF
 chmod 0600 "$work/shares.txt"
+vm appliance shares ack --yes >/dev/null   # saved: the ciphertext kept until now goes
+vm "test ! -e /var/lib/appliance/unseal-shares.age" || die "the kept shares survived their ack"
 
 step "network exposure, secrets on disk"
 # Off loopback only the API (8443) and SSH (seeded) listen.
