@@ -452,7 +452,7 @@ def test_bootstrap_is_idempotent(openbao: BaoHandle, bao_bootstrap: Bootstrap) -
     again = bootstrap(openbao)
     assert dict(again.role_ids) == dict(bao_bootstrap.role_ids)
     keys = openbao.client().secrets.transit.list_keys(mount_point="transit")["data"]["keys"]
-    assert sorted(keys) == ["audit", "carry", "jobs", "results", "task-signing"]
+    assert sorted(keys) == ["audit", "carry", "jobs", "results", "task-messages", "task-signing"]
 
 
 # --------------------------------------------------------------------------------------------
