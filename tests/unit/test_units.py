@@ -24,6 +24,10 @@ _UNITS = _PACKER / "units"
 _CHECK = _PACKER / "check-units.sh"
 _APPLIANCE = "/usr/local/bin/appliance"
 _SERVICES = sorted(_UNITS.glob("*.service"))
+#: The image's own units (packer/guest/ holds their scripts): they run no `appliance` command and
+#: hang off multi-user.target, not appliance.target. Every other check holds for them too.
+_IMAGE_OWN = {"appliance-seed.service": "seed.sh", "appliance-selftest.service": "selftest.py"}
+_APPLIANCE_SERVICES = [unit for unit in _SERVICES if unit.name not in _IMAGE_OWN]
 
 needs_systemd_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None,
@@ -128,7 +132,7 @@ def _resolve(argv: list[str]) -> list[str]:
     return path
 
 
-@pytest.mark.parametrize("unit", _SERVICES, ids=lambda unit: unit.name)
+@pytest.mark.parametrize("unit", _APPLIANCE_SERVICES, ids=lambda unit: unit.name)
 def test_each_unit_runs_a_real_appliance_command(unit):
     commands = [
         argv
@@ -167,7 +171,20 @@ def test_no_unit_holds_a_secret_or_an_inline_credential(unit):
             assert not _SECRET_TEXT.search(value.replace("/", " ")), f"{unit.name}: {key}={value}"
 
 
-@pytest.mark.parametrize("unit", _SERVICES, ids=lambda unit: unit.name)
+@pytest.mark.parametrize("unit", sorted(_IMAGE_OWN), ids=str)
+def test_the_images_own_units_run_the_script_the_image_installs(unit):
+    script = _IMAGE_OWN[unit]
+    (command,) = _values(_UNITS / unit, "ExecStart")
+    assert f"/usr/local/lib/appliance/{script}" in command.split()
+    assert (_PACKER / "guest" / script).is_file()
+    assert (
+        f'"$g/{script}" /usr/local/lib/appliance/{script}' in (_PACKER / "provision.sh").read_text()
+    )
+    assert _values(_UNITS / unit, "RequiresMountsFor") == ["/var/lib/appliance"]
+    assert _values(_UNITS / unit, "WantedBy") == ["multi-user.target"]
+
+
+@pytest.mark.parametrize("unit", _APPLIANCE_SERVICES, ids=lambda unit: unit.name)
 def test_each_unit_needs_the_data_disk_and_belongs_to_the_target(unit):
     assert _values(unit, "RequiresMountsFor") == ["/var/lib/appliance"]
     assert _values(unit, "WantedBy") == ["appliance.target"]
