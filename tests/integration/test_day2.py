@@ -97,7 +97,15 @@ def operated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operated]:
         assert done.returncode == 0, done.stderr
         block = done.stdout[done.stdout.index(BEGIN_MARK) :]
         shares = _decrypt_block(done.stdout, identity)
-        yield Operated(state, identity, identity_file, recipient_file, shares, block)
+        # The block is kept (ciphertext only) in <state>/unseal-shares.age and printed by every
+        # init/up until the operator acknowledges it; this test has saved it, so it does.
+        kept = state / "unseal-shares.age"
+        assert kept.is_file() and kept.read_text() in done.stdout
+        operated = Operated(state, identity, identity_file, recipient_file, shares, block)
+        acked = operated.cli("shares", "ack", "--yes")
+        assert acked.returncode == 0, acked.stderr
+        assert not kept.exists()
+        yield operated
     finally:
         stack.down(state)
 
@@ -441,21 +449,40 @@ def test_service_manager_is_asked_of_the_host(
         maintenance.service_manager(operated.state)
 
 
-def test_upgrade_records_refuses_downgrade_and_backs_up_first(operated: Operated) -> None:
+def test_upgrade_records_refuses_downgrade_and_backs_up_first(
+    operated: Operated, tmp_path: Path
+) -> None:
+    # A new (empty) state is stamped with this code's version.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    first = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "--state", str(fresh), "upgrade"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert first.returncode == 0 and json.loads(first.stdout)["action"] == "new", first.stderr
+    assert json.loads((fresh / "version.json").read_text())["version"] == __version__
+    # A state holding OpenBao data but no version.json is of unknown version: refused, and not
+    # stamped (red team L3: stamping it with this code's version let any downgrade pass).
     version_file = operated.state / "version.json"
     version_file.unlink(missing_ok=True)
-    first = operated.cli("upgrade")
-    assert first.returncode == 0 and json.loads(first.stdout)["action"] == "new", first.stderr
-    assert json.loads(version_file.read_text())["version"] == __version__
+    unknown = operated.cli("upgrade")
+    assert unknown.returncode == 1 and "version is unknown" in unknown.stderr, unknown.stderr
+    assert not version_file.exists()
+    version_file.write_text(json.dumps({"version": __version__}))  # What the refusal asks for.
     assert json.loads(operated.cli("upgrade").stdout)["action"] == "same"
     version_file.write_text(json.dumps({"version": "999.0.0"}))
     refused = operated.cli("upgrade")
     assert refused.returncode == 1 and "downgrade is refused" in refused.stderr, refused.stderr
     version_file.write_text(json.dumps({"version": "0.0.1"}))
-    assert json.loads(operated.cli("upgrade", "--check").stdout)["action"] == "upgrade"
-    running = operated.cli("upgrade")
-    assert running.returncode == 1 and "appliance down" in running.stderr
+    # While OpenBao serves the state, an upgrade (and so its --check) is refused.
+    for args in (("upgrade", "--check"), ("upgrade",)):
+        running = operated.cli(*args)
+        assert running.returncode == 1 and "appliance down" in running.stderr, running.stderr
+        assert not list(operated.state.glob("backups/pre-upgrade-*"))
     assert operated.cli("down").returncode == 0
+    assert json.loads(operated.cli("upgrade", "--check").stdout)["action"] == "upgrade"
     done = operated.cli("upgrade")
     assert done.returncode == 0, done.stderr
     backup = Path(json.loads(done.stdout)["backup"])
