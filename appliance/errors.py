@@ -213,4 +213,13 @@ CODES: dict[str, str] = {
     "configuration_error": "a service started without a setting its role requires",
     "stack_error": "a service of the local stack cannot be started, reached or stopped",
     "relay_refused": "the Redis relay refused a connection",
+    # The operator-held seal and the day-2 commands (unseal, backup, restore, upgrade).
+    "openbao_sealed": "OpenBao is sealed and the command holds no shares to unseal it",
+    "shares_malformed": "unseal shares given by the operator do not parse (nothing submitted)",
+    "shares_refused": "OpenBao refused the unseal shares given, or they are too few",
+    "age_error": "an age recipient or identity does not parse, or age cannot encrypt or decrypt",
+    "backup_invalid": "a backup archive does not decrypt, or its manifest or a member does not "
+    "verify",
+    "backup_refused": "OpenBao refused a step of a backup or a restore",
+    "downgrade_refused": "the state was written by a newer appliance than this one",
 }
