@@ -30,8 +30,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import hvac
-
 from . import __version__, stack
 from ._stack import (
     BaoHandle,
@@ -171,10 +169,8 @@ def restore(
     the snapshot (OpenBao checks it is this cluster's), put the audit directory in place (the
     replaced one is kept, root-only, in `<state>/audit-replaced/`), re-run the bootstrap and
     enrolment, record `appliance.restored` in the restored log, and start the services."""
-    try:
+    with snapshot.openbao_refusals("restore"):
         return _restore(state, archive_path, identity, read_shares, report, max_bytes)
-    except hvac.exceptions.VaultError as exc:
-        raise StackError(f"OpenBao refused a step of the restore: {exc}") from exc
 
 
 def _restore(

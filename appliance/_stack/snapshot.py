@@ -18,6 +18,8 @@ Every hvac error is translated here (`StackError`), never shown as a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import hvac
@@ -35,6 +37,16 @@ class BackupRefused(StackError):
     """Raised when OpenBao refuses a step of a backup or a restore (the reason says which)."""
 
     code, title = "backup_refused", "Backup or restore refused"
+
+
+@contextmanager
+def openbao_refusals(step: str) -> Iterator[None]:
+    """Around a whole day-2 step: any hvac error left untranslated by its parts becomes a
+    `StackError` naming the step, never a traceback (hvac is reached from here only)."""
+    try:
+        yield
+    except hvac.exceptions.VaultError as exc:
+        raise StackError(f"OpenBao refused a step of the {step}: {exc}") from exc
 
 
 def cluster_id(addr: str) -> str:

@@ -43,6 +43,7 @@ LAYERS = {
     # Operating the stack.
     "_stack": 6,
     "stack": 7,
+    "maintenance": 7,
     "identities": 7,
     "cli": 8,
 }
