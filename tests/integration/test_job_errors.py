@@ -77,8 +77,14 @@ def test_openbao_refusing_a_secret_path_fails_the_job(appliance_stack: Stack) ->
 
 def test_an_unexpected_error_ends_the_job_as_internal_error(appliance_stack: Stack) -> None:
     """OpenBao refuses to open the job's data key: not an outage, so not retried; the client
-    reads `internal_error` and nothing of the cause, the audit log has the cause's code."""
-    client = appliance_stack.client()
+    reads `internal_error` and nothing of the cause, the audit log has the cause's code.
+
+    The job comes from a client registered for this test alone: the API mints a data key of its
+    own for it (data keys are derived per client), so the worker has never unwrapped that key and
+    must ask OpenBao, which refuses. A client that submitted before would have its data key in
+    the worker's cache (issue 16, `DataKeyCache`) and its job would never reach OpenBao."""
+    keyid = f"refused{secrets.token_hex(4)}"
+    client = appliance_stack.client(keyid, appliance_stack.add_client(keyid))
     with worker_denied(appliance_stack, "transit/decrypt/jobs"):
         accepted = submit(client, ONE, "one")
         assert accepted.status_code == 202, accepted.text

@@ -2,7 +2,12 @@
 submissions runs while OpenBao is stopped and brought back by `appliance up` (unsealed from the
 state's key shares). Submissions during the outage get 503 with Retry-After and queue nothing;
 every accepted task produces its result; the API and the worker are not restarted: their AppRole
-tokens survive in OpenBao's persistent storage."""
+tokens survive in OpenBao's persistent storage.
+
+The stack runs with the data-key cache off (`APPLIANCE_DATA_KEY_MAX_AGE_SECONDS=0` in its
+`appliance.env`, read by the API and the worker): every job then asks OpenBao for its data keys,
+as before issue 16, so jobs in flight do meet the outage and the worker's retries prove it. With
+the cache on they would ride through it on keys cached before OpenBao stopped."""
 
 from __future__ import annotations
 
@@ -45,9 +50,14 @@ SLOW = (
 )
 
 
+#: The services' tuning: no data key cached, so that every job calls OpenBao.
+NO_KEY_CACHE = "APPLIANCE_DATA_KEY_MAX_AGE_SECONDS=0\n"
+
+
 @pytest.fixture(scope="module")
 def restart_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("vault-restart")
+    (state / "appliance.env").write_text(NO_KEY_CACHE)
     try:
         yield Stack(state, stack.up(state, FREE_PORTS))
     finally:
@@ -89,6 +99,9 @@ def _service_pids(st: Stack) -> dict[str, int | None]:
 
 
 def test_openbao_restart_under_load_loses_nothing(restart_stack: Stack) -> None:
+    """Jobs in flight meet the outage and are retried, none is lost. The stack's data-key cache
+    is off (`NO_KEY_CACHE`), so every job calls OpenBao: with cached keys, jobs would run through
+    the outage without a retry and the last assertion would prove nothing about it."""
     pids = _service_pids(restart_stack)
     stream = Stream()
     submitter = threading.Thread(target=stream.run, args=(restart_stack,), daemon=True)
