@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -114,7 +115,24 @@ _APPROLE_SETTINGS: Mapping[str, Any] = MappingProxyType(
         "token_no_default_policy": True,
     }
 )
-WRAP_TTL = "120s"
+#: How long a bootstrap's wrapped secret_id may wait for its service to unwrap it: 120 s, or
+#: APPLIANCE_ENROLMENT_WRAP_TTL seconds (30 to 86,400) where services start slowly -- the VM
+#: image's first boot under emulation took over three minutes from `init` to the API's login,
+#: and an expired wrap leaves the service without a way in until `unseal --reenrol`.
+WRAP_TTL_DEFAULT = 120
+
+
+def wrap_ttl() -> str:
+    """The wrapping TTL for a bootstrap's secret_ids (see WRAP_TTL_DEFAULT)."""
+    raw = os.environ.get("APPLIANCE_ENROLMENT_WRAP_TTL", "").strip()
+    if not raw:
+        return f"{WRAP_TTL_DEFAULT}s"
+    if not raw.isdigit() or not 30 <= int(raw) <= 86400:
+        raise StackError(
+            f"APPLIANCE_ENROLMENT_WRAP_TTL={raw[:20]!r}: a number of seconds from 30 to 86400"
+        )
+    return f"{int(raw)}s"
+
 
 #: The operator's token: an orphan (it outlives the revoked root token that made it), renewed by
 #: every `appliance up`, re-created there once expired.
@@ -808,7 +826,7 @@ def _read_role_id(client: hvac.Client, role: str) -> str:
 
 def _wrapped_secret_id(client: hvac.Client, role: str) -> str:
     response = client.auth.approle.generate_secret_id(
-        role, mount_point=APPROLE_MOUNT, wrap_ttl=WRAP_TTL
+        role, mount_point=APPROLE_MOUNT, wrap_ttl=wrap_ttl()
     )
     wrap_info = response.get("wrap_info") if isinstance(response, dict) else None
     if not wrap_info or not wrap_info.get("token"):
