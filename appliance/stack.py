@@ -1024,12 +1024,27 @@ def export_audit_keys(state: Path, addr: str, token: str) -> None:
 
     signer = TransitSigner(Transit(VaultSession(addr, token)))
     target = AuditPaths(audit_log(state)).public_keys
-    # Written in a directory of root's, then renamed into the audit directory: its writers may
-    # have planted a symlink where `export_public_keys` puts its temporary file.
+    # Exported in a directory of root's (its writers may have planted a symlink where
+    # `export_public_keys` puts its temporary file), then written to a fresh name in the audit
+    # directory (mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW, so nothing planted is followed; the sticky
+    # directory keeps the writers from replacing it) and renamed over the target there: the
+    # audit directory may be a file system of its own (a compose volume), so no rename across.
     with tempfile.TemporaryDirectory(dir=state, prefix=".audit-keys.") as private:
         written = Path(private) / target.name
         export_public_keys(signer, written)
-        os.replace(written, target)
+        document = written.read_bytes()
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".audit-pubkeys.", suffix=".tmp")
+    try:
+        os.write(fd, document)
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(temporary, target)
+    except OSError:
+        os.unlink(temporary)
+        raise
 
 
 def audit_anchors(state: Path) -> VaultAnchorStore | None:
