@@ -910,8 +910,21 @@ def _shared_by_group(directory: Path) -> bool:
 
 def _open_private(path: Path, flags: int, shared: bool) -> int:
     """Open (or create) one of the log's files: 0600, or 0660 in a directory the writers share
-    (set on the descriptor, whatever the process's umask)."""
-    fd = os.open(path, flags, 0o600)
+    (set on the descriptor, whatever the process's umask). Never through a symlink.
+
+    An existing file is opened without O_CREAT: in the writers' shared directory, which is
+    sticky, `fs.protected_regular=2` (Debian's default, the VM image's) refuses an O_CREAT open
+    of a file another writer owns, even one the group may write. Only a missing file is
+    created, with O_EXCL.
+    """
+    flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags & ~os.O_CREAT)
+    except FileNotFoundError:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another writer created it meanwhile
+            fd = os.open(path, flags & ~os.O_CREAT)
     if shared and os.fstat(fd).st_uid == os.geteuid():
         os.fchmod(fd, 0o660)
     return fd
