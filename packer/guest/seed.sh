@@ -55,7 +55,7 @@ fi
 # This boot's settings: the image's defaults, its version, then the site's APPLIANCE_* lines
 # (only those: the file is an EnvironmentFile of every unit). The state directory is the units'.
 env=$run/appliance.env
-denied='^APPLIANCE_(STATE|IMAGE_VERSION|SERVICE_MANAGER|API_TLS|API_HOST|VAULT_.*|REDIS_.*|WORKER_USER|.*_(FILE|DIR|PATH|CA|CERT|KEY|LOG|HOST|ADDR|PORT|USER|USERNAME|PASSWORD|TOKEN|SECRET)S?)$'
+denied='^APPLIANCE_(STATE|IMAGE_VERSION|SERVICE_MANAGER|API_TLS|API_HOST|API_PLAINTEXT_IN_POD|VAULT_.*|REDIS_.*|WORKER_USER|.*_(FILE|DIR|PATH|CA|CERT|KEY|LOG|HOST|ADDR|PORT|USER|USERNAME|PASSWORD|TOKEN|SECRET)S?)$'
 {
   cat "$lib/defaults.env" /etc/appliance/image.env
   if [ -f "$site/appliance.env" ]; then

@@ -60,6 +60,20 @@ def test_api_off_loopback_with_tls_is_served(tls: Path) -> None:
     assert "--tls-cert" in command.argv and "--tls-key" in command.argv
 
 
+def test_the_compose_pod_says_plain_http_on_its_own_interface(plain: Path) -> None:
+    # docker-compose.yml: the API on the pod's interface, published on the host's loopback.
+    overrides = {"APPLIANCE_API_HOST": "0.0.0.0", "APPLIANCE_API_PLAINTEXT_IN_POD": "1"}
+    command = stack.serve_command(plain, "api", overrides)
+    assert _host_of(command) == "0.0.0.0"
+    for other in ("0", "yes", "true", ""):
+        with pytest.raises(StackError, match="off loopback"):
+            stack.serve_command(
+                plain,
+                "api",
+                {"APPLIANCE_API_HOST": "0.0.0.0", "APPLIANCE_API_PLAINTEXT_IN_POD": other},
+            )
+
+
 @pytest.mark.parametrize("service", stack.SERVABLE)
 @pytest.mark.parametrize(
     "addr", ["http://192.0.2.7:8200", "http://bao.example:8200", "http://0.0.0.0:8200", "junk"]
