@@ -71,11 +71,14 @@ denied='^APPLIANCE_(STATE|IMAGE_VERSION|SERVICE_MANAGER|API_TLS|API_HOST|API_PLA
     done
   fi
 } > "$env.tmp"
-if ! grep -q '^APPLIANCE_API_AUTHORITIES=' "$env.tmp"; then
-  # Signed requests name the authority they were sent to (docs/CONTRACT.md): by default this
-  # machine's name and loopback; a site names its own in appliance.env.
-  host=$(hostname)
-  echo "APPLIANCE_API_AUTHORITIES=$host:8443,localhost:8443,127.0.0.1:8443" >> "$env.tmp"
+# Signed requests name the authority they were sent to (docs/CONTRACT.md): this machine's name
+# and loopback (the self-test and the operator's shell sign for 127.0.0.1:8443), plus the names a
+# site gives in appliance.env for its clients.
+local_authorities="$(hostname):8443,localhost:8443,127.0.0.1:8443"
+if grep -q '^APPLIANCE_API_AUTHORITIES=' "$env.tmp"; then
+  sed -i "s/^APPLIANCE_API_AUTHORITIES=\(.*\)$/APPLIANCE_API_AUTHORITIES=\1,$local_authorities/" "$env.tmp"
+else
+  echo "APPLIANCE_API_AUTHORITIES=$local_authorities" >> "$env.tmp"
 fi
 chmod 0600 "$env.tmp"
 mv "$env.tmp" "$env"
