@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import _stack
 from ._stack.api_tls import ApiCertFiles, ensure_generated
+from ._stack.pki import write_file
 from ._stack.procs import port_open
 from ._stack.redis_server import operator_access
 from ._stack.seal import pending_shares
@@ -579,10 +580,13 @@ def prepare(state: Path, requested_ports: dict[str, int] | None = None) -> Prepa
     users = _service_users(state)
     ports = load_ports(state, requested_ports)
     api_tls = _requested_api_tls(state)
-    _config_file(state).write_text(
+    # Atomically: a `prepare` stopped mid-write (SIGTERM at a unit's timeout) must not leave an
+    # empty stack.json that every later command fails to read.
+    write_file(
+        _config_file(state),
         json.dumps(
             {"ports": asdict(ports), "api_tls": api_tls.enabled, "api_tls_names": api_tls.names}
-        )
+        ).encode(),
     )
     pki = _stack.ensure_pki(state / "tls")
     if api_tls.enabled:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import age
-from .pki import write_private
+from .pki import write_file, write_private
 from .procs import StackError
 
 FILE_MODE = "file"
@@ -181,7 +181,7 @@ def record_mode(state_dir: Path, mode: str) -> None:
         config = {}
     if config.get("unseal") != mode:
         config["unseal"] = mode
-        path.write_text(json.dumps(config))
+        write_file(path, json.dumps(config).encode())  # atomically (see stack.prepare)
 
 
 @dataclass(frozen=True)
