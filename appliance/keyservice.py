@@ -103,8 +103,7 @@ def seal_under(
     """Seal through the key service's cache when it has one, else under a fresh data key."""
     if isinstance(keys, EnvelopeKeys):
         return keys.seal_envelope(key_name, context, plaintext, aad)
-    key, wrapped = keys.data_key(key_name, context)
-    return seal(key, wrapped, plaintext, aad)
+    return seal_cached(keys, None, key_name, context, plaintext, aad)
 
 
 def open_under(
@@ -113,7 +112,42 @@ def open_under(
     """Open through the key service's cache when it has one, else by unwrapping the data key."""
     if isinstance(keys, EnvelopeKeys):
         return keys.open_envelope(key_name, context, envelope, aad)
-    return open_envelope(keys.unwrap_key(key_name, envelope.wrapped_key, context), envelope, aad)
+    return open_cached(keys, None, key_name, context, envelope, aad)
+
+
+def seal_cached(
+    keys: KeyService,
+    cache: DataKeyCache | None,
+    key_name: str,
+    context: str,
+    plaintext: bytes,
+    aad: bytes,
+) -> Envelope:
+    """`plaintext` sealed under `cache`'s data key of `key_name` for `context` (made by `keys`
+    when due), or under a fresh one from `keys` without a cache. What every `EnvelopeKeys`
+    does."""
+    if cache is None:
+        key, wrapped = keys.data_key(key_name, context)
+        return seal(key, wrapped, plaintext, aad)
+    return cache.seal(key_name, context, plaintext, aad, lambda: keys.data_key(key_name, context))
+
+
+def open_cached(
+    keys: KeyService,
+    cache: DataKeyCache | None,
+    key_name: str,
+    context: str,
+    envelope: Envelope,
+    aad: bytes,
+) -> bytes:
+    """The plaintext of `envelope`, its data key from `cache` or unwrapped by `keys`."""
+
+    def unwrap() -> bytes:
+        return keys.unwrap_key(key_name, envelope.wrapped_key, context)
+
+    if cache is None:
+        return open_envelope(unwrap(), envelope, aad)
+    return cache.open(key_name, context, envelope, aad, unwrap)
 
 
 # -- The data-key cache -------------------------------------------------------------------------
@@ -523,17 +557,7 @@ class UnsafeMemoryKeyService:
         self._min_version[key_name] = version
 
     def seal_envelope(self, key_name: str, context: str, plaintext: bytes, aad: bytes) -> Envelope:
-        if self.cache is None:
-            key, wrapped = self.data_key(key_name, context)
-            return seal(key, wrapped, plaintext, aad)
-        return self.cache.seal(
-            key_name, context, plaintext, aad, lambda: self.data_key(key_name, context)
-        )
+        return seal_cached(self, self.cache, key_name, context, plaintext, aad)
 
     def open_envelope(self, key_name: str, context: str, envelope: Envelope, aad: bytes) -> bytes:
-        def unwrap() -> bytes:
-            return self.unwrap_key(key_name, envelope.wrapped_key, context)
-
-        if self.cache is None:
-            return open_envelope(unwrap(), envelope, aad)
-        return self.cache.open(key_name, context, envelope, aad, unwrap)
+        return open_cached(self, self.cache, key_name, context, envelope, aad)

@@ -21,9 +21,9 @@ import hvac
 import hvac.exceptions
 import requests
 
-from .envelope import Envelope, open_envelope, seal
+from .envelope import Envelope
 from .errors import DependencyUnavailable, Forbidden, NotFound, SealBroken
-from .keyservice import DataKeyCache, PinnedSignatures, SigningKeyRing
+from .keyservice import DataKeyCache, PinnedSignatures, SigningKeyRing, open_cached, seal_cached
 from .secret_names import check_secret_name
 
 T = TypeVar("T")
@@ -362,22 +362,11 @@ class Transit:
 
     def seal_envelope(self, key_name: str, context: str, plaintext: bytes, aad: bytes) -> Envelope:
         """`plaintext` sealed under a (cached) data key of `key_name` for `context`."""
-        if self.cache is None:
-            key, wrapped = self.data_key(key_name, context)
-            return seal(key, wrapped, plaintext, aad)
-        return self.cache.seal(
-            key_name, context, plaintext, aad, lambda: self.data_key(key_name, context)
-        )
+        return seal_cached(self, self.cache, key_name, context, plaintext, aad)
 
     def open_envelope(self, key_name: str, context: str, envelope: Envelope, aad: bytes) -> bytes:
         """The plaintext of `envelope`, its data key unwrapped by transit (or the cache)."""
-
-        def unwrap() -> bytes:
-            return self.unwrap_key(key_name, envelope.wrapped_key, context)
-
-        if self.cache is None:
-            return open_envelope(unwrap(), envelope, aad)
-        return self.cache.open(key_name, context, envelope, aad, unwrap)
+        return open_cached(self, self.cache, key_name, context, envelope, aad)
 
     def verify_signature(self, key_name: str, message: bytes, signature: str) -> None:
         """Return if `signature` is transit's Ed25519 signature of `message` under a version of
